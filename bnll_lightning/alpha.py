@@ -1,0 +1,528 @@
+"""α controllers: where on the NLL ↔ prior-leaning continuum the objective sits, step by step.
+
+The objective family is f_α(p) = (1 − p^α)/α with p the model's probability of the reference
+token: α → 0 is NLL, α = 1 is −p, large α leans on the prior. Its gradient weight is
+p^α(1 − p), i.e. NLL's weight (1 − p) times exp(α·log p). Which α wins depends on where the
+model sits on the model-capability continuum (arXiv 2510.00526): high mean token probability
+(≈ 0.8, model-strong) favours prior-leaning α ≥ 1, very low (≈ 0.01, model-weak) favours NLL;
+the paper's diagnostic is "prior-leaning above 0.5, NLL below 0.1".
+
+This module is plain Python + torch (no Lightning import), so it can be unit-tested and reused.
+
+Controllers
+-----------
+Every controller is an :class:`AlphaController`. The trainer calls ``update(value)`` exactly
+once per *optimizer* step (after gradient accumulation), with the per-step statistic of p named
+by ``controller.statistic`` (see :func:`step_statistic` / :func:`finalize_statistic`), and uses
+the returned α for the next step. ``state_dict()`` / ``load_state_dict()`` hold plain Python
+scalars, so they fit in a Lightning checkpoint and a resumed run continues the same α trajectory.
+
+* :class:`ConstantAlpha` — fixed α.
+* :class:`LinearAlpha`, :class:`CosineAlpha` — pure functions of the step count
+  (``alpha_at(step)``); the fed statistic is ignored.
+* :class:`AdaptiveAlpha` — EMA of the fed statistic, mapped to a target α by a smoothstep in
+  log p, approached at a bounded rate.
+
+Call ``update`` on *every* optimizer step, also when the step had no target tokens (pass
+``None``, which is what :func:`finalize_statistic` returns then): schedules count calls, so
+skipping calls would desynchronise them from the global step; adaptive controllers ignore
+``None`` / non-finite values and leave their state untouched.
+"""
+
+import math
+import warnings
+from typing import Any, Literal, Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "STATISTICS",
+    "AlphaController",
+    "ConstantAlpha",
+    "LinearAlpha",
+    "CosineAlpha",
+    "AdaptiveAlpha",
+    "step_statistic",
+    "finalize_statistic",
+]
+
+Statistic = Literal["mean", "geometric", "quantile"]
+STATISTICS: tuple[str, ...] = ("mean", "geometric", "quantile")
+
+# Fed probabilities may overshoot [0, 1] by float32 rounding (a sum of p divided by a count);
+# anything further out is a bug upstream and raises instead of being silently clamped.
+_P_TOLERANCE = 1e-4
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_finite_nonneg(owner: str, name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {name}={value!r}")
+    return value
+
+
+def _check_statistic(owner: str, statistic: str, quantile: float) -> None:
+    if statistic not in STATISTICS:
+        raise ValueError(f"{owner}: statistic must be one of {STATISTICS}, got statistic={statistic!r}")
+    q = float(quantile)
+    if not (0.0 < q < 1.0):  # also rejects nan
+        raise ValueError(f"{owner}: quantile must satisfy 0 < quantile < 1, got quantile={quantile!r}")
+
+
+def _as_probability(value: Optional[float]) -> Optional[float]:
+    """``None`` for missing / non-finite values, else the value clamped into [0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        value = value.item()
+    value = float(value)
+    if not math.isfinite(value):
+        return None
+    if value < -_P_TOLERANCE or value > 1.0 + _P_TOLERANCE:
+        raise ValueError(f"fed statistic must be a probability in [0, 1], got {value!r}")
+    return min(max(value, 0.0), 1.0)
+
+
+# ----------------------------------------------------------------------------- base class
+
+
+class AlphaController:
+    """Base class: decides the α of f_α(p) = (1 − p^α)/α at every optimizer step.
+
+    Attributes:
+        statistic: which per-step statistic of p the trainer must feed to :meth:`update`:
+            ``"mean"`` (arithmetic mean p, the paper's), ``"geometric"`` (exp of mean log p) or
+            ``"quantile"`` (the ``quantile``-th quantile of p). Compute it with
+            :func:`step_statistic` + :func:`finalize_statistic`.
+        quantile: the quantile used when ``statistic == "quantile"``.
+        step: number of :meth:`update` calls so far (the optimizer steps seen).
+    """
+
+    statistic: str = "mean"
+    quantile: float = 0.1
+
+    def __init__(self) -> None:
+        self.step: int = 0
+        self._alpha: float = 0.0
+
+    @property
+    def alpha(self) -> float:
+        """The α in force now (the value the last :meth:`update` returned)."""
+        return self._alpha
+
+    def update(self, mean_p: Optional[float]) -> float:
+        """Feed one optimizer step's statistic of p and return the α in force from now on.
+
+        Args:
+            mean_p: the step's statistic (named by :attr:`statistic`), or ``None`` when the step
+                had no target tokens. Non-finite values are treated like ``None``.
+        """
+        alpha = float(self._update(mean_p, self.step + 1))  # may raise: then nothing changes
+        self.step += 1
+        self._alpha = alpha
+        return alpha
+
+    def _update(self, value: Optional[float], step: int) -> float:  # pragma: no cover
+        """Return the α in force after update number ``step`` (1-based)."""
+        raise NotImplementedError
+
+    # -- checkpointing --------------------------------------------------------------------
+
+    def _config(self) -> dict[str, Any]:
+        return {}
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the same α trajectory; plain Python scalars only."""
+        return {
+            "class": type(self).__name__,
+            "config": self._config(),
+            "step": self.step,
+            "alpha": self._alpha,
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`. The hyper-parameters are *not* restored (they come
+        from the run's config); a mismatch with the saved ones only warns, since changing a knob
+        on resume can be deliberate, but the trajectory then differs from the original run."""
+        cls = state.get("class")
+        if cls != type(self).__name__:
+            raise ValueError(f"cannot load a {cls!r} state into {type(self).__name__}")
+        saved = state.get("config", {})
+        if saved != self._config():
+            warnings.warn(
+                f"{type(self).__name__}: resuming with config {self._config()} "
+                f"different from the saved {saved}",
+                stacklevel=2,
+            )
+        self.step = int(state["step"])
+        self._alpha = float(state["alpha"])
+        self._load_extra_state(state)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
+        return f"{type(self).__name__}({args})"
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+class ConstantAlpha(AlphaController):
+    """Fixed α for the whole run (α = 0 reproduces NLL, α = 1 is −p)."""
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        """
+        Args:
+            alpha: the α of f_α(p) used at every step, >= 0. 0 is NLL (model-weak regime),
+                1 is −p, larger values lean further on the prior (model-strong regime).
+        """
+        super().__init__()
+        # Why a knob: the paper's fixed-objective baselines (NLL, −p, α = 10) are all constants.
+        self.value = _check_finite_nonneg("ConstantAlpha", "alpha", alpha)
+        self._alpha = self.value
+
+    def alpha_at(self, step: int) -> float:
+        """α after ``step`` updates (constant)."""
+        return self.value
+
+    def _update(self, value: Optional[float], step: int) -> float:
+        return self.value
+
+    def _config(self) -> dict[str, Any]:
+        return {"alpha": self.value}
+
+
+class _Schedule(AlphaController):
+    """α as a pure function of the number of update() calls, clamped after ``steps``."""
+
+    def __init__(self, start: float, end: float, steps: int) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.start = _check_finite_nonneg(owner, "start", start)
+        self.end = _check_finite_nonneg(owner, "end", end)
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise ValueError(f"{owner}: steps must be an integer >= 1, got steps={steps!r}")
+        self.steps = int(steps)
+        self._alpha = self.alpha_at(0)
+
+    def _fraction(self, step: int) -> float:
+        if step < 0:
+            raise ValueError(f"{type(self).__name__}: step must be >= 0, got {step!r}")
+        return min(step, self.steps) / self.steps
+
+    def alpha_at(self, step: int) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _update(self, value: Optional[float], step: int) -> float:
+        # The statistic is ignored: a schedule is a function of the step only.
+        return self.alpha_at(step)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._alpha = self.alpha_at(self.step)  # the step is the whole state
+
+    def _config(self) -> dict[str, Any]:
+        return {"start": self.start, "end": self.end, "steps": self.steps}
+
+
+class LinearAlpha(_Schedule):
+    """α moves linearly from ``start`` to ``end`` over ``steps`` updates, then stays at ``end``.
+
+    ``alpha_at(k)`` is the α in force after ``k`` calls to :meth:`update`
+    (``alpha_at(0) == start`` before training, ``alpha_at(k) == end`` for ``k >= steps``).
+    """
+
+    def __init__(self, start: float = 0.0, end: float = 1.0, steps: int = 1000) -> None:
+        """
+        Args:
+            start: α before the first optimizer step, >= 0. Default 0 (NLL): begin where a weak
+                model is best served and lean on the prior once it has learned.
+            end: α reached after ``steps`` optimizer steps and kept afterwards, >= 0.
+            steps: number of optimizer steps the ramp takes, >= 1; sets how fast the objective
+                moves along the continuum.
+        """
+        super().__init__(start, end, steps)
+
+    def alpha_at(self, step: int) -> float:
+        """α after ``step`` updates; a pure function of ``step``."""
+        return self.start + (self.end - self.start) * self._fraction(step)
+
+
+class CosineAlpha(_Schedule):
+    """Like :class:`LinearAlpha` with a half-cosine ramp (flat at both ends)."""
+
+    def __init__(self, start: float = 0.0, end: float = 1.0, steps: int = 1000) -> None:
+        """
+        Args:
+            start: α before the first optimizer step, >= 0. Default 0 (NLL).
+            end: α reached after ``steps`` optimizer steps and kept afterwards, >= 0.
+            steps: number of optimizer steps the ramp takes, >= 1. The cosine shape changes α
+                slowly at both ends, so the switch-over to ``end`` has no kink.
+        """
+        super().__init__(start, end, steps)
+
+    def alpha_at(self, step: int) -> float:
+        """α after ``step`` updates; a pure function of ``step``."""
+        f = self._fraction(step)
+        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * f))
+
+
+# ----------------------------------------------------------------------------- adaptive
+
+
+def _smoothstep(t: float) -> float:
+    t = min(max(t, 0.0), 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+class AdaptiveAlpha(AlphaController):
+    """Moves α along the continuum from a running estimate of how strong the model is.
+
+    Per accepted update with value ``x``:
+
+    1. **EMA, bias-corrected.** ``m ← d·m + (1−d)·x`` and ``w ← d·w + (1−d)·1``;
+       ``ema = m / w`` (``d`` is the ``ema`` argument). Without ``initial``, ``m = w = 0`` at
+       the start, so the first EMA equals the first value and every later value gets its proper
+       exponential weight (plain "initialise to the first value" over-weights the first batch
+       by a factor 1/(1−d)). With ``initial`` (a probe of the base model), ``m = initial`` and
+       ``w = 1``: the probe counts as a fully formed estimate and α *starts* at
+       ``target(initial)`` instead of 0.
+    2. **Target.** :meth:`target` maps the EMA to α with a smoothstep in log p::
+
+           t = (log ema − log low) / (log high − log low), clamped to [0, 1]
+           target = alpha_max · (3t² − 2t³)
+
+       so target = 0 at or below ``low``, ``alpha_max`` at or above ``high``, monotone
+       non-decreasing and C¹ in between. *Why log p:* α acts on the gradient weight through
+       p^α = exp(α·log p), so log p is the coordinate in which α's effect is uniform; the
+       continuum is also multiplicative (the paper's regimes sit at 0.01, 0.5, 0.8), and the
+       geometric statistic is itself a mean of log p. With the defaults the half-way point
+       (α = alpha_max/2) is at √(low·high) ≈ 0.235. *Why smoothstep:* zero slope at ``low``
+       and ``high``, so EMA noise around a threshold barely moves α and there is no kink.
+    3. **Rate bound.** α moves toward the target by at most ``max_delta`` per update, so one
+       odd batch cannot swing the objective and α cannot oscillate faster than the bound.
+
+    With a constant input ``p`` the EMA converges to ``p`` and α settles exactly at
+    ``target(p)``; the settled α is therefore monotone in ``p``.
+
+    ``None`` and non-finite inputs (nan / ±inf) are ignored: EMA and α keep their values (only
+    :attr:`step`, the call count, advances). Finite inputs outside [0, 1] (beyond float rounding)
+    raise ``ValueError``.
+
+    Attributes:
+        ema: the current EMA of the fed statistic (``None`` before any value when no
+            ``initial`` was given). Note: the constructor argument of the same name is the EMA
+            *decay*, stored as :attr:`ema_decay`.
+        alpha_max, low, high, ema_decay, max_delta, statistic, quantile, initial: the arguments.
+    """
+
+    def __init__(
+        self,
+        alpha_max: float = 1.0,
+        low: float = 0.1,
+        high: float = 0.55,
+        ema: float = 0.9,
+        max_delta: float = 0.05,
+        statistic: Literal["mean", "geometric", "quantile"] = "mean",
+        quantile: float = 0.1,
+        initial: Optional[float] = None,
+    ) -> None:
+        """
+        Args:
+            alpha_max: α used when the model is strong (EMA >= ``high``), >= 0. 1 gives −p;
+                larger values lean further on the prior (the paper also uses 10).
+            low: EMA of p at or below which α = 0 (NLL), 0 < low < high. Default 0.1: the
+                paper's "NLL below 0.1" diagnostic (model-weak regime).
+            high: EMA of p at or above which α = ``alpha_max``, low < high < 1. Default 0.55:
+                just above the paper's "prior-leaning above 0.5", where prior-leaning wins.
+            ema: decay of the exponential moving average of the fed statistic, 0 <= ema < 1.
+                Higher is smoother but slower to react; 0.9 averages over ~10 optimizer steps,
+                enough to damp batch-to-batch noise.
+            max_delta: largest change of α per optimizer step, > 0. Bounds how fast the
+                objective can move, so a noisy batch cannot swing it and α cannot oscillate.
+            statistic: which per-step statistic of p the trainer feeds: "mean" (arithmetic
+                mean p, the paper's), "geometric" (exp of mean log p, pulled down by the hard
+                tokens) or "quantile" (the ``quantile``-th quantile of p). The arithmetic mean
+                can mislead: easy answer-format tokens can give a high mean p while the model
+                gets no answer right.
+            quantile: the quantile used when ``statistic="quantile"``, 0 < quantile < 1.
+                Default 0.1: looks at the hard tail of the tokens rather than the easy bulk.
+            initial: optional starting value of the EMA, in [0, 1], e.g. the base model's mean
+                p from a probe pass before training; α then starts at ``target(initial)``.
+                ``None`` starts the EMA from the first fed value and α from 0 (NLL).
+        """
+        super().__init__()
+        owner = "AdaptiveAlpha"
+        self.alpha_max = _check_finite_nonneg(owner, "alpha_max", alpha_max)
+        low, high = float(low), float(high)
+        if not (0.0 < low < 1.0):
+            raise ValueError(f"{owner}: low must satisfy 0 < low < high < 1, got low={low!r}")
+        if not (0.0 < high < 1.0):
+            raise ValueError(f"{owner}: high must satisfy 0 < low < high < 1, got high={high!r}")
+        if not low < high:
+            raise ValueError(
+                f"{owner}: low must be < high (0 < low < high < 1), got low={low!r}, high={high!r}"
+            )
+        self.low, self.high = low, high
+        decay = float(ema)
+        if not (0.0 <= decay < 1.0):
+            raise ValueError(f"{owner}: ema must satisfy 0 <= ema < 1, got ema={ema!r}")
+        self.ema_decay = decay
+        max_delta = float(max_delta)
+        if not (math.isfinite(max_delta) and max_delta > 0.0):
+            raise ValueError(f"{owner}: max_delta must be > 0, got max_delta={max_delta!r}")
+        self.max_delta = max_delta
+        _check_statistic(owner, statistic, quantile)
+        self.statistic = statistic
+        self.quantile = float(quantile)
+        if initial is not None:
+            initial = float(initial)
+            if not (0.0 <= initial <= 1.0):
+                raise ValueError(f"{owner}: initial must be in [0, 1] or None, got initial={initial!r}")
+        self.initial = initial
+
+        # EMA accumulator m and its total weight w (ema = m / w); see the class docstring.
+        self._m = 0.0 if initial is None else initial
+        self._w = 0.0 if initial is None else 1.0
+        self.n_observed = 0  # accepted (finite) values
+        self._alpha = 0.0 if initial is None else self.target(initial)
+
+    @property
+    def ema(self) -> Optional[float]:
+        """Current EMA of the fed statistic; ``None`` before any value (and no ``initial``)."""
+        return self._m / self._w if self._w > 0.0 else None
+
+    def target(self, ema: float) -> float:
+        """α the controller heads for at EMA ``ema``: ``alpha_max``·smoothstep in log p between
+        ``low`` (→ 0) and ``high`` (→ ``alpha_max``); monotone non-decreasing in ``ema``."""
+        ema = float(ema)
+        if math.isnan(ema):
+            raise ValueError("target: ema must not be nan")
+        if ema <= self.low:
+            return 0.0
+        if ema >= self.high:
+            return self.alpha_max
+        t = (math.log(ema) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return self.alpha_max * _smoothstep(t)
+
+    def _update(self, value: Optional[float], step: int) -> float:
+        x = _as_probability(value)
+        if x is None:  # no tokens this step, or a non-finite statistic: keep the state
+            return self._alpha
+        d = self.ema_decay
+        self._m = d * self._m + (1.0 - d) * x
+        self._w = d * self._w + (1.0 - d)
+        self.n_observed += 1
+        goal = self.target(self._m / self._w)
+        delta = min(max(goal - self._alpha, -self.max_delta), self.max_delta)
+        return self._alpha + delta
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "alpha_max": self.alpha_max,
+            "low": self.low,
+            "high": self.high,
+            "ema": self.ema_decay,
+            "max_delta": self.max_delta,
+            "statistic": self.statistic,
+            "quantile": self.quantile,
+            "initial": self.initial,
+        }
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"ema_m": self._m, "ema_w": self._w, "n_observed": self.n_observed}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self._m = float(state["ema_m"])
+        self._w = float(state["ema_w"])
+        self.n_observed = int(state["n_observed"])
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@torch.no_grad()
+def step_statistic(
+    logp: Tensor, mask: Tensor, statistic: str = "mean", quantile: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """Summable (numerator, denominator) of one micro-batch's statistic of p = exp(logp).
+
+    Both are detached float32 0-dim tensors on ``logp``'s device. Sum them over the
+    micro-batches of an optimizer step and over DDP ranks (e.g. ``all_reduce(SUM)``), then call
+    :func:`finalize_statistic`; the result is token-weighted.
+
+    * ``"mean"``: (Σ p, n) — arithmetic mean p.
+    * ``"geometric"``: (Σ log p, n) — :func:`finalize_statistic` applies exp.
+    * ``"quantile"``: (q̂·n, n) with q̂ the micro-batch's ``quantile``-th quantile of p (linear
+      interpolation, as ``torch.quantile``). **Approximation:** after summing, this is the
+      token-weighted average of per-micro-batch quantiles, not the quantile of all the step's
+      tokens; it is exact for one micro-batch on one rank.
+
+    Positions where ``mask`` is false contribute nothing, whatever ``logp`` holds there
+    (padding may be -inf or nan). An all-false mask gives (0, 0), never nan. No host sync.
+
+    Args:
+        logp: log-probabilities of the reference tokens, any shape, any float dtype.
+        mask: same shape; true (non-zero) where the token is a training target.
+        statistic: "mean", "geometric" or "quantile".
+        quantile: the quantile for ``statistic="quantile"``, 0 < quantile < 1.
+    """
+    _check_statistic("step_statistic", statistic, quantile)
+    if logp.shape != mask.shape:
+        raise ValueError(f"step_statistic: logp shape {tuple(logp.shape)} != mask shape {tuple(mask.shape)}")
+    lp = logp.detach().float().reshape(-1)
+    m = mask.detach().reshape(-1) != 0
+    zero = torch.zeros((), dtype=torch.float32, device=lp.device)
+    den = m.sum(dtype=torch.float32)
+    if statistic == "mean":
+        num = torch.where(m, lp.exp(), zero).sum()
+    elif statistic == "geometric":
+        num = torch.where(m, lp, zero).sum()
+    else:
+        # Masked-out positions sort to the end (p <= 1 < 2); interpolate among the first n.
+        p = torch.where(m, lp.exp(), torch.full_like(lp, 2.0)).sort().values
+        if p.numel() == 0:
+            return zero.clone(), den
+        pos = quantile * (den - 1.0).clamp_min(0.0)
+        lo = pos.floor()
+        hi = torch.minimum(lo + 1.0, (den - 1.0).clamp_min(0.0))
+        p_lo = p[lo.long()]
+        p_hi = p[hi.long()]
+        q_value = p_lo + (pos - lo) * (p_hi - p_lo)
+        num = torch.where(den > 0, q_value * den, zero)
+    return num.reshape(()), den.reshape(())
+
+
+def finalize_statistic(
+    num: Union[Tensor, float], den: Union[Tensor, float], statistic: str = "mean"
+) -> Optional[float]:
+    """Turn summed (numerator, denominator) from :func:`step_statistic` into the value to feed
+    :meth:`AlphaController.update`.
+
+    Returns ``num/den`` ("mean", "quantile") or ``exp(num/den)`` ("geometric"), or ``None`` when
+    ``den <= 0`` (the step had no target tokens) or the result is not finite. Pass the result to
+    ``update()`` as is: adaptive controllers ignore ``None``, schedules still count the step.
+    Calls ``.item()`` (one host sync per optimizer step).
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(f"finalize_statistic: statistic must be one of {STATISTICS}, got {statistic!r}")
+    num_f = float(num.item() if isinstance(num, Tensor) else num)
+    den_f = float(den.item() if isinstance(den, Tensor) else den)
+    if not (den_f > 0.0) or not math.isfinite(den_f):
+        return None
+    value = num_f / den_f
+    if statistic == "geometric":
+        value = math.exp(value) if value < 700 else math.inf
+    if not math.isfinite(value):
+        return None
+    return value

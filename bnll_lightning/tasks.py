@@ -1,0 +1,589 @@
+"""Built-in offline tasks: procedurally generated SFT rows with an answer checker.
+
+Every task is deterministic under a seed and needs no download. A task generates rows::
+
+    {"prompt": str, "response": str, "answer": str, "task": str}
+
+* ``prompt`` is a plain instruction for an instruct model (it ends by asking for only the answer);
+* ``response`` is the training target. For every built-in task the response is **exactly the
+  canonical answer** (no sentence around it), e.g. ``"4, 9, 17"``, ``"omulek"``, ``"81"``, ``"CAT"``,
+  ``"Paris"``, ``"GREEN APPLE"``, ``"mice"``. Short targets keep CPU training cheap;
+* ``answer`` is the ground truth the checker compares against. :func:`noise` corrupts ``response``
+  and never touches ``answer``, so evaluation always scores against the truth;
+* ``task`` is the task name (so mixed or noisy rows can still find their checker).
+
+``Task.check(prediction, row)`` accepts a model's natural answer format. Common rules (all tasks):
+the answer is looked for in the **final line** of the prediction (the last non-empty line that is
+not just markdown decoration such as a code fence; for the number tasks, the last line that
+contains a digit); surrounding quotes, backticks, ``**bold**`` markers and a trailing period are
+ignored; ``The answer is X.`` / ``Result: X`` forms are accepted (the text after the last ``:``,
+``=``, ``->``, ``is``, ``are`` is tried). Per-task details are in each class docstring.
+
+Registry: :data:`TASKS` (name -> task) and :func:`get_task`.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import re
+import unicodedata
+from typing import Any
+
+__all__ = [
+    "TASKS",
+    "AddTask",
+    "CapitalTask",
+    "FigletTask",
+    "PluralTask",
+    "ReverseTask",
+    "SortTask",
+    "Task",
+    "UppercaseTask",
+    "final_line",
+    "get_task",
+    "noise",
+]
+
+# --------------------------------------------------------------------------------------------
+# Answer extraction helpers (shared by the checkers)
+# --------------------------------------------------------------------------------------------
+
+_DECORATION_LINE = re.compile(r"[\s`'\"*_~\-=#>.:]*")
+_QUOTE_CHARS = "\"'`*_“”‘’«»"
+_TAIL_MARKER = re.compile(r"(?::|=|->|→|\bis\b|\bare\b|\bgives\b)", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
+_QUOTED = re.compile(r"\"([^\"]+)\"|“([^”]+)”|`([^`]+)`|\*\*([^*]+)\*\*|'([^']+)'|‘([^’]+)’")
+_LETTER_WORD = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
+
+
+def final_line(text: str, *, need_digit: bool = False) -> str:
+    """The last non-empty line of ``text`` that is not pure decoration (code fence, rule, quotes).
+
+    With ``need_digit`` the last line containing a digit is returned instead ("" if none).
+    """
+    lines = [line.strip() for line in str(text).strip().splitlines()]
+    for line in reversed(lines):
+        if not line or _DECORATION_LINE.fullmatch(line):
+            continue
+        if need_digit and not any(ch.isdigit() for ch in line):
+            continue
+        return line
+    return ""
+
+
+def _clean(text: str) -> str:
+    """Strip whitespace, wrapping quotes/backticks/bold markers and trailing punctuation."""
+    prev = None
+    text = text.strip()
+    while text != prev:
+        prev = text
+        text = text.strip().strip(_QUOTE_CHARS).rstrip(".!?;,").strip()
+    return text
+
+
+def _tail(line: str) -> str:
+    """Text after the last answer marker (``:``, ``=``, ``->``, ``is``, ...), or the line itself."""
+    last = None
+    for last in _TAIL_MARKER.finditer(line):
+        pass
+    return line[last.end():] if last is not None else line
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(m) for m in _NUMBER.findall(text)]
+
+
+def _word_candidates(line: str, n_words: int) -> set[str]:
+    """Plausible spellings of a short word answer found in ``line``."""
+    tail = _tail(line)
+    cands = {_clean(line), _clean(tail)}
+    quoted = [next(g for g in m.groups() if g is not None) for m in _QUOTED.finditer(line)]
+    if quoted:
+        cands.add(_clean(quoted[-1]))
+    words = _LETTER_WORD.findall(line)
+    if len(words) >= n_words:
+        cands.add(" ".join(words[-n_words:]))
+    # Spelled out letter by letter: "o l l e h", "C-A-T", "C, A, T".
+    parts = [p for p in re.split(r"[\s,\-.]+", _clean(tail)) if p]
+    if len(parts) > 1 and all(len(p) == 1 for p in parts):
+        cands.add("".join(parts))
+    cands.discard("")
+    return cands
+
+
+def _fold(text: str) -> str:
+    """Case- and accent-insensitive form: NFKD, drop combining marks, casefold, drop '.' and
+    apostrophes, other punctuation -> space, collapse whitespace."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(ch for ch in text if not unicodedata.combining(ch)).casefold()
+    text = re.sub(r"[.'’]", "", text)
+    text = re.sub(r"[^\w]+", " ", text)
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------------------------
+# Task base class
+# --------------------------------------------------------------------------------------------
+
+
+class Task:
+    """A procedurally generated task. Subclasses implement :meth:`sample`, :meth:`corrupt` and
+    :meth:`check`; :meth:`generate` is shared and deterministic in ``(name, seed)``."""
+
+    name: str = ""
+    description: str = ""
+
+    def sample(self, rng: random.Random) -> tuple[str, str]:
+        """Draw one ``(prompt, answer)`` pair."""
+        raise NotImplementedError
+
+    def respond(self, answer: str) -> str:
+        """The training response for an answer (all built-in tasks: the answer itself)."""
+        return answer
+
+    def corrupt(self, answer: str, rng: random.Random) -> str:
+        """A plausible but wrong answer, guaranteed ``!= answer`` (used by :func:`noise`)."""
+        raise NotImplementedError
+
+    def check(self, prediction: str, row: dict[str, Any]) -> bool:
+        """Whether a free-form model ``prediction`` is correct for ``row`` (uses ``row["answer"]``)."""
+        raise NotImplementedError
+
+    def generate(self, n: int, seed: int) -> list[dict[str, str]]:
+        """``n`` rows drawn from a stream determined by ``(self.name, seed)``."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        rng = random.Random(f"bnll_lightning.tasks:{self.name}:{int(seed)}")
+        rows = []
+        for _ in range(n):
+            prompt, answer = self.sample(rng)
+            rows.append(
+                {"prompt": prompt, "response": self.respond(answer), "answer": answer, "task": self.name}
+            )
+        return rows
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class _WordTask(Task):
+    """Shared checker for single-word/short-phrase answers.
+
+    Accepted: the whole final line, the text after the last marker (``is``, ``:``...), the last
+    quoted span (``"x"``, ``'x'``, `` `x` ``, ``**x**``), the last N words of the line (N = words in
+    the answer) or a letter-by-letter spelling (``o-l-l-e-h``, ``C A T``), each after stripping
+    quotes and a trailing period. Comparison is case-insensitive unless ``case_sensitive``.
+    """
+
+    case_sensitive = False
+
+    def check(self, prediction: str, row: dict[str, Any]) -> bool:
+        answer = str(row["answer"]).strip()
+        cands = _word_candidates(final_line(prediction), len(answer.split()) or 1)
+        if self.case_sensitive:
+            return answer in cands
+        return answer.casefold() in {c.casefold() for c in cands}
+
+    @staticmethod
+    def _mutate_letter(word: str, rng: random.Random, alphabet: str) -> str:
+        """Replace one letter by a different one from ``alphabet`` (always changes ``word``)."""
+        positions = [i for i, ch in enumerate(word) if ch.isalpha()]
+        i = rng.choice(positions)
+        new = rng.choice([c for c in alphabet if c != word[i]])
+        return word[:i] + new + word[i + 1:]
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+
+
+class SortTask(Task):
+    """Sort 3-5 distinct integers in 0..99 ascending. Response: ``"4, 9, 17"``.
+
+    Check: in the last line containing a digit, the list of numbers equals the sorted list, either
+    for the whole line (``[4, 9, 17]``, ``4 9 17``) or for the text after the last marker
+    (``Sorted: 4, 9, 17.``, ``The sorted list is 4, 9, 17``). ``17, 9, 4`` or a missing number fail.
+    """
+
+    name = "sort"
+    description = "sort a short list of integers ascending"
+
+    def sample(self, rng):
+        nums = rng.sample(range(100), rng.randint(3, 5))
+        prompt = (
+            f"Sort these numbers in ascending order: {', '.join(map(str, nums))}. "
+            "Reply with only the sorted numbers, separated by commas."
+        )
+        return prompt, ", ".join(map(str, sorted(nums)))
+
+    def corrupt(self, answer, rng):
+        nums = answer.split(", ")
+        wrong = nums[:]
+        while wrong == nums:
+            rng.shuffle(wrong)
+        return ", ".join(wrong)
+
+    def check(self, prediction, row):
+        target = [float(x) for x in str(row["answer"]).split(",")]
+        line = final_line(prediction, need_digit=True)
+        return _numbers(line) == target or _numbers(_tail(line)) == target
+
+
+class ReverseTask(_WordTask):
+    """Reverse the letters of a short pronounceable pseudo-word (4-6 lowercase letters, never a
+    palindrome). Pseudo-words keep the row space large, so validation rows stay disjoint from
+    training rows. Response: the reversed word, e.g. ``"omulek"``.
+
+    Check: word rules (case-insensitive), e.g. ``omulek``, ``"omulek".``,
+    ``The reversed word is omulek.``, ``o-m-u-l-e-k``. The original word fails.
+    """
+
+    name = "reverse"
+    description = "reverse the letters of a short word"
+    _consonants = "bdfgklmnprstvz"
+    _vowels = "aeiou"
+
+    def sample(self, rng):
+        while True:
+            length = rng.randint(4, 6)
+            start = rng.randint(0, 1)
+            word = "".join(
+                rng.choice(self._consonants if (i + start) % 2 == 0 else self._vowels) for i in range(length)
+            )
+            if word != word[::-1]:
+                break
+        prompt = f'Reverse the letters of the word "{word}". Reply with only the reversed word.'
+        return prompt, word[::-1]
+
+    def corrupt(self, answer, rng):
+        original = answer[::-1]  # the un-reversed word: the most natural mistake
+        if original != answer and rng.random() < 0.5:
+            return original
+        return self._mutate_letter(answer, rng, "abcdefghijklmnopqrstuvwxyz")
+
+
+class AddTask(Task):
+    """Add two integers in 0..99. Response: the sum, e.g. ``"81"``.
+
+    Check: the last number on the last line containing a digit equals the sum (``81``, ``81.``,
+    ``23 + 58 = 81``, ``The answer is 81.``, ``81.0``).
+    """
+
+    name = "add"
+    description = "add two small integers"
+
+    def sample(self, rng):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return f"What is {a} + {b}? Reply with only the number.", str(a + b)
+
+    def corrupt(self, answer, rng):
+        value = int(answer)
+        delta = rng.choice([d for d in range(-10, 11) if d != 0 and value + d >= 0])
+        return str(value + delta)
+
+    def check(self, prediction, row):
+        nums = _numbers(final_line(prediction, need_digit=True))
+        return bool(nums) and nums[-1] == float(row["answer"])
+
+
+class FigletTask(_WordTask):
+    """Read a 1-3 letter uppercase random word drawn in FIGlet ASCII art (pyfiglet, font
+    "standard"); the art is given in a fenced ```` ```text ```` block. This is the task a small
+    model is weak at. Response: the letters, e.g. ``"CAT"``.
+
+    Check: word rules, case-insensitive (``CAT``, ``cat``, ``The word is "CAT".``, ``C A T``).
+    """
+
+    name = "figlet"
+    description = "read a 1-3 letter word rendered in FIGlet ASCII art"
+    font = "standard"
+    _letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+    def __init__(self) -> None:
+        self._figlet = None
+
+    def render(self, word: str) -> str:
+        """The art for ``word``: trailing spaces and blank first/last lines removed."""
+        if self._figlet is None:
+            import pyfiglet
+
+            self._figlet = pyfiglet.Figlet(font=self.font)
+        lines = [line.rstrip() for line in self._figlet.renderText(word).splitlines()]
+        while lines and not lines[-1]:
+            lines.pop()
+        while lines and not lines[0]:
+            lines.pop(0)
+        return "\n".join(lines)
+
+    def sample(self, rng):
+        word = "".join(rng.choice(self._letters) for _ in range(rng.randint(1, 3)))
+        prompt = (
+            "Which word is written in the ASCII art below? Reply with only the word, in uppercase letters."
+            f"\n\n```text\n{self.render(word)}\n```"
+        )
+        return prompt, word
+
+    def corrupt(self, answer, rng):
+        return self._mutate_letter(answer, rng, self._letters)
+
+
+# Country -> capital; extra accepted spellings after the canonical one.
+CAPITALS: dict[str, tuple[str, ...]] = {
+    "France": ("Paris",),
+    "Germany": ("Berlin",),
+    "Italy": ("Rome", "Roma"),
+    "Spain": ("Madrid",),
+    "Portugal": ("Lisbon", "Lisboa"),
+    "the United Kingdom": ("London",),
+    "Ireland": ("Dublin",),
+    "the Netherlands": ("Amsterdam",),
+    "Belgium": ("Brussels", "Bruxelles"),
+    "Austria": ("Vienna", "Wien"),
+    "Sweden": ("Stockholm",),
+    "Norway": ("Oslo",),
+    "Denmark": ("Copenhagen",),
+    "Finland": ("Helsinki",),
+    "Poland": ("Warsaw",),
+    "Greece": ("Athens",),
+    "Russia": ("Moscow",),
+    "Ukraine": ("Kyiv", "Kiev"),
+    "Hungary": ("Budapest",),
+    "the Czech Republic": ("Prague",),
+    "Turkey": ("Ankara",),
+    "Egypt": ("Cairo",),
+    "Kenya": ("Nairobi",),
+    "Nigeria": ("Abuja",),
+    "Morocco": ("Rabat",),
+    "Ethiopia": ("Addis Ababa",),
+    "Japan": ("Tokyo",),
+    "China": ("Beijing", "Peking"),
+    "South Korea": ("Seoul",),
+    "India": ("New Delhi",),
+    "Thailand": ("Bangkok",),
+    "Vietnam": ("Hanoi",),
+    "Indonesia": ("Jakarta",),
+    "the Philippines": ("Manila",),
+    "Australia": ("Canberra",),
+    "New Zealand": ("Wellington",),
+    "Canada": ("Ottawa",),
+    "the United States": ("Washington, D.C.", "Washington", "Washington DC"),
+    "Mexico": ("Mexico City",),
+    "Brazil": ("Brasília", "Brasilia"),
+    "Argentina": ("Buenos Aires",),
+    "Chile": ("Santiago",),
+    "Peru": ("Lima",),
+    "Colombia": ("Bogotá", "Bogota"),
+    "Cuba": ("Havana",),
+    "Iran": ("Tehran",),
+    "Iraq": ("Baghdad",),
+    "Saudi Arabia": ("Riyadh",),
+    "Pakistan": ("Islamabad",),
+    "Afghanistan": ("Kabul",),
+}
+
+
+class CapitalTask(Task):
+    """Country -> capital from a built-in list of 50 well-known pairs (:data:`CAPITALS`): a
+    knowledge task a small instruct model may already do. Response: the capital, e.g. ``"Paris"``.
+    Only 50 distinct rows exist, so a validation set cannot be fully disjoint from a large
+    training set.
+
+    Check: on the final line (case/accent/punctuation-insensitive) the capital or one of its
+    accepted spellings appears as a whole phrase (``Paris``, ``paris.``, ``The capital of France is
+    Paris.``, ``Paris is the capital.``, ``Brasilia`` for ``Brasília``, ``Washington`` for
+    ``Washington, D.C.``) and no other capital of the list appears (``Paris or Berlin`` fails).
+    """
+
+    name = "capital"
+    description = "name the capital of a country"
+
+    def __init__(self) -> None:
+        self._by_answer = {names[0]: names for names in CAPITALS.values()}
+
+    def sample(self, rng):
+        country = rng.choice(list(CAPITALS))
+        prompt = f"What is the capital of {country}? Reply with only the name of the city."
+        return prompt, CAPITALS[country][0]
+
+    def corrupt(self, answer, rng):
+        return rng.choice([names[0] for names in CAPITALS.values() if names[0] != answer])
+
+    def check(self, prediction, row):
+        line = f" {_fold(final_line(prediction))} "
+        answer = str(row["answer"])
+        names = self._by_answer.get(answer, (answer,))
+
+        def mentioned(options) -> bool:
+            return any(f" {_fold(o)} " in line for o in options)
+
+        if not mentioned(names):
+            return False
+        return not any(mentioned(other) for a, other in self._by_answer.items() if a != answer)
+
+
+_WORDS = (
+    "apple banana orange lemon grape cherry river mountain forest ocean desert island garden "
+    "window door table chair pencil paper book letter music water fire stone cloud storm "
+    "green blue red yellow purple silver golden quiet happy little bright gentle rapid "
+    "tiger horse rabbit eagle dolphin turtle spider candle bridge castle rocket planet "
+    "winter summer morning evening coffee bread honey sugar pepper"
+).split()
+
+
+class UppercaseTask(_WordTask):
+    """Convert one or two common lowercase words to uppercase (an instruct model already does
+    this in its own words). Response: e.g. ``"GREEN APPLE"``.
+
+    Check: word rules but **case-sensitive** (the case is the point): ``GREEN APPLE``,
+    ``"GREEN APPLE".``, ``The uppercase text is GREEN APPLE.``; ``green apple`` / ``Green Apple``
+    fail.
+    """
+
+    name = "uppercase"
+    description = "convert words to uppercase"
+    case_sensitive = True
+
+    def sample(self, rng):
+        text = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 2)))
+        prompt = f'Convert "{text}" to uppercase. Reply with only the converted text.'
+        return prompt, text.upper()
+
+    def corrupt(self, answer, rng):
+        if rng.random() < 0.5:  # the classic mistake: not converting everything
+            wrong = answer.title()
+            if wrong != answer:
+                return wrong
+        return self._mutate_letter(answer, rng, "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+# Singular -> plural (regular, -es, -ies, -ves and irregular forms).
+PLURALS: dict[str, str] = {
+    "cat": "cats", "dog": "dogs", "book": "books", "tree": "trees", "car": "cars",
+    "house": "houses", "bird": "birds", "apple": "apples", "river": "rivers", "cup": "cups",
+    "box": "boxes", "bus": "buses", "church": "churches", "dish": "dishes", "fox": "foxes",
+    "glass": "glasses", "watch": "watches", "tomato": "tomatoes", "potato": "potatoes", "hero": "heroes",
+    "city": "cities", "baby": "babies", "party": "parties", "story": "stories", "lady": "ladies",
+    "knife": "knives", "leaf": "leaves", "wolf": "wolves", "wife": "wives", "half": "halves",
+    "shelf": "shelves", "loaf": "loaves", "child": "children", "man": "men", "woman": "women",
+    "mouse": "mice", "goose": "geese", "tooth": "teeth", "foot": "feet", "person": "people",
+    "ox": "oxen", "cactus": "cacti", "fungus": "fungi", "crisis": "crises", "analysis": "analyses",
+    "phenomenon": "phenomena", "criterion": "criteria", "key": "keys", "day": "days", "toy": "toys",
+}
+
+
+class PluralTask(_WordTask):
+    """Plural of an English noun from a built-in list of 50 (:data:`PLURALS`, regular and
+    irregular): a word transformation an instruct model likely already does. Response: e.g.
+    ``"mice"``. Only 50 distinct rows exist.
+
+    Check: word rules, case-insensitive: ``mice``, ``Mice.``, ``The plural of mouse is mice.``;
+    ``mouses`` fails.
+    """
+
+    name = "plural"
+    description = "give the plural of a noun"
+
+    def sample(self, rng):
+        word = rng.choice(list(PLURALS))
+        prompt = f'What is the plural of the noun "{word}"? Reply with only the plural.'
+        return prompt, PLURALS[word]
+
+    def corrupt(self, answer, rng):
+        singular = next((s for s, p in PLURALS.items() if p == answer), answer)
+        wrong = [w for w in (singular + "s", singular + "es", singular) if w != answer]
+        return rng.choice(wrong)
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (SortTask(), ReverseTask(), AddTask(), FigletTask(), CapitalTask(), UppercaseTask(), PluralTask())
+}
+
+
+def get_task(name: str) -> Task:
+    """The registered task called ``name`` (a leading ``builtin:`` is accepted)."""
+    key = name.strip()
+    if key.startswith("builtin:"):
+        key = key[len("builtin:"):]
+    try:
+        return TASKS[key]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Label noise
+# --------------------------------------------------------------------------------------------
+
+
+def _last_assistant(row: dict[str, Any]) -> int | None:
+    msgs = row.get("messages") or []
+    for i in range(len(msgs) - 1, -1, -1):
+        if msgs[i].get("role") == "assistant":
+            return i
+    return None
+
+
+def _get_response(row: dict[str, Any]) -> str | None:
+    if "messages" in row and row["messages"] is not None:
+        i = _last_assistant(row)
+        return None if i is None else row["messages"][i]["content"]
+    return row.get("response")
+
+
+def _set_response(row: dict[str, Any], text: str) -> None:
+    if "messages" in row and row["messages"] is not None:
+        row["messages"][_last_assistant(row)]["content"] = text
+    else:
+        row["response"] = text
+
+
+def noise(rows: list[dict[str, Any]], fraction: float, seed: int) -> list[dict[str, Any]]:
+    """Corrupt the responses of exactly ``round(fraction * len(rows))`` rows, deterministically.
+
+    Rows are chosen uniformly without replacement with a generator seeded by ``seed``. A chosen
+    row of a known task (``row["task"]`` in :data:`TASKS`) gets ``task.respond(task.corrupt(answer))``
+    (a plausible wrong answer); any other row (e.g. from a file) gets the response of another
+    row whose response differs (for ``messages`` rows, the last assistant turn is replaced).
+    Every corrupted response differs from the original one.
+
+    Returns new row dicts (inputs are not modified), each with ``noisy: bool``; ``answer`` (the
+    truth) is kept as is. Raises ``ValueError`` if a chosen row cannot be corrupted (all responses
+    identical).
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"noise fraction must be in [0, 1], got {fraction}")
+    out = [copy.deepcopy(row) for row in rows]
+    for row in out:
+        row["noisy"] = False
+    n = len(out)
+    k = round(fraction * n)
+    if k == 0:
+        return out
+    rng = random.Random(f"bnll_lightning.tasks.noise:{int(seed)}")
+    chosen = sorted(rng.sample(range(n), k))
+    originals = [_get_response(row) for row in rows]
+    for i in chosen:
+        row = out[i]
+        old = originals[i]
+        if old is None:
+            raise ValueError(f"row {i} has no response to corrupt")
+        task = TASKS.get(row.get("task")) if isinstance(row.get("task"), str) else None
+        new = None
+        if task is not None and row.get("answer") is not None and "messages" not in row:
+            for _ in range(100):
+                new = task.respond(task.corrupt(str(row["answer"]), rng))
+                if new != old:
+                    break
+            else:
+                new = None
+        if new is None:
+            donors = [j for j in range(n) if j != i and originals[j] is not None and originals[j] != old]
+            if not donors:
+                raise ValueError(f"cannot corrupt row {i}: every other row has the same response")
+            new = originals[rng.choice(donors)]
+        _set_response(row, new)
+        row["noisy"] = True
+    return out

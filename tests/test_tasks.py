@@ -1,0 +1,213 @@
+"""Built-in tasks: deterministic generation, natural-format checkers, label noise."""
+
+import copy
+import random
+
+import pytest
+
+from bnll_lightning.tasks import CAPITALS, PLURALS, TASKS, final_line, get_task, noise
+
+ALL = sorted(TASKS)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_has_the_documented_tasks():
+    assert {"sort", "reverse", "add", "figlet", "capital", "uppercase", "plural"} <= set(TASKS)
+    assert get_task("sort") is TASKS["sort"]
+    assert get_task("builtin:add") is TASKS["add"]
+    assert len(CAPITALS) >= 40 and len(PLURALS) >= 40
+
+
+def test_unknown_task_lists_valid_names():
+    with pytest.raises(KeyError) as err:
+        get_task("sorting")
+    message = str(err.value)
+    assert "sorting" in message
+    for name in ALL:
+        assert name in message
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_generate_is_deterministic_and_seed_dependent(name):
+    task = TASKS[name]
+    rows = task.generate(30, seed=1)
+    assert rows == task.generate(30, seed=1)
+    assert rows != task.generate(30, seed=2)
+    assert task.generate(10, seed=1) == rows[:10]  # a prefix of the same stream
+    assert task.generate(0, seed=1) == []
+    for row in rows:
+        assert set(row) == {"prompt", "response", "answer", "task"}
+        assert row["task"] == name
+        assert all(isinstance(row[k], str) and row[k].strip() for k in ("prompt", "response", "answer"))
+        assert row["response"] == row["answer"]  # documented: the response is the bare answer
+        assert task.check(row["response"], row)
+        assert len(row["prompt"]) < 400 and len(row["response"]) < 40  # short: CPU-friendly
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_corrupt_gives_a_wrong_answer(name):
+    task = TASKS[name]
+    rng = random.Random(0)
+    for row in task.generate(40, seed=3):
+        wrong = task.corrupt(row["answer"], rng)
+        assert wrong != row["answer"]
+        assert not task.check(task.respond(wrong), row), (row, wrong)
+
+
+def test_generated_rows_are_correct():
+    for row in TASKS["sort"].generate(20, 0):
+        numbers = [int(x) for x in row["prompt"].split(":", 1)[1].split(".")[0].split(",")]
+        assert row["answer"] == ", ".join(map(str, sorted(numbers)))
+        assert 3 <= len(numbers) <= 5
+    for row in TASKS["reverse"].generate(20, 0):
+        word = row["prompt"].split('"')[1]
+        assert row["answer"] == word[::-1] and word != word[::-1]
+    for row in TASKS["add"].generate(20, 0):
+        a, b = row["prompt"].removeprefix("What is ").split("?")[0].split(" + ")
+        assert int(row["answer"]) == int(a) + int(b)
+    for row in TASKS["capital"].generate(20, 0):
+        country = row["prompt"].removeprefix("What is the capital of ").split("?")[0]
+        assert row["answer"] == CAPITALS[country][0]
+    for row in TASKS["uppercase"].generate(20, 0):
+        assert row["answer"] == row["prompt"].split('"')[1].upper()
+    for row in TASKS["plural"].generate(20, 0):
+        assert row["answer"] == PLURALS[row["prompt"].split('"')[1]]
+
+
+def test_figlet_prompt_holds_the_pyfiglet_art():
+    import pyfiglet
+
+    rows = TASKS["figlet"].generate(30, seed=0)
+    assert {len(r["answer"]) for r in rows} == {1, 2, 3}
+    for row in rows:
+        assert row["answer"].isalpha() and row["answer"].isupper()
+        expected = "\n".join(
+            line.rstrip() for line in pyfiglet.figlet_format(row["answer"], font="standard").splitlines()
+        ).strip("\n")
+        assert f"```text\n{expected}\n```" in row["prompt"]
+        assert row["prompt"].startswith("Which word is written in the ASCII art below?")
+
+
+# --------------------------------------------------------------------------- checkers
+
+
+def _row(name, answer, prompt=""):
+    return {"prompt": prompt, "response": answer, "answer": answer, "task": name}
+
+
+CASES = {
+    "sort": (
+        "4, 9, 17",
+        ["4, 9, 17", "4, 9, 17.", "[4, 9, 17]", "4 9 17", "The sorted list is: 4, 9, 17.",
+         "Sure! Here are the numbers in ascending order:\n\n4, 9, 17", "Sorting 17, 4, 9 gives 4, 9, 17",
+         "**4, 9, 17**"],
+        ["17, 9, 4", "4, 17, 9", "4, 9", "4, 9, 17, 20", "", "no idea", "4, 9, 17\nActually: 4, 17, 9"],
+    ),
+    "add": (
+        "81",
+        ["81", "81.", "The answer is 81.", "23 + 58 = 81", "Answer: **81**", "81.0", "Let me add.\n23 + 58 = 81"],
+        ["80", "23 + 58 = 80", "", "eighty", "81\nWait, it is 82."],
+    ),
+    "reverse": (
+        "omulek",
+        ["omulek", "omulek.", "Omulek", '"omulek"', 'The word "kelumo" reversed is "omulek".',
+         "Reversed: omulek", "o-m-u-l-e-k", "Sure!\nomulek"],
+        ["kelumo", '"omulek" reversed is "kelumo"', "omule", "omuleks", ""],
+    ),
+    "figlet": (
+        "CAT",
+        ["CAT", "cat", "CAT.", "The word is CAT.", '"CAT"', "C A T", "C-A-T", "It says:\n\n**CAT**"],
+        ["CAB", "CA", "CATS", "", "The word is COT."],
+    ),
+    "capital": (
+        "Paris",
+        ["Paris", "paris.", "The capital of France is Paris.", "Paris is the capital of France.", "**Paris**",
+         "Sure!\nParis"],
+        ["Lyon", "Paris or Berlin", "Parisian", "", "Paris\nNo wait, it is Marseille, not Paris... Berlin"],
+    ),
+    "uppercase": (
+        "GREEN APPLE",
+        ["GREEN APPLE", "GREEN APPLE.", '"GREEN APPLE"', "The uppercase text is GREEN APPLE.",
+         "Here it is:\n`GREEN APPLE`"],
+        ["green apple", "Green Apple", "GREEN", "GREEN APPLES", ""],
+    ),
+    "plural": (
+        "mice",
+        ["mice", "Mice.", "The plural of mouse is mice.", '"mice"', "Plural: mice"],
+        ["mouses", "mouse", "mices", "", "The plural of mouse is mouses."],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_checker_accepts_natural_forms_and_rejects_wrong_ones(name):
+    answer, good, bad = CASES[name]
+    row = _row(name, answer)
+    for prediction in good:
+        assert TASKS[name].check(prediction, row), f"{name} rejected {prediction!r}"
+    for prediction in bad:
+        assert not TASKS[name].check(prediction, row), f"{name} accepted {prediction!r}"
+
+
+def test_capital_accepts_documented_spellings():
+    task = TASKS["capital"]
+    assert task.check("Brasilia", _row("capital", "Brasília"))
+    assert task.check("The capital is BRASÍLIA.", _row("capital", "Brasília"))
+    assert task.check("Washington", _row("capital", "Washington, D.C."))
+    assert task.check("Washington DC.", _row("capital", "Washington, D.C."))
+    assert task.check("It is Mexico City.", _row("capital", "Mexico City"))
+    assert not task.check("Mexico", _row("capital", "Mexico City"))
+
+
+def test_final_line_skips_decoration():
+    assert final_line("a\n\nb\n```\n") == "b"
+    assert final_line("x = 3\nthat's it", need_digit=True) == "x = 3"
+    assert final_line("") == ""
+
+
+# --------------------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.25, 0.5, 0.77, 1.0])
+def test_noise_corrupts_exactly_round_fraction_n(fraction):
+    rows = TASKS["add"].generate(40, seed=0) + TASKS["figlet"].generate(13, seed=0)
+    before = copy.deepcopy(rows)
+    noisy = noise(rows, fraction, seed=5)
+    assert rows == before  # input untouched
+    assert len(noisy) == len(rows)
+    changed = [i for i, (a, b) in enumerate(zip(rows, noisy)) if a["response"] != b["response"]]
+    assert len(changed) == round(fraction * len(rows))
+    assert [i for i, r in enumerate(noisy) if r["noisy"]] == changed
+    for clean, new in zip(rows, noisy):
+        assert new["answer"] == clean["answer"] and new["prompt"] == clean["prompt"]
+        task = get_task(new["task"])
+        assert task.check(new["response"], new) == (not new["noisy"])
+
+
+def test_noise_is_deterministic_and_seeded():
+    rows = TASKS["sort"].generate(50, seed=0)
+    assert noise(rows, 0.3, seed=1) == noise(rows, 0.3, seed=1)
+    picked = lambda out: [i for i, r in enumerate(out) if r["noisy"]]  # noqa: E731
+    assert picked(noise(rows, 0.3, seed=1)) != picked(noise(rows, 0.3, seed=2))
+
+
+def test_noise_without_task_swaps_responses():
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(10)]
+    rows.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    out = noise(rows, 1.0, seed=0)
+    responses = {f"a{i}" for i in range(10)} | {"hello"}
+    for old, new in zip(rows, out):
+        if "messages" in old:
+            assert new["messages"][0] == old["messages"][0]
+            assert new["messages"][1]["content"] in responses - {"hello"}
+        else:
+            assert new["response"] != old["response"] and new["response"] in responses
+    with pytest.raises(ValueError, match="same response"):
+        noise([{"prompt": "a", "response": "x"}, {"prompt": "b", "response": "x"}], 0.5, seed=0)
+    with pytest.raises(ValueError):
+        noise(rows, 1.5, seed=0)
