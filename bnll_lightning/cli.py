@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -69,6 +70,27 @@ class SFTCLI(LightningCLI):
                     item["init_args"]["name"] = run_name(config["model"])
 
 
+def load_from_config(argv: list[str], cli_class: type[SFTCLI] = SFTCLI) -> SFTCLI:
+    """Parse a ``fit`` config and instantiate model, data and trainer without running anything.
+
+    For subcommands that reuse the training config (``probe``, ``evaluate``): pass a subclass
+    of ``SFTCLI`` whose ``add_arguments_to_parser`` adds their own options; read them from
+    ``cli.config``.
+    """
+    return cli_class(args=argv, run=False)
+
+
+# Subcommands beyond Lightning's fit/validate/test/predict: name -> "module:function(argv)".
+EXTRA_COMMANDS = {
+    "probe": "bnll_lightning.probe:main",
+    "evaluate": "bnll_lightning.evaluate:main",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        module_name, function = EXTRA_COMMANDS[argv[0]].split(":")
+        getattr(importlib.import_module(module_name), function)(argv[1:])
+        return
     SFTCLI(args=argv)

@@ -813,7 +813,11 @@ def _analyze(model: nn.Module, head: nn.Module) -> _Analysis:
             vals.append(v)
     for v in vals:
         if v[0] == "bad":
-            return _Analysis(None, None, False, f"{name}.forward post-processes logits: `{v[1]}`")
+            return _Analysis(
+                None, None, False,
+                f"{name}.forward computes logits in a way streaming cannot reproduce "
+                f"(only head(decoder output) with scalar scale / tanh softcap is supported): `{v[1]}`",
+            )
         if v[0] != "logits":
             return _Analysis(
                 None, None, False, f"{name}.forward: returned logits are not the output head applied to the body output"
