@@ -483,9 +483,9 @@ def _scalar(x: Any) -> tuple:
 
 
 class _Interp:
-    def __init__(self, model: nn.Module, head: nn.Module, body: nn.Module):
+    def __init__(self, model: nn.Module, heads: tuple[nn.Module, ...], body: nn.Module):
         self.model = model
-        self.head = head
+        self.heads = heads  # the output-embeddings module and what it resolves to (peft wrappers)
         self.body = body
         self.returns: list[tuple] = []
 
@@ -608,7 +608,7 @@ class _Interp:
         target = self._is_self_attr(func)
         if target is not None and target is self.body:
             return ("body",)
-        if target is not None and target is self.head:
+        if target is not None and any(target is h for h in self.heads):
             args = list(node.args) + [k.value for k in node.keywords if k.arg == "input"]
             if len(args) != 1 or any(k.arg != "input" for k in node.keywords):
                 return self.bad(node)
@@ -783,7 +783,7 @@ class _Interp:
         # other statements (pass, raise, assert, import, nested defs, ...) do not touch logits
 
 
-def _analyze(model: nn.Module, head: nn.Module) -> _Analysis:
+def _analyze(model: nn.Module, heads: tuple[nn.Module, ...]) -> _Analysis:
     """Symbolically execute ``type(model).forward`` (see the comment block above)."""
     func = type(model).forward
     if "forward" in model.__dict__:  # patched on the instance (e.g. accelerate device hooks)
@@ -799,7 +799,7 @@ def _analyze(model: nn.Module, head: nn.Module) -> _Analysis:
         body = _decoder_body(model)
     except ValueError as e:
         return _Analysis(None, None, False, str(e))
-    interp = _Interp(model, head, body)
+    interp = _Interp(model, heads, body)
     try:
         interp.run(tree.body, {})
     except RecursionError:  # pragma: no cover
@@ -866,7 +866,9 @@ def _static_check(model: nn.Module) -> tuple[StreamingHead | None, str | None]:
     head, reason = _head_module(base)
     if head is None:
         return None, reason
-    an = _analyze(base, head)
+    if base._forward_hooks or base._forward_pre_hooks:
+        return None, f"{type(base).__name__} has forward hooks that forward_hidden would bypass"
+    an = _analyze(base, (base.get_output_embeddings(), head))
     if an.reason is not None:
         return None, an.reason
     if an.hidden_scaled and head.bias is not None:
@@ -910,25 +912,38 @@ def _probe(model: nn.Module, spec: StreamingHead, seq_len: int = 8) -> str | Non
     return None
 
 
-def streaming_unsupported_reason(model: nn.Module, probe: bool = False) -> str | None:
-    """``None`` if ``streaming_head(model)`` + ``forward_hidden`` reproduce ``model(...).logits``.
+def streaming_unsupported_reason(
+    model: nn.Module, probe: bool = False, allow_transform: bool = False
+) -> str | None:
+    """``None`` if streaming reproduces ``model(...).logits``' log-probabilities, else a reason.
 
-    Otherwise a human-readable reason (callers then fall back to full logits): no or non-Linear
-    output head (incl. LoRA/quantised heads), peft prompt learning, or logit post-processing
-    other than a scalar scale and/or a tanh softcap (e.g. vocabulary slicing, learnable scales,
-    extra modules). Scalar scales (Cohere ``logit_scale``, Granite ``logits_scaling``, Falcon-H1
+    Reasons (callers then fall back to full logits): no or non-Linear output head (incl.
+    LoRA-adapted / quantised / hooked heads), peft prompt learning, or logit post-processing
+    other than a scalar scale and/or a tanh softcap (vocabulary slicing, learnable scales,
+    extra modules, ...).
+
+    Scalar scales (Cohere ``logit_scale``, Granite ``logits_scaling``, Falcon-H1
     ``lm_head_multiplier``, MiniCPM3 hidden scaling, ...) and softcaps (Gemma 2/3
-    ``final_logit_softcapping``, RecurrentGemma ``logits_soft_cap``, ...) are SUPPORTED: they
-    are returned by ``logit_transform``/``streaming_head`` and must be passed on as
-    ``scale=``/``softcap=`` (``model_token_logprobs`` does this).
+    ``final_logit_softcapping``, RecurrentGemma ``logits_soft_cap``, ...) can be streamed, but
+    only if the caller passes them on as ``scale=``/``softcap=`` (from ``streaming_head`` or
+    ``logit_transform``; ``model_token_logprobs`` does). Because a caller that only uses
+    ``output_head`` would silently drop them, such models get a reason unless
+    ``allow_transform=True``.
 
     ``probe=True`` additionally runs the model once on an 8-token input (eval mode, no grad)
-    and compares against the streamed formula — a cheap end-to-end guard worth running once at
+    and compares against the streamed formula: a cheap end-to-end guard worth running once at
     setup for architectures not covered by the tests.
     """
     spec, reason = _static_check(model)
     if reason is not None:
         return reason
+    if not allow_transform and (spec.scale is not None or spec.softcap is not None):
+        return (
+            f"{type(_unwrap(model)).__name__} post-processes logits with scale={spec.scale}, "
+            f"softcap={spec.softcap}: supported only if passed to streamed_token_logprobs "
+            "(use streaming_head(model) / logit_transform(model), then "
+            "streaming_unsupported_reason(model, allow_transform=True))"
+        )
     if probe:
         return _probe(model, spec)
     return None

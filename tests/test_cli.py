@@ -1,0 +1,93 @@
+"""The command line: every shipped config parses; a fit on a tiny model writes logs and a loadable model."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bnll_lightning.cli import main, run_name
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def scalars(log_dir: Path) -> dict[str, list[float]]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "nll.yaml", "negprob.yaml", "alpha10.yaml", "thresholded.yaml", "math_qwen.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["model"]
+    assert printed["data"]["train"]
+
+
+def test_run_name_tells_objectives_apart():
+    assert run_name({"objective": None}) == "NLL"
+    assert run_name({"objective": {"class_path": "bnll_lightning.objectives.AlphaFamily",
+                                   "init_args": {"alpha": 10}}}) == "AlphaFamily-alpha10.0"
+    assert run_name({"objective": {"class_path": "bnll_lightning.objectives.ThresholdedNLL",
+                                   "init_args": {"tau": 0.2}}}) == "ThresholdedNLL-tau0.2"
+    name = run_name({"objective": {"class_path": "bnll_lightning.objectives.AlphaFamily", "init_args": {"alpha": 0}},
+                     "alpha_controller": {"class_path": "bnll_lightning.alpha.AdaptiveAlpha"}})
+    assert name == "AdaptiveAlpha-AlphaFamily-alpha0.0"
+
+
+def fit(tmp_path, tiny_model_dir, *extra):
+    save_dir = tmp_path / "runs"
+    main([
+        "fit", "--config", str(Path(__file__).parents[1] / "configs" / "nll.yaml"),
+        "--model.model", tiny_model_dir,
+        "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+        "--trainer.logger.init_args.save_dir", str(save_dir),
+        "--data.train", "builtin:add", "--data.num_train", "32", "--data.num_val", "8", "--data.batch_size", "4",
+        *extra,
+    ])
+    (log_dir,) = [p for p in save_dir.glob("*/version_*")]
+    return log_dir
+
+
+def test_fit_writes_tensorboard_tags_and_loadable_model(tmp_path, tiny_model_dir):
+    log_dir = fit(tmp_path, tiny_model_dir, "--model.objective", "bnll_lightning.objectives.AlphaFamily",
+                  "--model.objective.alpha", "1.0")
+    assert log_dir.parent.name == "AlphaFamily-alpha1.0"  # the directory says which objective ran
+    values = scalars(log_dir)
+    for tag in ["train/loss", "train/nll", "train/mean_p", "train/alpha", "val/nll", "val/mean_p", "val/token_accuracy"]:
+        assert tag in values, f"{tag} missing from {sorted(values)}"
+    assert len(values["train/loss"]) == 4  # one point per optimizer step
+    assert all(a == 1.0 for a in values["train/alpha"])
+    assert all(0.0 < p < 1.0 for p in values["train/mean_p"])
+    # alpha = 1: loss = 1 - mean p, token-weighted over the same tokens
+    for loss, p in zip(values["train/loss"], values["train/mean_p"]):
+        assert loss == pytest.approx(1 - p, abs=1e-5)
+    config = yaml.safe_load((log_dir / "config.yaml").read_text())
+    assert config["model"]["objective"]["init_args"]["alpha"] == 1.0
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = log_dir / "hf_model"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert model.config.vocab_size == len(tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = any((a != b).any() for a, b in zip(model.parameters(), base.parameters()))
+    assert changed, "the exported model should hold the fine-tuned weights"
+
+
+def test_fit_with_selecting_objective_logs_selected_fraction(tmp_path, tiny_model_dir):
+    log_dir = fit(tmp_path, tiny_model_dir, "--model.objective", "bnll_lightning.objectives.TopFraction",
+                  "--model.objective.fraction", "0.5", "--trainer.limit_val_batches", "0")
+    values = scalars(log_dir)
+    assert "train/alpha" not in values  # no alpha for objectives outside the family
+    for fraction in values["train/selected_fraction"]:
+        assert 0.5 <= fraction <= 0.6  # ceil(0.5 n) of n tokens per micro-batch

@@ -1,0 +1,553 @@
+"""Streamed log p (bnll_lightning.streaming) against full-logits references.
+
+Everything is float32 unless stated; references use plain autograd over materialised logits.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnll_lightning.streaming import (
+    _probe,
+    forward_hidden,
+    logit_transform,
+    model_token_logprobs,
+    naive_token_logprobs,
+    output_head,
+    streamed_token_logprobs,
+    streaming_head,
+    streaming_unsupported_reason,
+)
+
+IGN = -100
+V, H = 53, 16
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def make_batch(b=3, t=11, vocab=V, hdim=H, seed=0, dtype=torch.float32, with_bias=False):
+    """Hidden, weight, (bias), labels with a prompt-like prefix and right padding per row."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, hdim, generator=g).to(dtype)
+    weight = (torch.randn(vocab, hdim, generator=g) * 0.5).to(dtype)
+    bias = (torch.randn(vocab, generator=g) * 0.3).to(dtype) if with_bias else None
+    labels = torch.randint(0, vocab, (b, t), generator=g)
+    for i in range(b):
+        prompt = (2 * i + 1) % t
+        pad = i % 3
+        labels[i, :prompt] = IGN
+        if pad:
+            labels[i, t - pad :] = IGN
+    labels[0, 0] = 0  # vocabulary index 0 as a target next to ignored positions
+    return hidden, weight, bias, labels
+
+
+def naive_from_parts(hidden, weight, labels, bias=None, scale=None, softcap=None):
+    logits = F.linear(hidden, weight, bias).float()
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return naive_token_logprobs(logits, labels, ignore_index=IGN)
+
+
+def leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def grads_of(fn, upstream, *ts):
+    """Forward with fresh leaves, backward (logp * upstream).sum(); return (logp, mask, grads)."""
+    ls = leaves(*ts)
+    logp, mask = fn(*ls)
+    (logp * upstream).sum().backward()
+    return logp.detach(), mask, [None if t is None else t.grad for t in ls]
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------------------------ core function
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024, None])  # None: larger than N
+def test_streamed_matches_naive_values_and_grads(chunk_size, with_bias):
+    hidden, weight, bias, labels = make_batch(with_bias=with_bias)
+    n = int((labels != IGN).sum())
+    cs = n + 5 if chunk_size is None else chunk_size
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1))
+
+    lp_n, m_n, g_n = grads_of(lambda h, w, b: naive_from_parts(h, w, labels, b), upstream, hidden, weight, bias)
+    lp_s, m_s, g_s = grads_of(
+        lambda h, w, b: streamed_token_logprobs(h, w, labels, ignore_index=IGN, chunk_size=cs, bias=b),
+        upstream, hidden, weight, bias,
+    )
+    assert lp_s.dtype == torch.float32 and lp_s.shape == labels.shape
+    assert m_s.dtype == torch.bool and torch.equal(m_s, m_n) and torch.equal(m_s, labels != IGN)
+    assert torch.all(lp_s[~m_s] == 0)
+    assert torch.all(lp_s[m_s] < 0)
+    assert_close(lp_s, lp_n)
+    for gs, gn in zip(g_s, g_n):
+        if gn is None:
+            assert gs is None
+            continue
+        assert gs.dtype == gn.dtype
+        assert_close(gs, gn)
+    # hidden gradient is exactly zero where there is no target
+    assert torch.all(g_s[0][~m_s] == 0)
+
+
+@pytest.mark.parametrize("scale,softcap", [(0.0625, None), (1 / 3.0, None), (None, 2.5), (1.7, 3.0)])
+@pytest.mark.parametrize("chunk_size", [1, 5])
+def test_scale_and_softcap_match_naive(scale, softcap, chunk_size):
+    hidden, weight, bias, labels = make_batch(with_bias=True, seed=3)
+    hidden = hidden * 3  # large logits so the softcap actually bends them
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(4))
+    lp_n, _, g_n = grads_of(
+        lambda h, w, b: naive_from_parts(h, w, labels, b, scale=scale, softcap=softcap), upstream, hidden, weight, bias
+    )
+    lp_s, _, g_s = grads_of(
+        lambda h, w, b: streamed_token_logprobs(
+            h, w, labels, chunk_size=chunk_size, bias=b, scale=scale, softcap=softcap
+        ),
+        upstream, hidden, weight, bias,
+    )
+    assert_close(lp_s, lp_n)
+    for gs, gn in zip(g_s, g_n):
+        assert_close(gs, gn)
+
+
+def test_bf16_inputs_within_bf16_tolerance_and_float32_output():
+    hidden32, weight32, _, labels = make_batch(seed=5)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(6))
+    hidden16, weight16 = hidden32.bfloat16(), weight32.bfloat16()
+
+    lp_ref, _, (gh_ref, gw_ref) = grads_of(
+        lambda h, w: naive_from_parts(h, w, labels), upstream, hidden16.float(), weight16.float()
+    )
+    lp_s, _, (gh_s, gw_s) = grads_of(
+        lambda h, w: streamed_token_logprobs(h, w, labels, chunk_size=4), upstream, hidden16, weight16
+    )
+    assert lp_s.dtype == torch.float32
+    assert gh_s.dtype == torch.bfloat16 and gw_s.dtype == torch.bfloat16
+    scale = lp_ref.abs().max()
+    assert (lp_s - lp_ref).abs().max() <= 0.02 * scale
+    for gs, gr in ((gh_s, gh_ref), (gw_s, gw_ref)):
+        assert torch.isfinite(gs).all()
+        assert (gs.float() - gr).abs().max() <= 0.03 * gr.abs().max()
+
+    # Same arithmetic as the bf16 naive path (bf16 matmul, float32 after): much closer.
+    lp_n16, _, (gh_n16, gw_n16) = grads_of(lambda h, w: naive_from_parts(h, w, labels), upstream, hidden16, weight16)
+    assert_close(lp_s, lp_n16, rtol=1e-5, atol=1e-5)
+    assert_close(gh_s.float(), gh_n16.float(), rtol=2e-2, atol=2e-3)
+    assert_close(gw_s.float(), gw_n16.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_autocast_uses_autocast_dtype_for_the_matmul():
+    hidden, weight, _, labels = make_batch(seed=7)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp_n, _, (gh_n, gw_n) = grads_of(lambda h, w: naive_from_parts(h, w, labels), upstream, hidden, weight)
+        lp_s, _, (gh_s, gw_s) = grads_of(
+            lambda h, w: streamed_token_logprobs(h, w, labels, chunk_size=3), upstream, hidden, weight
+        )
+    assert lp_s.dtype == torch.float32 and gh_s.dtype == torch.float32 and gw_s.dtype == torch.float32
+    assert_close(lp_s, lp_n, rtol=1e-5, atol=1e-5)
+    lp_fp32, _ = naive_from_parts(hidden, weight, labels)
+    assert (lp_s - lp_fp32).abs().max() > 1e-6  # the matmul really ran in bf16
+    assert_close(gh_s, gh_n, rtol=2e-2, atol=2e-3)
+    assert_close(gw_s, gw_n, rtol=2e-2, atol=2e-3)
+
+
+def test_all_masked_gives_zeros_and_finite_zero_grads():
+    hidden, weight, bias, labels = make_batch(with_bias=True)
+    labels = torch.full_like(labels, IGN)
+    h, w, b = leaves(hidden, weight, bias)
+    logp, mask = streamed_token_logprobs(h, w, labels, bias=b, chunk_size=4)
+    assert not mask.any()
+    assert logp.dtype == torch.float32 and torch.equal(logp, torch.zeros_like(logp))
+    loss = -(logp * mask).sum() / mask.sum().clamp_min(1)
+    loss.backward()
+    for t in (h, w, b):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and torch.all(t.grad == 0)
+
+
+def test_frozen_weight_and_hidden_without_grad():
+    hidden, weight, bias, labels = make_batch(with_bias=True, seed=9)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(10))
+    _, _, (gh_n, _, _) = grads_of(lambda h, w, b: naive_from_parts(h, w, labels, b), upstream, hidden, weight, bias)
+
+    # frozen head (e.g. LoRA): only hidden needs a gradient
+    h = hidden.clone().requires_grad_(True)
+    w, b = weight.clone(), bias.clone()
+    logp, _ = streamed_token_logprobs(h, w, labels, bias=b, chunk_size=6)
+    (logp * upstream).sum().backward()
+    assert w.grad is None and b.grad is None
+    assert_close(h.grad, gh_n)
+
+    # hidden without grad, trainable weight
+    _, _, (_, gw_n, gb_n) = grads_of(lambda h, w, b: naive_from_parts(h, w, labels, b), upstream, hidden, weight, bias)
+    w, b = leaves(weight, bias)
+    logp, _ = streamed_token_logprobs(hidden, w, labels, bias=b, chunk_size=6)
+    (logp * upstream).sum().backward()
+    assert_close(w.grad, gw_n)
+    assert_close(b.grad, gb_n)
+
+    # nothing needs a gradient: plain tensor out
+    logp, _ = streamed_token_logprobs(hidden, weight, labels)
+    assert not logp.requires_grad
+
+
+def test_non_contiguous_hidden_and_int32_labels():
+    hidden, weight, _, labels = make_batch(seed=11)
+    hidden_nc = hidden.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not hidden_nc.is_contiguous()
+    lp_s, _ = streamed_token_logprobs(hidden_nc, weight, labels.int(), chunk_size=5)
+    lp_n, _ = naive_from_parts(hidden, weight, labels)
+    assert_close(lp_s, lp_n)
+
+
+def test_only_chunk_sized_tensors_are_saved_for_backward():
+    """Genuinely O(chunk * V): nothing of size N * V is kept between forward and backward."""
+    vocab, hdim = 4000, 8
+    hidden, weight, _, labels = make_batch(b=4, t=64, vocab=vocab, hdim=hdim, seed=12)
+    n = int((labels != IGN).sum())
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    h, w = leaves(hidden, weight)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logp, _ = streamed_token_logprobs(h, w, labels, chunk_size=16)
+    assert max(saved) <= vocab * hdim  # the weight itself; never logits
+    assert max(saved) < n * vocab / 4
+    logp.sum().backward()
+    assert torch.isfinite(w.grad).all()
+
+    saved.clear()
+    h, w = leaves(hidden, weight)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        naive_from_parts(h, w, labels)
+    assert max(saved) >= labels.numel() * vocab  # the reference does keep [B, T, V]
+
+
+def test_naive_token_logprobs_contract():
+    logits = torch.randn(2, 4, 7, dtype=torch.bfloat16)
+    labels = torch.tensor([[1, IGN, 6, 0], [IGN, IGN, 3, IGN]])
+    logp, mask = naive_token_logprobs(logits, labels)
+    assert logp.dtype == torch.float32 and torch.equal(mask, labels != IGN)
+    ref = torch.log_softmax(logits.float(), -1)
+    assert logp[0, 0] == ref[0, 0, 1] and logp[1, 2] == ref[1, 2, 3]
+    assert torch.all(logp[~mask] == 0)
+
+
+def test_argument_validation():
+    hidden, weight, _, labels = make_batch()
+    with pytest.raises(ValueError):
+        streamed_token_logprobs(hidden, weight, labels, chunk_size=0)
+    with pytest.raises(ValueError):
+        streamed_token_logprobs(hidden, weight[:, :-1], labels)
+    with pytest.raises(ValueError):
+        streamed_token_logprobs(hidden, weight, labels[:, :-1])
+    with pytest.raises(ValueError):
+        streamed_token_logprobs(hidden, weight, labels, softcap=0.0)
+
+
+# ------------------------------------------------------------------------------ models
+
+TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_llama(tie=True, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=tie, **TINY))
+    if not tie:  # make the head clearly different from the embedding
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0, 0.05)
+    return model
+
+
+def enable_checkpointing(model):
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    assert model.is_activation_checkpointing if hasattr(model, "is_activation_checkpointing") else True
+
+
+def lm_batch(vocab=1000, b=3, t=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    attn = torch.ones_like(ids)
+    attn[1, -2:] = 0  # right padding
+    attn[2, -4:] = 0
+    labels = torch.full_like(ids, IGN)
+    labels[:, :-1] = ids[:, 1:]  # aligned: position t predicts token t+1
+    labels[:, :3] = IGN  # prompt
+    labels[attn == 0] = IGN
+    labels[:, :-1][attn[:, 1:] == 0] = IGN
+    return ids, attn, labels
+
+
+def loss_and_grads(model, ids, attn, labels, streaming, chunk_size=5):
+    model.zero_grad(set_to_none=True)
+    logp, mask = model_token_logprobs(model, ids, labels, attn, chunk_size=chunk_size, streaming=streaming)
+    loss = -(logp * mask).sum() / mask.sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), logp.detach(), grads
+
+
+def assert_model_paths_agree(model, ids, attn, labels, rtol=1e-4, atol=1e-6):
+    loss_n, lp_n, g_n = loss_and_grads(model, ids, attn, labels, streaming=False)
+    loss_s, lp_s, g_s = loss_and_grads(model, ids, attn, labels, streaming=True)
+    assert_close(lp_s, lp_n, rtol=1e-5, atol=1e-5)
+    assert_close(loss_s, loss_n, rtol=1e-5, atol=1e-6)
+    assert g_s.keys() == g_n.keys() and len(g_s) > 0
+    for name in g_n:
+        assert_close(g_s[name], g_n[name], rtol=rtol, atol=atol)
+    return g_s
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tiny_llama_streamed_equals_full_logits(tie):
+    model = tiny_llama(tie)
+    assert streaming_unsupported_reason(model) is None
+    assert streaming_unsupported_reason(model, probe=True) is None
+    weight, bias = output_head(model)
+    assert bias is None
+    assert (weight is model.get_input_embeddings().weight) == tie
+    ids, attn, labels = lm_batch()
+    grads = assert_model_paths_agree(model, ids, attn, labels)
+    assert "model.embed_tokens.weight" in grads
+    assert ("lm_head.weight" in grads) == (not tie)
+
+    # forward_hidden + head == model(...).logits
+    with torch.no_grad():
+        hidden = forward_hidden(model, ids, attn)
+        assert hidden.shape == (*ids.shape, TINY["hidden_size"])
+        assert_close(F.linear(hidden, weight), model(input_ids=ids, attention_mask=attn).logits)
+
+
+def test_tiny_llama_gradient_checkpointing():
+    model = tiny_llama(False, seed=1)
+    enable_checkpointing(model)
+    model.train()
+    assert streaming_unsupported_reason(model) is None
+    ids, attn, labels = lm_batch(seed=1)
+    assert_model_paths_agree(model, ids, attn, labels)
+
+
+def test_peft_lora_forward_hidden_and_grads():
+    peft = pytest.importorskip("peft")
+    model = tiny_llama(False, seed=2)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                          lora_dropout=0.0)
+    pm = peft.get_peft_model(model, cfg)
+    assert streaming_unsupported_reason(pm, probe=True) is None
+    weight, _ = output_head(pm)
+    assert weight is model.lm_head.weight and not weight.requires_grad  # frozen head
+    ids, attn, labels = lm_batch(seed=2)
+    with torch.no_grad():
+        hidden = forward_hidden(pm, ids, attn)
+        with pm.disable_adapter():
+            hidden_base = forward_hidden(pm, ids, attn)
+        assert (hidden - hidden_base).abs().max() > 1e-4  # LoRA layers were used
+        assert_close(F.linear(hidden, weight), pm(input_ids=ids, attention_mask=attn).logits)
+    grads = assert_model_paths_agree(pm, ids, attn, labels)
+    assert grads and all("lora_" in n for n in grads)
+
+    # ...also under gradient checkpointing with frozen embeddings
+    enable_checkpointing(pm)
+    pm.enable_input_require_grads()
+    pm.train()
+    assert_model_paths_agree(pm, ids, attn, labels)
+
+
+def test_peft_head_wrappers():
+    peft = pytest.importorskip("peft")
+    # modules_to_save: the trainable copy of the head is the one used
+    pm = peft.get_peft_model(
+        tiny_llama(False, seed=3),
+        peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False),
+    )
+    weight, _ = output_head(pm)
+    assert weight is pm.base_model.model.lm_head.modules_to_save["default"].weight and weight.requires_grad
+    with torch.no_grad():
+        weight.mul_(1.5)  # make the copy differ from the original head
+    assert streaming_unsupported_reason(pm, probe=True) is None
+    ids, attn, labels = lm_batch(seed=3)
+    grads = assert_model_paths_agree(pm, ids, attn, labels)
+    assert any("modules_to_save" in n for n in grads)
+
+    # LoRA on the head itself: not a plain Linear -> fall back
+    pm = peft.get_peft_model(tiny_llama(False, seed=3), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert "nn.Linear" in streaming_unsupported_reason(pm)
+    lp, mask = model_token_logprobs(pm, ids, labels, attn)  # "auto" falls back to full logits
+    assert lp.shape == labels.shape
+    with pytest.raises(ValueError):
+        model_token_logprobs(pm, ids, labels, attn, streaming=True)
+
+    # prompt learning adds virtual tokens: the body alone is not the model
+    pm = peft.get_peft_model(
+        tiny_llama(True, seed=3), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    )
+    assert "prompt" in streaming_unsupported_reason(pm)
+    with pytest.raises(NotImplementedError):
+        forward_hidden(pm, ids, attn)
+
+
+# Model families whose forward post-processes logits with a scalar and/or tanh softcap.
+def _gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(head_dim=8, final_logit_softcapping=2.0, query_pre_attn_scalar=8, **TINY)
+    return Gemma2ForCausalLM(cfg), (None, 2.0)
+
+
+def _cohere():
+    from transformers import CohereConfig, CohereForCausalLM
+
+    return CohereForCausalLM(CohereConfig(logit_scale=0.5, **TINY)), (0.5, None)
+
+
+def _granite():
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    return GraniteForCausalLM(GraniteConfig(logits_scaling=4.0, **TINY)), (0.25, None)
+
+
+@pytest.mark.parametrize("build", [_gemma2, _cohere, _granite], ids=["gemma2", "cohere", "granite"])
+def test_logit_postprocessing_families(build):
+    torch.manual_seed(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, (scale, softcap) = build()
+    model.float()
+    # A caller that ignores the transform must not stream: default is a reason ...
+    reason = streaming_unsupported_reason(model)
+    assert reason is not None and "scale" in reason
+    # ... but it is supported when the transform is passed on.
+    assert streaming_unsupported_reason(model, allow_transform=True, probe=True) is None
+    got_scale, got_softcap = logit_transform(model)
+    assert (got_scale is None) == (scale is None) and (got_softcap is None) == (softcap is None)
+    if scale is not None:
+        assert got_scale == pytest.approx(scale, rel=1e-12)
+    if softcap is not None:
+        assert got_softcap == pytest.approx(softcap, rel=1e-12)
+    ids, attn, labels = lm_batch(seed=4)
+    assert_model_paths_agree(model, ids, attn, labels)
+    # the wrong transform is caught by the probe
+    spec = streaming_head(model)
+    assert _probe(model, spec._replace(scale=None, softcap=None)) is not None
+
+
+def test_gemma2_without_softcapping_is_plain():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(5)
+    model = Gemma2ForCausalLM(Gemma2Config(head_dim=8, final_logit_softcapping=None, query_pre_attn_scalar=8, **TINY))
+    assert streaming_unsupported_reason(model) is None
+    assert logit_transform(model) == (None, None)
+
+
+# Custom heads that streaming cannot reproduce: each must give a reason.
+from transformers import LlamaForCausalLM  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+
+
+class _VocabSlicingLM(LlamaForCausalLM):
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state)
+        logits = logits[..., :-10]
+        return CausalLMOutputWithPast(logits=logits)
+
+
+class _LearnableScaleLM(LlamaForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self.temperature = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state) / self.temperature
+        return CausalLMOutputWithPast(logits=logits)
+
+
+class _ShiftedLM(LlamaForCausalLM):
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = outputs[0]
+        logits = self.lm_head(hidden_states)
+        if self.config.vocab_size > 10:
+            logits = logits + self.lm_head.weight.sum()
+            logits = torch.tanh(logits)
+        return CausalLMOutputWithPast(logits=logits)
+
+
+class _FixedScaleLM(LlamaForCausalLM):
+    """Supported: a scalar attribute scale, hidden-state scaling, slicing and dtype casts."""
+
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = outputs.last_hidden_state / 2
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :]).float()
+        logits = logits * self.config.my_scale
+        return CausalLMOutputWithPast(logits=logits)
+
+
+@pytest.mark.parametrize("cls", [_VocabSlicingLM, _LearnableScaleLM, _ShiftedLM])
+def test_unsupported_postprocessing_gives_reason(cls):
+    from transformers import LlamaConfig
+
+    model = cls(LlamaConfig(**TINY))
+    reason = streaming_unsupported_reason(model, allow_transform=True)
+    assert reason is not None
+    with pytest.raises(ValueError):
+        streaming_head(model)
+    ids, attn, labels = lm_batch()
+    logp, _ = model_token_logprobs(model, ids, labels, attn)  # auto: falls back, still works
+    assert torch.isfinite(logp).all()
+
+
+def test_custom_scalar_postprocessing_is_streamed():
+    from transformers import LlamaConfig
+
+    torch.manual_seed(6)
+    cfg = LlamaConfig(**TINY)
+    cfg.my_scale = 3.0
+    model = _FixedScaleLM(cfg)
+    assert logit_transform(model) == (1.5, None)
+    assert streaming_unsupported_reason(model, allow_transform=True, probe=True) is None
+    ids, attn, labels = lm_batch(seed=6)
+    assert_model_paths_agree(model, ids, attn, labels)
+
+
+def test_hooks_and_missing_head_give_reason():
+    model = tiny_llama(False)
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: o * 2)
+    assert "hook" in streaming_unsupported_reason(model)
+    handle.remove()
+    handle = model.register_forward_hook(lambda m, i, o: o)
+    assert "hook" in streaming_unsupported_reason(model)
+    handle.remove()
+    assert streaming_unsupported_reason(model) is None
+    model.lm_head = nn.Sequential(nn.Linear(32, 1000, bias=False))
+    assert streaming_unsupported_reason(model) is not None
+    with pytest.raises(ValueError):
+        output_head(model)
