@@ -36,6 +36,15 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import Tensor
 
+from bnll_lightning.constraints import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    UnitIntervalClosedOpen,
+)
+
 __all__ = [
     "STATISTICS",
     "AlphaController",
@@ -180,7 +189,7 @@ class AlphaController:
 class ConstantAlpha(AlphaController):
     """Fixed α for the whole run (α = 0 reproduces NLL, α = 1 is −p)."""
 
-    def __init__(self, alpha: float = 1.0) -> None:
+    def __init__(self, alpha: NonNegativeFloat = 1.0) -> None:
         """
         Args:
             alpha: the α of f_α(p) used at every step, >= 0. 0 is NLL (model-weak regime),
@@ -242,7 +251,7 @@ class LinearAlpha(_Schedule):
     (``alpha_at(0) == start`` before training, ``alpha_at(k) == end`` for ``k >= steps``).
     """
 
-    def __init__(self, start: float = 0.0, end: float = 1.0, steps: int = 1000) -> None:
+    def __init__(self, start: NonNegativeFloat = 0.0, end: NonNegativeFloat = 1.0, steps: PositiveInt = 1000) -> None:
         """
         Args:
             start: α before the first optimizer step, >= 0. Default 0 (NLL): begin where a weak
@@ -261,7 +270,7 @@ class LinearAlpha(_Schedule):
 class CosineAlpha(_Schedule):
     """Like :class:`LinearAlpha` with a half-cosine ramp (flat at both ends)."""
 
-    def __init__(self, start: float = 0.0, end: float = 1.0, steps: int = 1000) -> None:
+    def __init__(self, start: NonNegativeFloat = 0.0, end: NonNegativeFloat = 1.0, steps: PositiveInt = 1000) -> None:
         """
         Args:
             start: α before the first optimizer step, >= 0. Default 0 (NLL).
@@ -328,14 +337,14 @@ class AdaptiveAlpha(AlphaController):
 
     def __init__(
         self,
-        alpha_max: float = 1.0,
-        low: float = 0.1,
-        high: float = 0.55,
-        ema: float = 0.9,
-        max_delta: float = 0.05,
+        alpha_max: NonNegativeFloat = 1.0,
+        low: OpenUnitInterval = 0.1,
+        high: OpenUnitInterval = 0.55,
+        ema: UnitIntervalClosedOpen = 0.9,
+        max_delta: PositiveFloat = 0.05,
         statistic: Literal["mean", "geometric", "quantile"] = "mean",
-        quantile: float = 0.1,
-        initial: Optional[float] = None,
+        quantile: OpenUnitInterval = 0.1,
+        initial: Optional[ClosedUnitInterval] = None,
     ) -> None:
         """
         Args:
@@ -401,6 +410,24 @@ class AdaptiveAlpha(AlphaController):
     def ema(self) -> Optional[float]:
         """Current EMA of the fed statistic; ``None`` before any value (and no ``initial``)."""
         return self._m / self._w if self._w > 0.0 else None
+
+    def start(self, value: float) -> float:
+        """Start from ``value`` (e.g. the base model's statistic measured by a probe pass) after
+        construction, exactly as ``initial=value`` would have: the EMA becomes ``value`` with
+        full weight and α becomes ``target(value)``. Only before the first :meth:`update`.
+
+        The start lives in the state (EMA accumulator and α), not in the config: ``initial`` is
+        left as given, so a run resumed from a checkpoint continues the same trajectory without
+        a config-mismatch warning. Returns the α now in force.
+        """
+        if self.step or self.n_observed:
+            raise RuntimeError("AdaptiveAlpha.start() must be called before the first update()")
+        value = float(value)
+        if not (0.0 <= value <= 1.0):  # also rejects nan
+            raise ValueError(f"AdaptiveAlpha.start: value must be in [0, 1], got {value!r}")
+        self._m, self._w = value, 1.0
+        self._alpha = self.target(value)
+        return self._alpha
 
     def target(self, ema: float) -> float:
         """α the controller heads for at EMA ``ema``: ``alpha_max``·smoothstep in log p between

@@ -6,17 +6,27 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
+import re
 import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
-from bnll_lightning.data import SFTDataModule
+from bnll_lightning.data import DataError, SFTDataModule
 from bnll_lightning.module import SFTModule
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 AUTO_NAME = "auto"
+DEBUG_ENV = "BNLL_DEBUG"  # set to 1 for full tracebacks instead of one-line errors
+
+
+class ConfigError(ValueError):
+    """A config value that parses but that a class rejects when it is built."""
 
 
 def _short(class_path: str) -> str:
@@ -55,6 +65,8 @@ class SFTCLI(LightningCLI):
             "trainer_defaults",
             {"logger": {"class_path": TENSORBOARD, "init_args": {"save_dir": "runs", "name": AUTO_NAME}}},
         )
+        # Parse errors are raised (not printed with the whole usage): main() reports them in one line.
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
         super().__init__(SFTModule, SFTDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -68,6 +80,35 @@ class SFTCLI(LightningCLI):
             if isinstance(item, dict) or hasattr(item, "get"):
                 if item.get("class_path") == TENSORBOARD and item.get("init_args", {}).get("name") == AUTO_NAME:
                     item["init_args"]["name"] = run_name(config["model"])
+                if self.subcommand == "fit" and config.get("ckpt_path") == "last" and item.get("class_path") == TENSORBOARD:
+                    _continue_last_version(item["init_args"])
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except DataError:
+            raise
+        except ValueError as err:  # a class rejected a value of the config
+            raise ConfigError(str(err)) from err
+
+
+def _continue_last_version(logger_args: Any) -> None:
+    """``fit --ckpt_path last``: log into the newest ``version_N`` that holds a ``checkpoints/last*.ckpt``.
+
+    Lightning looks for "last" in the checkpoint directory of *this* run's logger; a fresh
+    auto-numbered version would have none, and the run would silently start over. Continuing
+    the version also keeps one TensorBoard curve per run.
+    """
+    if logger_args.get("version") is not None:
+        return
+    root = Path(str(logger_args.get("save_dir") or "runs")) / str(logger_args.get("name") or "")
+    versions = [
+        int(p.name[len("version_"):])
+        for p in root.glob("version_*")
+        if p.name[len("version_"):].isdigit() and any((p / "checkpoints").glob("last*.ckpt"))
+    ]
+    if versions:
+        logger_args["version"] = max(versions)
 
 
 def load_from_config(argv: list[str], cli_class: type[SFTCLI] = SFTCLI) -> SFTCLI:
@@ -77,7 +118,10 @@ def load_from_config(argv: list[str], cli_class: type[SFTCLI] = SFTCLI) -> SFTCL
     of ``SFTCLI`` whose ``add_arguments_to_parser`` adds their own options; read them from
     ``cli.config``.
     """
-    return cli_class(args=argv, run=False)
+    with warnings.catch_warnings():
+        # ``python -m bnll_lightning evaluate ...`` passes its own argv on purpose; sys.argv also has one.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return cli_class(args=argv, run=False)
 
 
 # Subcommands beyond Lightning's fit/validate/test/predict: name -> "module:function(argv)".
@@ -87,10 +131,43 @@ EXTRA_COMMANDS = {
 }
 
 
+# Lines of a jsonargparse error that describe its structure rather than what is wrong.
+_STRUCTURE = re.compile(r"(Does not validate against|Subtypes:|Errors:|- Problem with given class_path|- Expected a|Given value)")
+
+
+def one_line(error: BaseException) -> str:
+    """A parse error's message in one line: the option's dotted key and the innermost reason."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    keys, reason = [], None
+    for line in lines:
+        if match := re.fullmatch(r'Parser key "([^"]+)":?', line):
+            keys.append(match.group(1))
+        elif reason is None and not _STRUCTURE.match(line):
+            reason = line  # the innermost complaint, past jsonargparse's union bookkeeping
+    if keys and reason:
+        return f"{'.'.join(keys)}: {reason}"
+    return " ".join(lines) if len(lines) <= 3 else f"{lines[0]} ... ({DEBUG_ENV}=1 for details)"
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        module_name, function = EXTRA_COMMANDS[argv[0]].split(":")
-        getattr(importlib.import_module(module_name), function)(argv[1:])
-        return
-    SFTCLI(args=argv)
+    """Entry point. Bad data, an invalid config value or a bad option exits with code 2 and one
+    line on stderr; a run stopped by NaN/Inf losses exits with 1. ``BNLL_DEBUG=1`` re-raises
+    with the traceback instead."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] in EXTRA_COMMANDS:
+            module_name, function = EXTRA_COMMANDS[args[0]].split(":")
+            getattr(importlib.import_module(module_name), function)(args[1:])
+            return
+        SFTCLI(args=argv)  # None: LightningCLI reads sys.argv itself
+    except (DataError, ConfigError, argparse.ArgumentError) as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        kind = "data" if isinstance(err, DataError) else "config"
+        print(f"bnll_lightning: {kind} error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as err:  # model.max_nonfinite_steps NaN/Inf steps in a row
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"bnll_lightning: training stopped: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -50,6 +50,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from bnll_lightning import tasks as _tasks
+from bnll_lightning.sampling import ResumableDataLoader, ResumableSampler
 from bnll_lightning.tasks import Task, get_task
 
 __all__ = [
@@ -556,13 +557,20 @@ class SFTDataModule(LightningDataModule):
         self._ready = True
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches; the order is a function of (seed, epoch) and resumes mid-epoch
+        (see :mod:`bnll_lightning.sampling`). Under DDP/FSDP each rank gets its shard."""
         self.setup()
-        generator = torch.Generator().manual_seed(int(self.seed))
-        return DataLoader(
+        trainer = getattr(self, "trainer", None)
+        sampler = ResumableSampler(
+            self._datasets["train"],
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            seed=int(self.seed),
+        )
+        return ResumableDataLoader(
             self._datasets["train"],
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=sampler,
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

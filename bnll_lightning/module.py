@@ -17,24 +17,29 @@ from __future__ import annotations
 import math
 import os
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from bnll_lightning.alpha import AlphaController, finalize_statistic, step_statistic
+from bnll_lightning.alpha import AdaptiveAlpha, AlphaController, finalize_statistic, step_statistic
+from bnll_lightning.callbacks import ContinuumLayout, ProbabilityHistogram
 from bnll_lightning.models import EMBEDDED, load_model, load_tokenizer
+from bnll_lightning.lora import apply_lora, export_lora, is_peft_model, load_4bit_model
 from bnll_lightning.objectives import IGNORE_INDEX, NLL, AlphaFamily, Objective, token_logprobs
 from bnll_lightning.schedules import resolve_warmup, warmup_cosine
 from bnll_lightning.streaming import (
     forward_hidden,
+    head_logits,
     output_head,
     streamed_token_logprobs,
+    streaming_head,
     streaming_unsupported_reason,
 )
 
@@ -64,6 +69,14 @@ class SFTModule(L.LightningModule):
         trust_remote_code: bool = False,
         max_nonfinite_steps: int = 5,
         export_dir: str | None = None,
+        histogram_every_n_steps: int = 50,
+        probe_batches: int = 0,
+        lora_r: int = 0,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str = "all-linear",
+        lora_export: Literal["merged", "adapter"] = "merged",
+        load_in_4bit: bool = False,
     ):
         """Fine-tune a causal LM with a probability-based objective.
 
@@ -83,8 +96,8 @@ class SFTModule(L.LightningModule):
             dtype: dtype to load the weights in (``float32``, ``bfloat16``, ``auto``); None keeps
                 transformers' default. Prefer the trainer's ``precision`` for mixed precision.
             streamed: Compute log p chunk by chunk from the final hidden states, never holding the
-                full [batch, tokens, vocab] logits (falls back to the plain path, with a warning,
-                for models that post-process their logits).
+                full [batch, tokens, vocab] logits. Checked once against the model's own logits on a
+                few tokens; a model it cannot reproduce falls back to full logits, with a warning.
             chunk_size: Target tokens per chunk of the streamed path: peak logits memory is
                 chunk_size x vocab floats.
             gradient_checkpointing: Recompute decoder activations in backward to save memory.
@@ -94,6 +107,23 @@ class SFTModule(L.LightningModule):
                 before the run stops.
             export_dir: Where to write the fine-tuned model (``save_pretrained``: model and
                 tokenizer) at the end of fit; None writes ``hf_model`` inside the log directory.
+            histogram_every_n_steps: Optimizer steps between TensorBoard histograms of the target
+                tokens' p (``train/p``); 0 turns them off. Shows *how* confidence is spread, which
+                the mean that drives alpha hides.
+            probe_batches: With an ``AdaptiveAlpha`` controller: measure its statistic on the base
+                model over this many training batches (no gradients) before the first step and
+                start alpha there instead of at 0 (NLL). Fresh runs only; a resumed run keeps its
+                checkpointed controller. 0 = off: the first training batch starts the controller.
+            lora_r: Rank of LoRA adapters (peft); 0 fine-tunes every weight. With LoRA only the
+                adapters train, so the optimizer state is a small fraction of the model.
+            lora_alpha: LoRA scaling numerator: the adapter update is scaled by lora_alpha / lora_r.
+            lora_dropout: Dropout on the adapters' input (regularises small data sets).
+            lora_target_modules: Modules that get adapters: ``all-linear`` (every linear layer of
+                the decoder, not the output head) or a list of module names (e.g. ``[q_proj, v_proj]``).
+            lora_export: What the end of fit writes: ``merged`` (adapters folded into the weights; a
+                plain transformers model) or ``adapter`` (peft's adapter directory, loaded on the base).
+            load_in_4bit: QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes; CUDA only) and train
+                LoRA adapters on it (needs lora_r > 0; export with lora_export: adapter).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["objective", "alpha_controller", "optimizer", "lr_scheduler"])
@@ -116,17 +146,48 @@ class SFTModule(L.LightningModule):
         self.chunk_size = chunk_size
         self.max_nonfinite_steps = max_nonfinite_steps
         self.export_dir = export_dir
+        if histogram_every_n_steps < 0:
+            raise ValueError(f"histogram_every_n_steps must be >= 0, got {histogram_every_n_steps}")
+        self.histogram_every_n_steps = histogram_every_n_steps
+        if probe_batches < 0:
+            raise ValueError(f"probe_batches must be >= 0, got {probe_batches}")
+        if probe_batches and not isinstance(alpha_controller, AdaptiveAlpha):
+            raise ValueError(
+                "model.probe_batches starts an adaptive controller: set model.alpha_controller to "
+                f"bnll_lightning.alpha.AdaptiveAlpha (got {type(alpha_controller).__name__})"
+            )
+        if probe_batches and getattr(alpha_controller, "initial", None) is not None:
+            raise ValueError("set either model.probe_batches or the controller's initial, not both")
+        self.probe_batches = probe_batches
+
+        if lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0, got {lora_r}")
+        if load_in_4bit and not lora_r:
+            raise ValueError("model.load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: set model.lora_r > 0")
+        self.lora_export = lora_export
 
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-        self.model = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        if load_in_4bit:
+            self.model = load_4bit_model(model, trust_remote_code=trust_remote_code)
+        else:
+            self.model = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora_r:
+            self.model = apply_lora(self.model, lora_r, lora_alpha, lora_dropout, lora_target_modules,
+                                    quantized=load_in_4bit, gradient_checkpointing=gradient_checkpointing)
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False  # no KV cache in training: it only costs memory
         self.streamed = streamed
-        if streamed and (reason := streaming_unsupported_reason(self.model)):
+        if streamed and (reason := streaming_unsupported_reason(self.model, probe=True)):
             rank_zero_warn(f"streamed log p is off for this model ({reason}); using full logits")
             self.streamed = False
+        # What the model does to its logits after the head (Gemma 2 softcap, Cohere/Granite scale):
+        # fixed, so kept; the head weight itself is fetched each step (FSDP and peft may swap it).
+        self._logit_transform: dict[str, float | None] = {}
+        if self.streamed:
+            head = streaming_head(self.model)
+            self._logit_transform = {"scale": head.scale, "softcap": head.softcap}
 
         self.val_nll, self.val_mean_p, self.val_token_accuracy = MeanMetric(), MeanMetric(), MeanMetric()
         self._acc: Tensor | None = None  # per-step sums, see _STATS
@@ -143,11 +204,69 @@ class SFTModule(L.LightningModule):
         if self.streamed:
             hidden = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"])
             weight, bias = output_head(self.model)
-            return streamed_token_logprobs(hidden, weight, labels, chunk_size=self.chunk_size, bias=bias)
+            return streamed_token_logprobs(
+                hidden, weight, labels, chunk_size=self.chunk_size, bias=bias, **self._logit_transform
+            )
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return token_logprobs(logits, labels)
 
     # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        # Rows the data module dropped (empty or fully truncated responses, ...): the warning
+        # scrolls away, the scalar stays next to the run.
+        stats = getattr(self.trainer.datamodule, "stats", None) or {}
+        train = stats.get("train", {})
+        skipped = {k: v for k, v in train.items() if k.startswith("skipped_")}
+        if skipped:
+            metrics = {"data/skipped": float(sum(skipped.values())), "data/truncated": float(train.get("truncated", 0))}
+            metrics.update({f"data/{k}": float(v) for k, v in skipped.items()})
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=0)
+
+    def on_train_start(self) -> None:
+        # A resumed run (or a second fit of this module) already has a controller state: keep it.
+        if self.probe_batches and self.trainer.ckpt_path is None and self.alpha_controller.step == 0:
+            self._start_controller_from_probe()
+
+    @torch.no_grad()
+    def _start_controller_from_probe(self) -> None:
+        """Measure the controller's statistic on the model as it is (eval mode, no gradients) over
+        ``probe_batches`` training batches per rank, token-weighted over all ranks, and start the
+        controller there. The batches are a seeded sample drawn apart from the training order."""
+        from bnll_lightning.probe import sample_batches  # probe imports the CLI, which imports this module
+
+        controller, trainer = self.alpha_controller, self.trainer
+        batches = sample_batches(
+            trainer.train_dataloader, self.probe_batches, rank=trainer.global_rank, world_size=trainer.world_size
+        )
+        acc = torch.zeros(2, device=self.device)
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        try:
+            for batch in batches:
+                batch = trainer.strategy.batch_to_device(batch)
+                with trainer.precision_plugin.forward_context():
+                    logp, mask, _ = self._eval_logprobs(batch)
+                acc += torch.stack(step_statistic(logp, mask, controller.statistic, controller.quantile))
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        if trainer.world_size > 1:
+            acc = trainer.strategy.reduce(acc, reduce_op="sum")
+        value = finalize_statistic(acc[0], acc[1], controller.statistic)
+        if value is None:
+            rank_zero_warn("probe_batches: no target tokens in the probed batches; the controller starts as configured")
+            return
+        self.objective.alpha = controller.start(value)
+        tokens = int(acc[1].item())
+        rank_zero_info(
+            f"[bnll] probe of the base model: {controller.statistic} p = {value:.4g} over {tokens} target tokens"
+            f" -> alpha starts at {self.objective.alpha:.4f}"
+        )
+        metrics = {"probe/statistic": value, "probe/alpha": self.objective.alpha, "probe/tokens": tokens}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=0)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logp, mask = self.target_logprobs(batch)
         out = self.objective.from_logprobs(logp, mask)
@@ -248,7 +367,7 @@ class SFTModule(L.LightningModule):
             targets = labels[mask]
             logp_sel, correct_sel = [], []
             for start in range(0, targets.numel(), self.chunk_size):
-                logits = F.linear(hidden[start : start + self.chunk_size], weight, bias).float()
+                logits = head_logits(hidden[start : start + self.chunk_size], weight, bias, **self._logit_transform)
                 t = targets[start : start + self.chunk_size]
                 logp_sel.append(logits.gather(-1, t[:, None])[:, 0] - torch.logsumexp(logits, -1))
                 correct_sel.append(logits.argmax(-1) == t)
@@ -278,6 +397,32 @@ class SFTModule(L.LightningModule):
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Observation callbacks every fit gets without config: the CUSTOM SCALARS layout (alpha
+        next to the confidence that drives it), p histograms and the learning rate per step.
+        One the trainer already has (e.g. a configured ``LearningRateMonitor``) is not added."""
+        callbacks: list[L.Callback] = [ContinuumLayout()]
+        if self.histogram_every_n_steps:
+            callbacks.append(ProbabilityHistogram(self.histogram_every_n_steps))
+        trainer = self._trainer
+        if trainer is not None and trainer.loggers:  # LearningRateMonitor refuses to run without a logger
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        present = {type(c) for c in trainer.callbacks} if trainer is not None else set()
+        return [c for c in callbacks if type(c) not in present]
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = self.trainer.strategy.model
+        if gradient_clip_val and isinstance(root, FSDP) and gradient_clip_algorithm in (None, "norm"):
+            # Lightning cannot clip by norm under FSDP; the root module computes the global norm over all shards.
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
     # ------------------------------------------------------------------ state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bnll"] = {
@@ -301,17 +446,41 @@ class SFTModule(L.LightningModule):
         log_dir = self.trainer.log_dir if self.trainer is not None else None
         return os.path.join(log_dir or ".", "hf_model")
 
-    def export(self, directory: str) -> str:
-        """Write the model and tokenizer with ``save_pretrained`` (loadable by ``from_pretrained``)."""
+    def export(self, directory: str, state_dict: dict[str, Tensor] | None = None) -> str:
+        """Write the model and tokenizer with ``save_pretrained`` (loadable by ``from_pretrained``).
+
+        ``state_dict``: the full weights when the live model is sharded (FSDP, see
+        :meth:`gathered_state_dict`). A LoRA model is written as ``lora_export`` says.
+        """
         os.makedirs(directory, exist_ok=True)
-        self.model.save_pretrained(directory)
+        if is_peft_model(self.model):
+            export_lora(self.model, directory, self.lora_export)
+        else:
+            self.model.save_pretrained(directory, state_dict=state_dict)
         self.tokenizer.save_pretrained(directory)
         return directory
 
+    def gathered_state_dict(self) -> dict[str, Tensor] | None:
+        """Under FSDP: the full weights of ``self.model`` gathered on rank 0 (CPU; empty on the
+        other ranks). Every rank must call it. None when the model is not sharded."""
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = self.trainer.strategy.model if self._trainer is not None else None
+        if not isinstance(root, FSDP):
+            return None
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
+            full = root.state_dict()  # keys of this LightningModule: "model.<transformers key>"
+        return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+
     def on_train_end(self) -> None:
+        # Every rank runs this: trainer.log_dir broadcasts from rank 0 and the FSDP gather is a
+        # collective, so both happen on all ranks; only rank 0 writes.
+        log_dir = self.trainer.log_dir
         directory = self.resolved_export_dir()
+        state_dict = self.gathered_state_dict()
         if self.trainer.is_global_zero:
-            self.export(directory)
-            log_dir = self.trainer.log_dir
+            self.export(directory, state_dict=state_dict)
             rank_zero_info(f"[bnll] TensorBoard logs: {log_dir}  (tensorboard --logdir {os.path.dirname(log_dir or '.')})")
             rank_zero_info(f"[bnll] exported model: {directory}")

@@ -29,6 +29,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from bnll_lightning.constraints import NonNegativeFloat, UnitIntervalClosedOpen, UnitIntervalOpenClosed
+
 IGNORE_INDEX = -100
 
 __all__ = [
@@ -169,7 +171,7 @@ class AlphaFamily(Objective):
             prior-leaning setting for model-strong tasks.
     """
 
-    def __init__(self, alpha: float = 1.0):
+    def __init__(self, alpha: NonNegativeFloat = 1.0):
         super().__init__()
         self.alpha = alpha
 
@@ -219,7 +221,7 @@ class ThresholdedNLL(Objective):
 
     normalize: Literal["selected", "all"]
 
-    def __init__(self, tau: float = 0.2, normalize: Literal["selected", "all"] = "selected"):
+    def __init__(self, tau: UnitIntervalClosedOpen = 0.2, normalize: Literal["selected", "all"] = "selected"):
         super().__init__()
         if not 0.0 <= tau < 1.0:
             raise ValueError(f"ThresholdedNLL.tau must be in [0, 1), got {tau}")
@@ -257,7 +259,7 @@ class TopFraction(Objective):
 
     normalize: Literal["selected", "all"]
 
-    def __init__(self, fraction: float = 0.1, normalize: Literal["selected", "all"] = "selected"):
+    def __init__(self, fraction: UnitIntervalOpenClosed = 0.1, normalize: Literal["selected", "all"] = "selected"):
         super().__init__()
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"TopFraction.fraction must be in (0, 1], got {fraction}")
@@ -303,7 +305,7 @@ class Focal(Objective):
         gamma: Focusing exponent, >= 0; 0 is NLL.
     """
 
-    def __init__(self, gamma: float = 2.0):
+    def __init__(self, gamma: NonNegativeFloat = 2.0):
         super().__init__()
         if not gamma >= 0:
             raise ValueError(f"Focal.gamma must be >= 0, got {gamma}")

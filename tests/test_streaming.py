@@ -5,6 +5,7 @@ Everything is float32 unless stated; references use plain autograd over material
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -12,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnll_lightning import streaming
 from bnll_lightning.streaming import (
-    _probe,
     forward_hidden,
-    logit_transform,
+    head_logits,
     model_token_logprobs,
     naive_token_logprobs,
     output_head,
@@ -325,8 +326,9 @@ def assert_model_paths_agree(model, ids, attn, labels, rtol=1e-4, atol=1e-6):
 @pytest.mark.parametrize("tie", [True, False])
 def test_tiny_llama_streamed_equals_full_logits(tie):
     model = tiny_llama(tie)
+    assert streaming_unsupported_reason(model, probe=False) is None
     assert streaming_unsupported_reason(model) is None
-    assert streaming_unsupported_reason(model, probe=True) is None
+    assert streaming_head(model)[1:] == (None, None, None)  # no bias, no post-processing
     weight, bias = output_head(model)
     assert bias is None
     assert (weight is model.get_input_embeddings().weight) == tie
@@ -414,8 +416,9 @@ def test_peft_head_wrappers():
 def _gemma2():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    cfg = Gemma2Config(head_dim=8, final_logit_softcapping=2.0, query_pre_attn_scalar=8, **TINY)
-    return Gemma2ForCausalLM(cfg), (None, 2.0)
+    # a cap below the tiny model's logits (|z| < 0.5) so that it really bends them
+    cfg = Gemma2Config(head_dim=8, final_logit_softcapping=0.2, query_pre_attn_scalar=8, **TINY)
+    return Gemma2ForCausalLM(cfg), (None, 0.2)
 
 
 def _cohere():
@@ -430,29 +433,78 @@ def _granite():
     return GraniteForCausalLM(GraniteConfig(logits_scaling=4.0, **TINY)), (0.25, None)
 
 
-@pytest.mark.parametrize("build", [_gemma2, _cohere, _granite], ids=["gemma2", "cohere", "granite"])
-def test_logit_postprocessing_families(build):
-    torch.manual_seed(4)
+FAMILIES = pytest.mark.parametrize("build", [_gemma2, _cohere, _granite], ids=["gemma2", "cohere", "granite"])
+
+
+def build_family(build, seed=4):
+    torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, (scale, softcap) = build()
-    model.float()
-    # A caller that ignores the transform must not stream: default is a reason ...
-    reason = streaming_unsupported_reason(model)
-    assert reason is not None and "scale" in reason
-    # ... but it is supported when the transform is passed on.
-    assert streaming_unsupported_reason(model, allow_transform=True, probe=True) is None
-    got_scale, got_softcap = logit_transform(model)
-    assert (got_scale is None) == (scale is None) and (got_softcap is None) == (softcap is None)
-    if scale is not None:
-        assert got_scale == pytest.approx(scale, rel=1e-12)
-    if softcap is not None:
-        assert got_softcap == pytest.approx(softcap, rel=1e-12)
+        model, transform = build()
+    return model.float(), transform
+
+
+@FAMILIES
+def test_logit_postprocessing_families(build):
+    model, (scale, softcap) = build_family(build)
+    head = streaming_head(model)
+    assert head.scale == pytest.approx(scale, rel=1e-12) if scale is not None else head.scale is None
+    assert head.softcap == pytest.approx(softcap, rel=1e-12) if softcap is not None else head.softcap is None
+    assert streaming_unsupported_reason(model) is None  # the probe agrees with the table
     ids, attn, labels = lm_batch(seed=4)
     assert_model_paths_agree(model, ids, attn, labels)
-    # the wrong transform is caught by the probe
-    spec = streaming_head(model)
-    assert _probe(model, spec._replace(scale=None, softcap=None)) is not None
+    # the transform matters: without it the streamed numbers would be wrong
+    with torch.no_grad():
+        hidden = forward_hidden(model, ids, attn)
+        plain, _ = streamed_token_logprobs(hidden, head.weight, labels)
+        ref, _ = naive_token_logprobs(model(input_ids=ids, attention_mask=attn).logits, labels)
+    assert (plain - ref).abs().max() > 1e-2
+
+
+@FAMILIES
+def test_probe_catches_a_transform_missing_from_the_table(build, monkeypatch):
+    model, _ = build_family(build)
+    monkeypatch.setattr(streaming, "LOGIT_CONFIG", {})
+    assert streaming_head(model)[2:] == (None, None)
+    assert streaming_unsupported_reason(model, probe=False) is None  # structurally fine ...
+    assert "probe" in streaming_unsupported_reason(model)  # ... but not the model's numbers
+    ids, attn, labels = lm_batch(seed=4)
+    lp, _ = model_token_logprobs(model, ids, labels, attn)  # "auto" falls back to full logits
+    ref, _ = naive_token_logprobs(model(input_ids=ids, attention_mask=attn).logits, labels)
+    assert torch.equal(lp, ref)
+
+
+def test_probe_passes_a_bf16_model_and_restores_training_modes():
+    model, _ = build_family(_gemma2)
+    model.to(torch.bfloat16).train()
+    model.model.layers[0].eval()  # a submodule deliberately in eval mode
+    assert streaming_unsupported_reason(model) is None  # bf16 rounding is not a difference
+    assert model.training and model.model.layers[1].training and not model.model.layers[0].training
+
+
+def test_head_logits_applies_scale_then_softcap():
+    hidden, weight, bias, _ = make_batch(with_bias=True, seed=13)
+    raw = F.linear(hidden, weight, bias)
+    assert_close(head_logits(hidden, weight, bias), raw)
+    assert_close(head_logits(hidden, weight, bias, scale=0.5, softcap=2.0), 2.0 * torch.tanh(0.5 * raw / 2.0))
+
+
+def test_opt_style_model_calls_nested_decoder():
+    """OPT's forward feeds ``self.model.decoder(...)`` to the head: forward_hidden follows it."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(7)
+    model = OPTForCausalLM(OPTConfig(vocab_size=1000, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                     num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
+                                     pad_token_id=1, dropout=0.0, attention_dropout=0.0))
+    assert streaming_unsupported_reason(model, probe=True) is None
+    ids, attn, labels = lm_batch(seed=7)
+    assert_model_paths_agree(model, ids, attn, labels)
+    calls = []
+    model.model.register_forward_hook(lambda *a: calls.append("wrapper"))
+    model.model.decoder.register_forward_hook(lambda *a: calls.append("decoder"))
+    forward_hidden(model, ids, attn)
+    assert calls == ["decoder"]  # exactly the module OPTForCausalLM.forward calls
 
 
 def test_gemma2_without_softcapping_is_plain():
@@ -460,11 +512,11 @@ def test_gemma2_without_softcapping_is_plain():
 
     torch.manual_seed(5)
     model = Gemma2ForCausalLM(Gemma2Config(head_dim=8, final_logit_softcapping=None, query_pre_attn_scalar=8, **TINY))
+    assert streaming_head(model)[2:] == (None, None)
     assert streaming_unsupported_reason(model) is None
-    assert logit_transform(model) == (None, None)
 
 
-# Custom heads that streaming cannot reproduce: each must give a reason.
+# Custom post-processing that no table knows: each must be caught by the probe.
 from transformers import LlamaForCausalLM  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
@@ -491,51 +543,42 @@ class _LearnableScaleLM(LlamaForCausalLM):
 class _ShiftedLM(LlamaForCausalLM):
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden_states = outputs[0]
-        logits = self.lm_head(hidden_states)
-        if self.config.vocab_size > 10:
-            logits = logits + self.lm_head.weight.sum()
-            logits = torch.tanh(logits)
+        logits = self.lm_head(outputs[0])
+        logits = torch.tanh(logits + self.lm_head.weight.sum())
         return CausalLMOutputWithPast(logits=logits)
 
 
-class _FixedScaleLM(LlamaForCausalLM):
-    """Supported: a scalar attribute scale, hidden-state scaling, slicing and dtype casts."""
+class _MaskedTokenLM(LlamaForCausalLM):
+    """Changes only a few vocabulary entries (e.g. suppressing special tokens)."""
 
-    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden_states = outputs.last_hidden_state / 2
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :]).float()
-        logits = logits * self.config.my_scale
+        logits = self.lm_head(outputs.last_hidden_state)
+        logits[..., :3] = -1e4
         return CausalLMOutputWithPast(logits=logits)
 
 
-@pytest.mark.parametrize("cls", [_VocabSlicingLM, _LearnableScaleLM, _ShiftedLM])
-def test_unsupported_postprocessing_gives_reason(cls):
+class _OddBodyLM(LlamaForCausalLM):
+    """The head reads something other than the decoder body's output."""
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state + self.model.embed_tokens(input_ids))
+        return CausalLMOutputWithPast(logits=logits)
+
+
+@pytest.mark.parametrize("cls", [_VocabSlicingLM, _LearnableScaleLM, _ShiftedLM, _MaskedTokenLM, _OddBodyLM])
+def test_unknown_postprocessing_falls_back(cls):
     from transformers import LlamaConfig
 
+    torch.manual_seed(8)
     model = cls(LlamaConfig(**TINY))
-    reason = streaming_unsupported_reason(model, allow_transform=True)
-    assert reason is not None
-    with pytest.raises(ValueError):
-        streaming_head(model)
-    ids, attn, labels = lm_batch()
-    logp, _ = model_token_logprobs(model, ids, labels, attn)  # auto: falls back, still works
-    assert torch.isfinite(logp).all()
-
-
-def test_custom_scalar_postprocessing_is_streamed():
-    from transformers import LlamaConfig
-
-    torch.manual_seed(6)
-    cfg = LlamaConfig(**TINY)
-    cfg.my_scale = 3.0
-    model = _FixedScaleLM(cfg)
-    assert logit_transform(model) == (1.5, None)
-    assert streaming_unsupported_reason(model, allow_transform=True, probe=True) is None
-    ids, attn, labels = lm_batch(seed=6)
-    assert_model_paths_agree(model, ids, attn, labels)
+    assert streaming_unsupported_reason(model, probe=False) is None  # nothing structural to see ...
+    assert "probe" in streaming_unsupported_reason(model)  # ... the probe catches it
+    ids, attn, labels = lm_batch(vocab=990)  # targets inside the sliced vocabulary too
+    lp, _ = model_token_logprobs(model, ids, labels, attn)  # auto: falls back to full logits
+    ref, _ = naive_token_logprobs(model(input_ids=ids, attention_mask=attn).logits, labels)
+    assert torch.equal(lp, ref)
 
 
 def test_hooks_and_missing_head_give_reason():
@@ -551,3 +594,44 @@ def test_hooks_and_missing_head_give_reason():
     assert streaming_unsupported_reason(model) is not None
     with pytest.raises(ValueError):
         output_head(model)
+
+
+# ------------------------------------------------------------------------------ SFTModule wiring
+
+
+def test_sft_module_streams_gemma2_with_its_softcap(tmp_path, tokenizer):
+    """The module decides once, keeps the softcap, and its train/eval numbers equal full logits."""
+    import lightning.pytorch as L
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from bnll_lightning.module import SFTModule
+
+    cfg = Gemma2Config(head_dim=8, final_logit_softcapping=0.2, query_pre_attn_scalar=8,
+                       **{**TINY, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id})
+    torch.manual_seed(9)
+    Gemma2ForCausalLM(cfg).save_pretrained(tmp_path / "gemma2")
+    tokenizer.save_pretrained(tmp_path / "gemma2")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="streamed log p is off")
+        module = SFTModule(str(tmp_path / "gemma2"), export_dir=str(tmp_path / "export"), chunk_size=4)
+    assert module.streamed and module._logit_transform == {"scale": None, "softcap": 0.2}
+
+    ids, attn, labels = lm_batch(vocab=len(tokenizer), seed=9)
+    batch = {"input_ids": ids, "attention_mask": attn, "labels": labels}
+    module.eval()
+    with torch.no_grad():
+        streamed, (lp_eval, _, correct) = module.target_logprobs(batch), module._eval_logprobs(batch)
+        module.streamed = False
+        full, (lp_eval_full, _, correct_full) = module.target_logprobs(batch), module._eval_logprobs(batch)
+        module.streamed = True
+    assert_close(streamed[0], full[0], rtol=1e-5, atol=1e-5)
+    assert_close(lp_eval, lp_eval_full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(correct, correct_full)
+
+    before = module.model.lm_head.weight.detach().clone()
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    module.train()
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch, batch], batch_size=None))
+    assert module.streamed and math.isfinite(module.last_step_stats["loss_sum"])
+    assert not torch.equal(module.model.lm_head.weight, before)  # it trained

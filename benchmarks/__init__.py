@@ -1,0 +1,10 @@
+"""Benchmarks of bnll_lightning: each script prints a markdown table; ``--append`` adds it to docs/benchmarks.md.
+
+    python benchmarks/objective_overhead.py   # optimizer-step time of each objective / NLL
+    python benchmarks/memory.py               # peak memory, streamed / naive log p; longest sequence in a budget
+    python benchmarks/throughput.py           # fit tokens/s / TRL SFTTrainer tokens/s (pip install trl)
+    python benchmarks/gpu_mfu.py              # CUDA only: tokens/s and MFU of a 0.5-1.5B model, naive vs streamed
+
+Every script has ``--quick`` (tiny sizes, seconds: checks the harness, not the timings) and a
+``main(argv)`` that returns the table, which ``tests/test_benchmarks.py`` runs.
+"""

@@ -1,0 +1,169 @@
+"""What the benchmark scripts share: the machine line, markdown tables, docs/benchmarks.md, and
+randomly initialised models built from the embedded SmolLM2-135M config (no download)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks.md"
+
+# SmolLM2-135M's architecture shrunk to a toy: the --quick sizes (vocabulary stays 49 152).
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the harness, not the timings")
+    parser.add_argument("--append", action="store_true", help="append the result to --docs")
+    parser.add_argument("--docs", default=str(DOCS), help="markdown file --append writes to")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
+
+
+def set_threads(n: int) -> int:
+    """Pin torch's intra-op threads (and OpenMP's, for subprocesses); return the count in force."""
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> float:
+    """1-minute load average (the machine is shared: this says how busy it was)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
+
+
+def machine_line(threads: int) -> str:
+    return (
+        f"{platform.platform()}; {cpu_model()}; {os.cpu_count()} cores; torch {torch.__version__}; "
+        f"{threads} torch threads"
+    )
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def parse_markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the first markdown table in ``text`` (for tests and re-reading)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
+    if len(lines) < 2:
+        raise ValueError("no markdown table in text")
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return cells[0], cells[2:]
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def section(
+    title: str, script: str, argv: Sequence[str], threads: int, table: str,
+    conditions: Sequence[str], notes: Sequence[str] = (), load: tuple[float, float] | None = None,
+) -> str:
+    """The markdown block --append writes: title, date, exact command, machine, conditions, table, notes."""
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = shlex.join(["python", f"benchmarks/{script}", *argv])
+    out = [f"### {title} ({now})", "", f"- command: `{command}`", f"- machine: {machine_line(threads)}"]
+    if load is not None:
+        out.append(f"- 1-min load average: {load[0]:.2f} at start, {load[1]:.2f} at end (2 cores shared with others)")
+    out += [f"- {c}" for c in conditions]
+    out += ["", table, ""]
+    out += [f"{n}" for n in notes]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def append(text: str, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n" + text)
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def embedded_config(**overrides):
+    """The embedded SmolLM2-135M-Instruct config (local, no download) with ``overrides`` applied."""
+    from transformers import AutoConfig
+
+    from bnll_lightning.models import EMBEDDED, resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(EMBEDDED))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def save_random_model(out_dir: str | os.PathLike, seed: int = 0, **overrides) -> int:
+    """Save a randomly initialised float32 model of the embedded config (+ ``overrides``) and the
+    embedded tokenizer to ``out_dir`` (``SFTModule(model=out_dir)`` loads it). Returns its parameter count."""
+    from transformers import AutoModelForCausalLM
+
+    from bnll_lightning.models import EMBEDDED, load_tokenizer
+
+    config = embedded_config(**overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    load_tokenizer(EMBEDDED).save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence Lightning's and transformers' INFO chatter and warnings while a benchmark runs."""
+    import lightning.pytorch  # noqa: F401  (its import sets its loggers' levels: import first, then lower them)
+    import transformers
+
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "transformers")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()

@@ -1,0 +1,94 @@
+"""Where each built-in task sits on the model-capability continuum for a model: measured, not assumed.
+
+Per task: the base model's mean p of the (clean) training targets, from ``probe`` (the paper's
+diagnostic: strong >= 0.5, weak < 0.1), its geometric mean p, and its accuracy by greedy generation
+on held-out rows scored by the task's own checker (what the paper's evidence is about: "strong" is a
+model that already answers a fair share right). The table is written to ``--table`` (default
+``benchmarks/continuum_tasks.md``, overwritten) and, with ``--append``, to docs/benchmarks.md.
+``benchmarks/continuum.py`` takes its default tasks from this table.
+
+    python benchmarks/continuum_tasks.py                 # embedded SmolLM2-135M-Instruct, ~5 min on 2 CPU cores
+    python benchmarks/continuum_tasks.py --quick         # tiny random model: checks the harness
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _common as C
+from benchmarks import continuum
+
+TABLE = Path(__file__).resolve().parent / "continuum_tasks.md"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from bnll_lightning.tasks import TASKS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    C.add_common_arguments(parser)
+    parser.set_defaults(threads=1)  # see continuum.py: 1 thread is faster on the shared 2 cores
+    parser.add_argument("--model", default=None, help="default: embedded; --quick: a tiny random model")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--num_train", type=int, default=64, help="training rows whose targets are probed (mean p)")
+    parser.add_argument("--num_eval", type=int, default=50, help="held-out rows answered by generation")
+    parser.add_argument("--max_new_tokens", type=int, default=32, help="generation budget per answer")
+    parser.add_argument("--table", default=str(TABLE), help="markdown file the table is written to (overwritten)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_train, args.num_eval, args.max_new_tokens = 8, 4, 8
+    # The settings measure_base reads, as in continuum.py (same rows for the same seed).
+    args.batch_size, args.seed, args.max_length, args.eval_batch_size = 8, 0, 256, 25
+    args.probe_batches, args.device, args.out = max(args.num_train // 8, 1), "cpu", None
+    threads = C.set_threads(args.threads)
+
+    load0, start = C.load_average(), time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bnll_tasks_") as work, C.quiet():
+        model = args.model or ("embedded" if not args.quick else continuum._tiny(work))
+        for task in args.tasks:
+            row = continuum.measure_base(model, task, args)
+            rows.append(row)
+            print(f"[tasks {time.perf_counter() - start:5.0f} s] {task}: mean p {row['base_mean_p']:.3f}, accuracy "
+                  f"{row['accuracy']:.2f}", file=sys.stderr, flush=True)  # fmt: skip
+    load1 = C.load_average()
+
+    table = C.markdown_table(
+        ["task", "base mean p", "zone by mean p", "geometric mean p", "base accuracy", "correct",
+         "zone by accuracy", "tokens per row"],
+        [[r["task"], f"{r['base_mean_p']:.3f}", r["zone_p"], f"{r['base_geometric_mean_p']:.3f}",
+          f"{r['accuracy']:.2f}", f"{r['correct']}/{r['n']}", r["zone_accuracy"], f"{r['tokens_per_row']:.0f}"]
+         for r in rows],
+    )  # fmt: skip
+    name = args.model or ("tiny random Llama (--quick)" if args.quick else "embedded SmolLM2-135M-Instruct")
+    conditions = [
+        f"model: {name}, float32, no training",
+        f"mean p: probe of the first {args.probe_batches * 8} seeded training rows (clean targets: the answer"
+        " and the end-of-turn token, chat template)",
+        f"accuracy: {args.num_eval} held-out rows per task, greedy, max_new_tokens {args.max_new_tokens}, the task's"
+        " own checker (accepts the model's natural phrasing, e.g. 'The capital of Norway is Oslo.')",
+        f"zones by accuracy: strong >= {continuum.STRONG_ACCURACY:g}, weak < {continuum.WEAK_ACCURACY:g};"
+        " by mean p (the paper's rule): strong >= 0.5, weak < 0.1",
+    ]
+    text = C.section(
+        "Built-in tasks on the continuum: base mean p and base accuracy" + (" (--quick: harness check)" if args.quick else ""),
+        "continuum_tasks.py", argv, threads, table, conditions, load=(load0, load1),
+    )  # fmt: skip
+    print(text)
+    if args.table:
+        Path(args.table).write_text("<!-- written by benchmarks/continuum_tasks.py; rerun it, do not edit -->\n" + text)
+    if args.append:
+        C.append(text, args.docs)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""A training loader that resumes mid-epoch at the exact batch.
+
+Lightning restores a checkpoint's global step, optimizer, schedulers and callbacks, but a plain
+``DataLoader`` restarts its epoch from the first batch, so a resumed run would see a different
+data order from an uninterrupted one. Lightning saves ``state_dict()`` of every train loader
+that has ``state_dict``/``load_state_dict`` (its "stateful" loaders) and hands it back on resume
+(``FitLoop.setup_data``); :class:`ResumableDataLoader` uses that to store (epoch, batches
+handed out) and, on resume, skips the consumed batches *in the sampler*, so no skipped batch
+is loaded or collated.
+
+The order of an epoch is a pure function of (seed, epoch): :class:`ResumableSampler` is a
+``DistributedSampler`` (seeded shuffle, ``set_epoch`` called by Lightning every epoch, one
+shard per rank), so Lightning keeps it under DDP/FSDP instead of wrapping it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = ["ResumableDataLoader", "ResumableSampler"]
+
+
+class ResumableSampler(DistributedSampler):
+    """Seeded per-epoch shuffle of this rank's shard that can start part-way through an epoch.
+
+    ``len()`` stays the full shard (so the epoch length Lightning counts with is unchanged); an
+    iteration after :meth:`start_at` yields the shard from that position on, once.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self._start = 0
+
+    def start_at(self, position: int) -> None:
+        """Skip the first ``position`` indices of this rank's shard in the next iteration only."""
+        self._start = max(int(position), 0)
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._start = self._start, 0
+        indices = list(super().__iter__())
+        return iter(indices[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """``DataLoader`` (normally over a :class:`ResumableSampler`) whose position in the epoch is checkpointed.
+
+    ``state_dict()`` is ``{"epoch", "batches"}``: the sampler's epoch and the batches handed out
+    in it so far. After ``load_state_dict``, the next pass over the same epoch starts right
+    after those batches; a pass over another epoch (the checkpoint closed its epoch) starts at
+    the beginning.
+    """
+
+    def __init__(self, dataset: Dataset, *args: Any, **kwargs: Any):
+        super().__init__(dataset, *args, **kwargs)
+        self._batches = 0  # batches handed out in the current pass
+        self._resume: tuple[int, int] | None = None  # (epoch, batches) from a checkpoint
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: nothing runs until the first batch is requested, i.e. after Lightning's
+        # set_epoch of the epoch that is about to run.
+        epoch, skip = self._resume or (self._epoch, 0)
+        self._resume = None
+        if epoch != self._epoch or skip >= len(self):
+            skip = 0
+        self._batches = skip
+        if isinstance(self.sampler, ResumableSampler) and self.batch_size is not None and not self.drop_last:
+            self.sampler.start_at(skip * self.batch_size)  # every batch before the last one is full
+            batches = super().__iter__()
+        else:  # another sampler (e.g. Lightning's overfit_batches): load and drop the consumed batches
+            batches = itertools.islice(super().__iter__(), skip, None)
+        for batch in batches:
+            self._batches += 1
+            yield batch
+
+    @property
+    def _epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": int(self._batches)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+        # Lightning calls set_epoch again before the first batch; setting it here as well
+        # covers loaders whose worker processes start before that call.
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self._resume[0])

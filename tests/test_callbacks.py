@@ -1,0 +1,103 @@
+"""Observation callbacks: p histograms per optimizer step, the custom-scalars layout, the defaults."""
+
+import re
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+
+from bnll_lightning.callbacks import CONTINUUM_LAYOUT, ContinuumLayout, ProbabilityHistogram
+
+
+class Toy(L.LightningModule):
+    """Stores, like SFTModule, the log p of the batch's "target tokens": here p = (batch_idx+1)/100 · [1, 2, 3]."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+        self.last_target_logp = None
+
+    def training_step(self, batch, batch_idx):
+        self.last_target_logp = torch.log(torch.tensor([1.0, 2.0, 3.0]) * (batch_idx + 1) / 100)
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 2)), batch_size=1)
+
+
+def _fit(tmp_path, callbacks, logger=None, **kwargs):
+    trainer = L.Trainer(
+        max_steps=6, logger=logger if logger is not None else TensorBoardLogger(str(tmp_path), name="toy"),
+        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=1, **kwargs,
+    )  # fmt: skip
+    trainer.fit(Toy())
+    return trainer
+
+
+def _events(trainer):
+    ea = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def test_histogram_every_n_optimizer_steps_of_the_last_micro_batch(tmp_path):
+    # Accumulating 2 micro-batches per optimizer step: 6 steps = 12 batches; a histogram every 2 steps.
+    trainer = _fit(tmp_path, [ProbabilityHistogram(every_n_steps=2)], accumulate_grad_batches=2)
+    histograms = _events(trainer).Histograms("train/p")
+    assert [h.step for h in histograms] == [0, 2, 4]
+    for h in histograms:
+        # Optimizer step s ends with micro-batch 2s + 1, whose p are (2s + 2)/100 · [1, 2, 3].
+        p = torch.tensor([1.0, 2.0, 3.0]) * (2 * h.step + 2) / 100
+        v = h.histogram_value
+        assert v.num == 3
+        assert v.min == pytest.approx(p.min().item()) and v.max == pytest.approx(p.max().item())
+        assert v.sum == pytest.approx(p.sum().item(), rel=1e-6)
+
+
+def test_histogram_is_silent_without_tensorboard(tmp_path):
+    trainer = _fit(tmp_path, [ProbabilityHistogram(every_n_steps=1)], logger=CSVLogger(str(tmp_path)))
+    assert trainer.global_step == 6  # ran to the end, nothing raised
+    with pytest.raises(ValueError):
+        ProbabilityHistogram(every_n_steps=0)
+
+
+def test_layout_puts_alpha_next_to_the_confidence(tmp_path):
+    trainer = _fit(tmp_path, [ContinuumLayout()])
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(_events(trainer).Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
+    assert set(charts) == {"alpha vs confidence", "loss vs nll"}
+    logged = ["train/alpha", "train/mean_p", "train/mean_p_ema", "train/loss", "train/nll", "train/tokens"]
+    matched = {title: [t for t in logged if any(re.search(rx, t) for rx in rxs)] for title, rxs in charts.items()}
+    # Each regex picks exactly its tag: "train/mean_p" must not also draw "train/mean_p_ema".
+    assert matched == {"alpha vs confidence": ["train/alpha", "train/mean_p", "train/mean_p_ema"],
+                       "loss vs nll": ["train/loss", "train/nll"]}  # fmt: skip
+    assert all(sum(bool(re.search(rx, t)) for t in logged) == 1 for c in charts.values() for rx in c)
+    assert CONTINUUM_LAYOUT["continuum"]["alpha vs confidence"][0] == "Multiline"
+
+
+def test_sft_module_adds_the_callbacks_by_default(tiny_model_dir, tmp_path):
+    from bnll_lightning.module import SFTModule
+
+    module = SFTModule(tiny_model_dir)
+    trainer = L.Trainer(logger=TensorBoardLogger(str(tmp_path)), callbacks=[LearningRateMonitor("epoch")])
+    module.trainer = trainer
+    kinds = {type(c): c for c in module.configure_callbacks()}
+    assert set(kinds) == {ContinuumLayout, ProbabilityHistogram}  # the configured LearningRateMonitor is kept
+    assert kinds[ProbabilityHistogram].every_n_steps == 50
+
+    module = SFTModule(tiny_model_dir, histogram_every_n_steps=0)
+    module.trainer = L.Trainer(logger=TensorBoardLogger(str(tmp_path)))
+    callbacks = module.configure_callbacks()
+    assert {type(c) for c in callbacks} == {ContinuumLayout, LearningRateMonitor}
+    assert callbacks[-1].logging_interval == "step"
+    with pytest.raises(ValueError):
+        SFTModule(tiny_model_dir, histogram_every_n_steps=-1)

@@ -1,0 +1,102 @@
+"""benchmarks/continuum.py: the accuracy-after-fine-tuning benchmark across the continuum."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import _common as C  # noqa: E402
+from benchmarks import continuum  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One ``--quick`` run as a user runs it (a subprocess: the script sets torch's thread count)."""
+    out = tmp_path_factory.mktemp("continuum")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "continuum.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_quick_run_writes_one_row_per_task_and_objective_plus_base(quick):
+    out, _ = quick
+    rows = continuum.read_csv(str(out / "continuum.csv"))
+    expected = {(t, o) for t in continuum.DEFAULT_TASKS for o in (continuum.BASE, *continuum.OBJECTIVE_KEYS)}
+    assert [(r["task"], r["objective"]) for r in rows] == sorted(expected, key=lambda k: (
+        continuum.DEFAULT_TASKS.index(k[0]), (continuum.BASE, *continuum.OBJECTIVE_KEYS).index(k[1])))
+    for r in rows:
+        assert math.isfinite(r["accuracy"]) and 0.0 <= r["accuracy"] <= 1.0
+        assert r["n"] == 4 and r["accuracy"] == pytest.approx(r["correct"] / r["n"])
+        assert 0.0 <= r["base_mean_p"] <= 1.0 and r["base_accuracy"] == next(
+            b["accuracy"] for b in rows if b["task"] == r["task"] and b["objective"] == continuum.BASE)
+        # Same budget and data for every objective: the --quick budget was trained in full.
+        assert (r["steps"], r["batch_size"], r["num_train"], r["seed"]) == (
+            (0 if r["objective"] == continuum.BASE else 2), 2, 4, 0)
+        if r["objective"] != continuum.BASE:
+            assert r["noise"] == (0.3 if r["task"] == "capital" else 0.0)
+    alphas = {r["objective"]: r["alpha"] for r in rows if r["task"] == "add"}
+    assert (alphas["nll"], alphas["negprob"], alphas["alpha10"], alphas["thresholded"]) == (0.0, 1.0, 10.0, None)
+    assert 0.0 <= alphas["adaptive"] <= 1.0  # the controller's mean α, read from the run
+
+
+def test_quick_run_writes_the_table_the_plot_and_the_runs(quick):
+    out, proc = quick
+    headers, table = C.parse_markdown_table((out / "continuum.md").read_text())
+    assert "accuracy" in headers and len(table) == len(continuum.DEFAULT_TASKS) * (1 + len(continuum.OBJECTIVE_KEYS))
+    assert "| figlet |" in proc.stdout  # the table is printed too
+    png = (out / "continuum.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert (out / "predictions" / "capital" / "adaptive.jsonl").read_text().count("\n") == 4
+    assert list((out / "runs" / "capital" / "adaptive").glob("events.out.tfevents.*"))
+
+
+def test_noise_spec_and_zones():
+    assert continuum.parse_noise(["capital=0.3"], ["add", "capital"]) == {"add": 0.0, "capital": 0.3}
+    assert continuum.parse_noise(["0.2", "add=0"], ["add", "capital"]) == {"add": 0.0, "capital": 0.2}
+    assert continuum.parse_noise([], ["add"]) == {"add": 0.0}
+    with pytest.raises(ValueError):
+        continuum.parse_noise(["capital=1.5"], ["capital"])
+    assert continuum.zone_by_accuracy(0.30) == "model-strong"
+    assert continuum.zone_by_accuracy(math.nextafter(0.30, 0)) == "model-intermediate"
+    assert continuum.zone_by_accuracy(0.05) == "model-intermediate"
+    assert continuum.zone_by_accuracy(0.04) == "model-weak"
+
+
+def _row(task, objective, accuracy, alpha=None):
+    return {
+        "task": task, "objective": objective, "label": objective, "alpha": alpha, "alpha_final": alpha,
+        "accuracy": accuracy, "correct": int(accuracy * 10), "n": 10, "base_mean_p": 0.5, "zone_p": "model-strong",
+        "zone_accuracy": "model-strong", "train_mean_p": 0.5, "noise": 0.0, "train_seconds": 1.0, "eval_seconds": 1.0,
+    }  # fmt: skip
+
+
+def test_markdown_marks_the_best_objective_and_csv_round_trips(tmp_path):
+    rows = [_row("t", continuum.BASE, 0.4), _row("t", "nll", 0.2, 0.0), _row("t", "negprob", 0.6, 1.0),
+            _row("t", "thresholded", 0.5)]  # fmt: skip
+    _, table = C.parse_markdown_table(continuum.markdown(rows))
+    accuracy = {line[3]: line[5] for line in table}
+    assert accuracy == {"base": "0.400", "nll": "0.200", "negprob": "**0.600**", "thresholded": "0.500"}
+    continuum.write_csv(rows, str(tmp_path / "c.csv"))
+    back = continuum.read_csv(str(tmp_path / "c.csv"))
+    assert [(r["objective"], r["accuracy"], r["alpha"]) for r in back] == [
+        (r["objective"], r["accuracy"], r["alpha"]) for r in rows]
+
+
+def test_plot_draws_every_objective(tmp_path):
+    rows = [_row("a", continuum.BASE, 0.1), _row("a", "nll", 0.3, 0.0), _row("a", "negprob", 0.2, 1.0),
+            _row("a", "alpha10", 0.1, 10.0), _row("a", "thresholded", 0.15), _row("a", "adaptive", 0.25, 0.4)]
+    fig = continuum.plot(rows, str(tmp_path / "p.png"))
+    ax = fig.axes[0]
+    points = {tuple(map(float, xy)) for line in ax.lines for xy in line.get_xydata()}
+    assert {(0.0, 0.3), (1.0, 0.2), (10.0, 0.1), (0.4, 0.25), (continuum._X_THRESHOLDED, 0.15)} <= points
+    assert any(line.get_linestyle() == ":" and line.get_ydata()[0] == 0.1 for line in ax.lines)  # the base model
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,220 @@
+"""Evaluation by generation: checkers, batched generation, the callback and the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bnll_lightning.evaluate import (
+    GenerationEval,
+    evaluate_generation,
+    generate,
+    get_checker,
+    main,
+    stop_token_ids,
+)
+from bnll_lightning.tasks import get_task
+
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def untied_dir(tmp_path_factory):
+    """A tiny random Llama whose greedy output varies with the context (a tied tiny model just
+    repeats its last input token, which would hide padding and position bugs)."""
+    from bnll_lightning.models import make_tiny_model
+
+    return make_tiny_model(str(tmp_path_factory.mktemp("untied") / "model"), hidden_size=32, num_layers=2,
+                           num_heads=2, intermediate_size=64, tie_word_embeddings=False, seed=1)
+
+
+@pytest.fixture(scope="module")
+def untied(untied_dir):
+    from bnll_lightning.models import load_model, load_tokenizer
+
+    return load_model(untied_dir, dtype="float32"), load_tokenizer(untied_dir)
+
+
+# ------------------------------------------------------------------ checkers
+
+
+@pytest.mark.parametrize(
+    "checker, prediction, row, expected",
+    [
+        ("exact", " Paris\n", {"answer": "Paris"}, True),
+        ("exact", "paris", {"answer": "Paris"}, False),
+        ("exact", "Paris", {"prompt": "q", "response": "Paris"}, True),  # no answer field: the response
+        ("normalized", "  PARIS.  ", {"answer": "Paris"}, True),
+        ("normalized", "New   york!", {"answer": "new york"}, True),
+        ("normalized", "Paris, France", {"answer": "Paris"}, False),
+        ("task", "The sum is 81.", {"answer": "81", "task": "add"}, True),
+        ("task", "80", {"answer": "81", "task": "add"}, False),
+        ("math", "so the answer is \\boxed{1/2}", {"answer": "0.5"}, True),
+        ("math", "\\boxed{0.5}", {"answer": "\\frac{1}{2}"}, True),
+        ("math", "\\boxed{2/3}", {"answer": "0.5"}, False),
+        ("math", "no answer here", {"answer": "0.5"}, False),
+        (None, "The sum is 81.", {"answer": "81", "task": "add"}, True),  # auto: the task's checker
+        (None, "paris.", {"answer": "Paris"}, True),  # auto without a task: normalized
+        (None, "Lyon", {"answer": "Paris"}, False),
+    ],
+)
+def test_checkers(checker, prediction, row, expected):
+    assert get_checker(checker)(prediction, row) is expected
+
+
+def test_task_checker_is_the_tasks_own():
+    row = get_task("uppercase").generate(1, seed=3)[0]
+    check = get_checker("task")
+    assert check(row["answer"], row) and not check(row["answer"].lower(), row)
+
+
+def test_checker_errors():
+    with pytest.raises(ValueError, match="valid checkers"):
+        get_checker("nope")
+    with pytest.raises(ValueError, match="built-in task"):
+        get_checker("task")("x", {"answer": "x"})
+
+
+# ------------------------------------------------------------------ generation
+
+
+def test_stop_tokens_include_end_of_turn(tokenizer):
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tokenizer)
+
+
+def test_generation_one_prediction_per_row_within_budget(untied, tokenizer):
+    from bnll_lightning.data import SFTDataModule
+
+    model, tok = untied
+    data = SFTDataModule("builtin:add", num_train=4, num_val=5, tokenizer=tok)
+    rows = data.raw_rows("val")
+    model.train()
+    result = evaluate_generation(model, tok, rows, data, "task", max_new_tokens=5, batch_size=2)
+    assert model.training  # train mode restored
+    assert result.n == len(rows) == len(result.predictions) == 5
+    assert [p["index"] for p in result.predictions] == list(range(5))
+    assert all(0 <= p["new_tokens"] <= 5 for p in result.predictions)
+    assert any(p["new_tokens"] == 5 for p in result.predictions)  # a random model rarely stops early
+    assert [p["answer"] for p in result.predictions] == [r["answer"] for r in rows]
+    assert result.accuracy == sum(p["correct"] for p in result.predictions) / 5
+
+
+def test_left_padding_matches_unbatched_generation(untied):
+    model, tok = untied
+    prompts = [[1, 5, 6, 7, 8, 9, 10, 300, 400, 500], [1, 11, 12], [1, 700, 800, 900, 1000], [1, 42]]
+    batched = generate(model, tok, prompts, max_new_tokens=8, batch_size=4)
+    single = [generate(model, tok, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
+    assert batched == single
+    assert len({tuple(s[0]) for s in single}) == len(prompts)  # the outputs differ, so order matters
+
+
+def test_generation_uses_the_kv_cache_although_training_turned_it_off(untied):
+    model, tok = untied
+    model.config.use_cache = False  # what SFTModule does for training
+    widths = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        generate(model, tok, [[1, 5, 6, 7]], max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert widths == [4, 1, 1, 1]  # the prompt once, then one new token per step
+
+
+def test_generation_stops_at_a_stop_token(untied, monkeypatch):
+    import bnll_lightning.evaluate as evaluate
+
+    model, tok = untied
+    free = generate(model, tok, [[1, 5, 6, 7]], max_new_tokens=8)[0][0]
+    stop = free[3]  # pretend the 4th generated token ends the turn
+    monkeypatch.setattr(evaluate, "stop_token_ids", lambda tokenizer: [stop])
+    assert generate(model, tok, [[1, 5, 6, 7]], max_new_tokens=8)[0][0] == free[: free.index(stop)]
+
+
+def test_generation_uses_the_chat_prompt_of_training(untied):
+    """The prompt generation sees is the training row's masked prefix, token for token."""
+    from bnll_lightning.data import SFTDataModule
+
+    _, tok = untied
+    data = SFTDataModule("builtin:capital", num_train=2, num_val=2, tokenizer=tok)
+    row, feature = data.raw_rows("train")[0], data.train_dataset[0]
+    prompt = data.encode_prompt(row)
+    n_masked = next(i for i, label in enumerate(feature["labels"]) if label != -100)
+    assert prompt == feature["input_ids"][:n_masked]
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+
+
+def test_sampling_is_seeded_and_leaves_global_rng_alone(untied):
+    model, tok = untied
+    state = torch.random.get_rng_state()
+    a = generate(model, tok, [[1, 5, 6]], max_new_tokens=6, temperature=1.0, num_samples=3, seed=7)
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert a == generate(model, tok, [[1, 5, 6]], max_new_tokens=6, temperature=1.0, num_samples=3, seed=7)
+    assert len(a[0]) == 3 and len({tuple(s) for s in a[0]}) > 1
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, tok, [[1, 5, 6]], num_samples=2)
+
+
+# ------------------------------------------------------------------ callback and CLI
+
+
+@pytest.fixture(scope="module")
+def fitted(untied_dir, tmp_path_factory):
+    """A 2-step fit (high LR, so the weights move) with GenerationEval; returns its log dir."""
+    import lightning.pytorch as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from bnll_lightning.data import SFTDataModule
+    from bnll_lightning.module import SFTModule
+
+    root = tmp_path_factory.mktemp("fit")
+    module = SFTModule(untied_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), warmup=0)
+    data = SFTDataModule("builtin:add", num_train=8, num_val=6, batch_size=4, seed=0)
+    data.set_tokenizer(module.tokenizer)
+    callback = GenerationEval(num_rows=5, max_new_tokens=6, batch_size=4)
+    trainer = L.Trainer(
+        max_steps=2, val_check_interval=2, num_sanity_val_steps=0, logger=TensorBoardLogger(str(root), name="run"),
+        callbacks=[callback], enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )
+    trainer.fit(module, data)
+    return trainer.log_dir, callback
+
+
+def test_callback_logs_accuracy_and_writes_predictions(fitted):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir, callback = fitted
+    lines = [json.loads(line) for line in open(f"{log_dir}/predictions/step_2.jsonl")]
+    assert len(lines) == 5 and [p["index"] for p in lines] == list(range(5))
+    assert {"prompt", "prediction", "answer", "correct"} <= set(lines[0])
+    events = EventAccumulator(log_dir)
+    events.Reload()
+    logged = events.Scalars("val/accuracy")
+    assert [e.step for e in logged] == [e.step for e in events.Scalars("val/nll")]  # once, with the val loss
+    assert logged[0].value == pytest.approx(sum(p["correct"] for p in lines) / 5)
+    assert callback.last_result.predictions == lines
+
+
+def test_evaluate_cli_reproduces_the_checkpoint(fitted, untied_dir, tmp_path, capsys):
+    log_dir, callback = fitted
+    ckpt = next((Path(log_dir) / "checkpoints").glob("*.ckpt"))
+    common = [
+        "--config", DEMO, "--model.model", untied_dir, "--data.train", "builtin:add",
+        "--data.num_train", "8", "--data.num_val", "6", "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--num_rows", "5", "--max_new_tokens", "6", "--batch_size", "4",
+    ]
+    main([*common, "--ckpt_path", str(ckpt), "--output", str(tmp_path / "ckpt.jsonl")])
+    assert "accuracy:" in capsys.readouterr().out
+    from_ckpt = [json.loads(line) for line in open(tmp_path / "ckpt.jsonl")]
+    # The checkpoint's weights, the callback's rows and settings: the callback's own predictions.
+    assert [p["prediction"] for p in from_ckpt] == [p["prediction"] for p in callback.last_result.predictions]
+    main([*common, "--output", str(tmp_path / "base.jsonl")])
+    base = [json.loads(line) for line in open(tmp_path / "base.jsonl")]
+    assert [p["prediction"] for p in base] != [p["prediction"] for p in from_ckpt]  # the weights were loaded
+
+
+def test_evaluate_cli_without_rows_exits_with_a_message(untied_dir, tmp_path):
+    with pytest.raises(SystemExit, match="no val rows"):
+        main(["--config", DEMO, "--model.model", untied_dir, "--data.num_train", "4",
+              "--data.num_val", "0", "--trainer.logger.init_args.save_dir", str(tmp_path)])

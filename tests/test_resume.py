@@ -1,0 +1,111 @@
+"""Resume after a kill, and determinism: the trajectories of alpha, loss and LR are those of an uninterrupted run.
+
+The interrupted run is a real ``python -m bnll_lightning fit`` process, SIGKILLed in the middle of
+an optimizer step in the middle of its second epoch; ``fit --ckpt_path last`` then continues it.
+Mid-epoch is the hard part: the resumed epoch must go on with the batches the killed one had not
+reached yet (a restarted sampler would feed different batches and change every later value).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bnll_lightning.cli import main
+
+TESTS = Path(__file__).parent
+STEPS, EVERY, KILL_AFTER = 10, 3, 6  # 4 optimizer steps per epoch: step 6 is half-way through epoch 2
+TAGS = ("train/loss", "train/alpha", "train/mean_p_ema", "train/mean_p", "lr-AdamW/pg1")
+
+
+def config(model_dir: str, save_dir: Path, callbacks: list | None = None) -> dict:
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": STEPS, "accumulate_grad_batches": 2, "log_every_n_steps": 1, "limit_val_batches": 0,
+            "accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(save_dir), "name": "auto"}},
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"save_last": True, "every_n_train_steps": EVERY, "save_top_k": -1}},
+                          *(callbacks or [])],
+        },
+        "model": {
+            "model": model_dir,
+            "objective": {"class_path": "bnll_lightning.objectives.AlphaFamily", "init_args": {"alpha": 0.0}},
+            # Thresholds around the random model's p (~2e-5) and a fast EMA: alpha moves every step.
+            "alpha_controller": {"class_path": "bnll_lightning.alpha.AdaptiveAlpha",
+                                 "init_args": {"low": 1.0e-5, "high": 1.0e-3, "ema": 0.5, "max_delta": 0.2}},
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3.0e-3}},
+            "warmup": 2,
+            "histogram_every_n_steps": 0,
+        },
+        "data": {"train": "builtin:sort", "num_train": 16, "num_val": 0, "batch_size": 2, "max_length": 96},
+    }
+
+
+def write(path: Path, cfg: dict) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def only_version(save_dir: Path) -> Path:
+    (log_dir,) = save_dir.glob("*/version_*")
+    return log_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    main(["fit", "--config", write(root / "fit.yaml", config(tiny_model_dir, root / "runs"))])
+    return scalars(only_version(root / "runs"))
+
+
+def test_same_seed_same_trajectory(uninterrupted, tiny_model_dir, tmp_path):
+    main(["fit", "--config", write(tmp_path / "fit.yaml", config(tiny_model_dir, tmp_path / "runs"))])
+    again = scalars(only_version(tmp_path / "runs"))
+    assert len(uninterrupted["train/loss"]) == STEPS
+    for tag in TAGS:
+        assert again[tag] == uninterrupted[tag], tag  # bit-identical on the same machine
+
+
+def test_killed_mid_epoch_then_resumed_matches_uninterrupted(uninterrupted, tiny_model_dir, tmp_path):
+    runs = tmp_path / "runs"
+    killer = {"class_path": "_killer.KillMidStep", "init_args": {"step": KILL_AFTER}}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run(
+        [sys.executable, "-m", "bnll_lightning", "fit",
+         "--config", write(tmp_path / "killed.yaml", config(tiny_model_dir, runs, [killer]))],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    log_dir = only_version(runs)
+    ckpts = log_dir / "checkpoints"
+    assert (ckpts / "last.ckpt").is_file(), sorted(p.name for p in ckpts.iterdir())
+    state = torch.load(ckpts / "last.ckpt", weights_only=False, map_location="cpu")
+    assert state["global_step"] == KILL_AFTER and state["epoch"] == 1  # mid-way through the second epoch
+    loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state == [{"epoch": 1, "batches": 4}]  # 2 of its 4 optimizer steps done
+
+    main(["fit", "--config", write(tmp_path / "fit.yaml", config(tiny_model_dir, runs)), "--ckpt_path", "last"])
+    assert only_version(runs) == log_dir  # logged into the same version as the killed run
+    resumed = scalars(log_dir)
+    for tag in TAGS:
+        tail = {step: v for step, v in uninterrupted[tag].items() if step >= KILL_AFTER}
+        assert len(tail) >= STEPS - KILL_AFTER, (tag, uninterrupted[tag])
+        got = {step: resumed[tag][step] for step in tail if step in resumed.get(tag, {})}
+        assert got == pytest.approx(tail, rel=1e-6, abs=1e-9), tag

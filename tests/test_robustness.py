@@ -1,0 +1,193 @@
+"""Bad input gets a clear error and nothing is lost: malformed data, missing fields, out-of-range config
+values, skipped rows, NaN losses, remote code."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bnll_lightning import module as module_lib
+from bnll_lightning.cli import main
+from bnll_lightning.data import SFTDataModule
+from bnll_lightning.module import SFTModule
+from bnll_lightning.objectives import NLL
+
+
+def run_main(args, capsys) -> tuple[int, list[str]]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return exit_info.value.code, [line for line in err.splitlines() if "error" in line.lower()]
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+def test_malformed_json_line_exits_2_with_one_line_naming_file_and_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("BNLL_DEBUG", raising=False)
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"prompt": "2+2", "response": "4"}\n\n{"prompt": "3+3", "response": "6"\n')
+    code, err = run_main(["fit", "--model.model", tiny_model_dir, "--data.train", str(bad), "--trainer.max_steps", "1",
+                          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")], capsys)
+    assert code == 2
+    assert len(err) == 1, err
+    # 1-based, the blank line counted
+    assert err[0].startswith("bnll_lightning: data error: ") and f"{bad}: line 3: malformed JSON" in err[0]
+
+
+def test_missing_field_names_field_and_row(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("BNLL_DEBUG", raising=False)
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "c", "answer": "d"}) + "\n")
+    code, err = run_main(["fit", "--model.model", tiny_model_dir, "--data.train", str(data), "--trainer.max_steps", "1",
+                          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")], capsys)
+    assert code == 2
+    assert len(err) == 1 and "missing field 'response'" in err[0] and "row 1 (line 2)" in err[0] and str(data) in err[0]
+
+
+def test_debug_env_gives_the_traceback(tmp_path, tiny_model_dir, monkeypatch):
+    from bnll_lightning.data import DataError
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("[1, 2]\n")
+    monkeypatch.setenv("BNLL_DEBUG", "1")
+    with pytest.raises(DataError, match="line 1"):
+        main(["fit", "--model.model", tiny_model_dir, "--data.train", str(data), "--trainer.max_steps", "1",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+
+
+@pytest.mark.parametrize(("args", "key"), [
+    (["--model.objective", "bnll_lightning.objectives.AlphaFamily", "--model.objective.alpha", "-0.5"], "alpha"),
+    (["--model.objective", "bnll_lightning.objectives.ThresholdedNLL", "--model.objective.tau", "1.0"], "tau"),
+    (["--model.objective", "bnll_lightning.objectives.TopFraction", "--model.objective.fraction", "0"], "fraction"),
+    (["--model.objective", "bnll_lightning.objectives.AlphaFamily",
+      "--model.alpha_controller", "bnll_lightning.alpha.AdaptiveAlpha", "--model.alpha_controller.ema", "1.0"], "ema"),
+    (["--model.objective", "bnll_lightning.objectives.AlphaFamily",
+      "--model.alpha_controller", "bnll_lightning.alpha.AdaptiveAlpha", "--model.alpha_controller.low", "0"], "low"),
+])
+def test_out_of_range_config_fails_at_parse_time(args, key, capsys, monkeypatch):
+    monkeypatch.delenv("BNLL_DEBUG", raising=False)
+    # A model that does not exist: the error must come from parsing, before anything is loaded.
+    code, err = run_main(["fit", "--model.model", "/nonexistent/model", *args, "--print_config"], capsys)
+    assert code == 2
+    assert len(err) == 1 and f".{key}:" in err[0] and "does not conform" in err[0], err
+
+
+def test_invalid_combination_is_a_one_line_config_error(capsys, monkeypatch, tiny_model_dir):
+    monkeypatch.delenv("BNLL_DEBUG", raising=False)
+    code, err = run_main(["fit", "--model.model", tiny_model_dir, "--model.objective", "bnll_lightning.objectives.NLL",
+                          "--model.alpha_controller", "bnll_lightning.alpha.AdaptiveAlpha"], capsys)
+    assert code == 2 and len(err) == 1 and "alpha_controller" in err[0]
+
+
+def test_empty_and_fully_truncated_rows_are_skipped_counted_and_logged(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"{i} + {i} = ?", "response": str(2 * i)} for i in range(8)]
+    rows += [{"prompt": "empty", "response": ""}, {"prompt": "blank", "response": "   "}]
+    rows += [{"prompt": "word " * 200, "response": "cut away"}]  # the prompt alone exceeds max_length
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="skipped_empty_response=2, skipped_truncated=1"):
+        main(["fit", "--model.model", tiny_model_dir, "--data.train", str(data), "--data.val_fraction", "0",
+              "--data.max_length", "64", "--data.batch_size", "4", "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--model.histogram_every_n_steps", "0"])
+    (log_dir,) = (tmp_path / "runs").glob("*/version_*")
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("data/skipped")] == [3.0]
+    assert [e.value for e in acc.Scalars("data/skipped_truncated")] == [1.0]
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+# ----------------------------------------------------------------------------- NaN / Inf losses
+
+
+class PoisonedNLL(NLL):
+    """NLL whose loss (and so every gradient) is NaN while ``poison`` is set."""
+
+    poison = False
+
+    def per_token(self, logp):
+        out = super().per_token(logp)
+        return out * float("nan") if self.poison else out
+
+
+class PoisonAt(L.Callback):
+    """Poison the steps in ``steps`` (global step before the update); remember the weights after each step."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pl_module.objective.poison = trainer.global_step in self.steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append({n: p.detach().clone() for n, p in pl_module.model.named_parameters()})
+
+
+def nan_fit(model_dir, tmp_path, poison_steps, max_steps, max_nonfinite_steps, **trainer_kwargs):
+    module = SFTModule(model=model_dir, objective=PoisonedNLL(), max_nonfinite_steps=max_nonfinite_steps,
+                       histogram_every_n_steps=0, export_dir=str(tmp_path / "export"))
+    data = SFTDataModule(train="builtin:sort", num_train=16, num_val=0, batch_size=2, tokenizer=module.tokenizer)
+    poison = PoisonAt(poison_steps)
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[poison, *trainer_kwargs.pop("callbacks", [])],
+                        default_root_dir=str(tmp_path), **trainer_kwargs)
+    return module, data, poison, trainer
+
+
+def test_nan_step_is_skipped_and_counted_training_goes_on(tmp_path, tiny_model_dir):
+    module, data, poison, trainer = nan_fit(tiny_model_dir, tmp_path, poison_steps=[1], max_steps=4,
+                                            max_nonfinite_steps=2)
+    with pytest.warns(UserWarning, match="non-finite loss at step 1"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 4 and module.nonfinite_steps == 1
+    w = poison.weights
+    for name in w[0]:
+        assert torch.equal(w[0][name], w[1][name]), name  # the NaN step left every weight alone
+        assert torch.isfinite(w[-1][name]).all()
+    assert any(not torch.equal(w[1][n], w[2][n]) for n in w[0])  # the next step trained again
+
+
+def test_consecutive_nan_steps_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, tiny_model_dir):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1)
+    module, data, poison, trainer = nan_fit(tiny_model_dir, tmp_path, poison_steps=range(2, 100), max_steps=8,
+                                            max_nonfinite_steps=2, callbacks=[checkpoint])
+    with pytest.raises(FloatingPointError, match="2 optimizer steps in a row"), pytest.warns(UserWarning):
+        trainer.fit(module, datamodule=data)
+    assert module.nonfinite_steps == 2 and not (tmp_path / "export").exists()  # a diverged run is not exported
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 3  # steps 1, 2 trained, step 3 skipped, step 4 stopped the run
+    good = poison.weights[1]  # after the last finite step (global step 2)
+    for name, value in good.items():
+        assert torch.equal(state["state_dict"][f"model.{name}"], value), name
+
+
+# ----------------------------------------------------------------------------- remote code
+
+
+def test_trust_remote_code_is_off_by_default(monkeypatch):
+    seen = {}
+
+    def fake_tokenizer(name, **kwargs):
+        seen["tokenizer"] = kwargs["trust_remote_code"]
+        return object()
+
+    def fake_model(name, **kwargs):
+        seen["model"] = kwargs["trust_remote_code"]
+        raise RuntimeError("stop: nothing needs loading")
+
+    monkeypatch.setattr(module_lib, "load_tokenizer", fake_tokenizer)
+    monkeypatch.setattr(module_lib, "load_model", fake_model)
+    for given, expected in (({}, False), ({"trust_remote_code": True}, True)):
+        seen.clear()
+        with pytest.raises(RuntimeError, match="stop"):
+            SFTModule(model="org/model-with-remote-code", **given)
+        assert seen == {"tokenizer": expected, "model": expected}
