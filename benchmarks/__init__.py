@@ -4,6 +4,8 @@
     python benchmarks/memory.py               # peak memory, streamed / naive log p; longest sequence in a budget
     python benchmarks/throughput.py           # fit tokens/s / TRL SFTTrainer tokens/s (pip install trl)
     python benchmarks/gpu_mfu.py              # CUDA only: tokens/s and MFU of a 0.5-1.5B model, naive vs streamed
+    python benchmarks/continuum_tasks.py      # each built-in task's base mean p and base accuracy (the zones)
+    python benchmarks/continuum.py            # accuracy after fine-tuning per task x objective (the paper's X)
 
 Every script has ``--quick`` (tiny sizes, seconds: checks the harness, not the timings) and a
 ``main(argv)`` that returns the table, which ``tests/test_benchmarks.py`` runs.

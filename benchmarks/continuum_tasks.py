@@ -29,7 +29,7 @@ from benchmarks import continuum
 TABLE = Path(__file__).resolve().parent / "continuum_tasks.md"
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> str:
     from bnll_lightning.tasks import TASKS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         Path(args.table).write_text("<!-- written by benchmarks/continuum_tasks.py; rerun it, do not edit -->\n" + text)
     if args.append:
         C.append(text, args.docs)
-    return rows
+    return text
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ class SFTCLI(LightningCLI):
             if isinstance(item, dict) or hasattr(item, "get"):
                 if item.get("class_path") == TENSORBOARD and item.get("init_args", {}).get("name") == AUTO_NAME:
                     item["init_args"]["name"] = run_name(config["model"])
-                if self.subcommand == "fit" and config.get("ckpt_path") == "last" and item.get("class_path") == TENSORBOARD:
+                resuming = self.subcommand == "fit" and config.get("ckpt_path") == "last"
+                if resuming and item.get("class_path") == TENSORBOARD:
                     _continue_last_version(item["init_args"])
 
     def instantiate_classes(self) -> None:
@@ -132,7 +133,9 @@ EXTRA_COMMANDS = {
 
 
 # Lines of a jsonargparse error that describe its structure rather than what is wrong.
-_STRUCTURE = re.compile(r"(Does not validate against|Subtypes:|Errors:|- Problem with given class_path|- Expected a|Given value)")
+_STRUCTURE = re.compile(
+    r"(Does not validate against|Subtypes:|Errors:|- Problem with given class_path|- Expected a|Given value)"
+)
 
 
 def one_line(error: BaseException) -> str:

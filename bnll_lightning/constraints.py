@@ -9,6 +9,7 @@ programmatic use. No Lightning import here: ``objectives.py`` and ``alpha.py`` s
 from jsonargparse.typing import (
     ClosedUnitInterval,
     NonNegativeFloat,
+    NonNegativeInt,
     OpenUnitInterval,
     PositiveFloat,
     PositiveInt,
@@ -18,6 +19,7 @@ from jsonargparse.typing import (
 __all__ = [
     "ClosedUnitInterval",
     "NonNegativeFloat",
+    "NonNegativeInt",
     "OpenUnitInterval",
     "PositiveFloat",
     "PositiveInt",

@@ -31,6 +31,7 @@ from torchmetrics import MeanMetric
 from bnll_lightning.alpha import AdaptiveAlpha, AlphaController, finalize_statistic, step_statistic
 from bnll_lightning.callbacks import ContinuumLayout, ProbabilityHistogram
 from bnll_lightning.models import EMBEDDED, load_model, load_tokenizer
+from bnll_lightning.constraints import NonNegativeInt, PositiveFloat, UnitIntervalClosedOpen
 from bnll_lightning.lora import apply_lora, export_lora, is_peft_model, load_4bit_model
 from bnll_lightning.objectives import IGNORE_INDEX, NLL, AlphaFamily, Objective, token_logprobs
 from bnll_lightning.schedules import resolve_warmup, warmup_cosine
@@ -48,8 +49,14 @@ _STATS = ("loss_sum", "normalizer", "nll_sum", "p_sum", "tokens", "selected", "s
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
-    """AdamW with fine-tuning defaults (lr 2e-5, betas (0.9, 0.95), weight decay 0.01)."""
-    return torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.95), weight_decay=0.01)
+    """AdamW with fine-tuning defaults (lr 2e-5, betas (0.9, 0.95), weight decay 0.01), fused when
+    every parameter is a float tensor on CPU or CUDA."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    # One kernel for the whole update instead of a loop over tensors: the optimizer step of a
+    # 135M model on 2 CPU cores drops from ~0.3 s to ~0.09 s (benchmarks/throughput.py; TRL's default too).
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+    return torch.optim.AdamW(groups, lr=2e-5, betas=(0.9, 0.95), weight_decay=0.01, fused=fused or None)
 
 
 class SFTModule(L.LightningModule):
@@ -71,9 +78,9 @@ class SFTModule(L.LightningModule):
         export_dir: str | None = None,
         histogram_every_n_steps: int = 50,
         probe_batches: int = 0,
-        lora_r: int = 0,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.0,
+        lora_r: NonNegativeInt = 0,
+        lora_alpha: PositiveFloat = 16.0,
+        lora_dropout: UnitIntervalClosedOpen = 0.0,
         lora_target_modules: list[str] | str = "all-linear",
         lora_export: Literal["merged", "adapter"] = "merged",
         load_in_4bit: bool = False,
@@ -371,7 +378,8 @@ class SFTModule(L.LightningModule):
                 t = targets[start : start + self.chunk_size]
                 logp_sel.append(logits.gather(-1, t[:, None])[:, 0] - torch.logsumexp(logits, -1))
                 correct_sel.append(logits.argmax(-1) == t)
-            logp = torch.zeros(mask.shape, device=mask.device)
+            # float32 explicitly: under bf16-true Lightning makes bf16 the default dtype.
+            logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
             correct = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
             if logp_sel:
                 logp[mask], correct[mask] = torch.cat(logp_sel), torch.cat(correct_sel)
@@ -421,7 +429,9 @@ class SFTModule(L.LightningModule):
             # Lightning cannot clip by norm under FSDP; the root module computes the global norm over all shards.
             root.clip_grad_norm_(gradient_clip_val)
             return
-        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        self.clip_gradients(
+            optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
+        )
 
     # ------------------------------------------------------------------ state
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

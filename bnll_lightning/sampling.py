@@ -67,7 +67,7 @@ class ResumableDataLoader(DataLoader):
         if epoch != self._epoch or skip >= len(self):
             skip = 0
         self._batches = skip
-        if isinstance(self.sampler, ResumableSampler) and self.batch_size is not None and not self.drop_last:
+        if isinstance(self.sampler, ResumableSampler) and self.batch_size is not None:
             self.sampler.start_at(skip * self.batch_size)  # every batch before the last one is full
             batches = super().__iter__()
         else:  # another sampler (e.g. Lightning's overfit_batches): load and drop the consumed batches
@@ -85,7 +85,3 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = (int(state["epoch"]), int(state["batches"]))
-        # Lightning calls set_epoch again before the first batch; setting it here as well
-        # covers loaders whose worker processes start before that call.
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(self._resume[0])

@@ -76,6 +76,11 @@ class HFFSDPStrategy(FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+        if any(hasattr(m, "peft_config") for m in model.modules()):
+            # The merged/adapter export and frozen-base sharding are not wired for FSDP: fail before training.
+            raise ValueError(
+                "LoRA/QLoRA (model.lora_r > 0) is not supported with HFFSDPStrategy: use DDP (configs/ddp.yaml)"
+            )
         already_wrapped = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
         if not already_wrapped and "auto_wrap_policy" not in self.kwargs:
             self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(decoder_layer_classes(model))

@@ -34,7 +34,8 @@ def cli_args(out: str, model_dir: str, name: str, objective: dict, controller: d
         "--trainer.logger.init_args.save_dir", os.path.join(out, f"runs_{name}"),
         "--model.model", model_dir, "--model.objective", json.dumps(objective),
         # weight_decay given: init_args of the config's AdamW that SGD also accepts would carry over.
-        "--model.optimizer", json.dumps({"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0, "weight_decay": 0.0}}),
+        "--model.optimizer", json.dumps({"class_path": "torch.optim.SGD",
+                                         "init_args": {"lr": 1.0, "weight_decay": 0.0}}),
         "--model.warmup", "0", "--model.histogram_every_n_steps", "0",
         "--data.train", "builtin:sort", "--data.num_train", "12", "--data.num_val", "0", "--data.batch_size", "3",
     ]

@@ -63,8 +63,11 @@ def test_noise_spec_and_zones():
     assert continuum.parse_noise(["capital=0.3"], ["add", "capital"]) == {"add": 0.0, "capital": 0.3}
     assert continuum.parse_noise(["0.2", "add=0"], ["add", "capital"]) == {"add": 0.0, "capital": 0.2}
     assert continuum.parse_noise([], ["add"]) == {"add": 0.0}
+    assert continuum.parse_noise(["capital=0.3"], ["add"]) == {"add": 0.0}  # the default, capital not run
     with pytest.raises(ValueError):
         continuum.parse_noise(["capital=1.5"], ["capital"])
+    with pytest.raises(ValueError, match="captial"):
+        continuum.parse_noise(["captial=0.3"], ["capital"])  # a typo is not silently noise-free
     assert continuum.zone_by_accuracy(0.30) == "model-strong"
     assert continuum.zone_by_accuracy(math.nextafter(0.30, 0)) == "model-intermediate"
     assert continuum.zone_by_accuracy(0.05) == "model-intermediate"
@@ -100,3 +103,19 @@ def test_plot_draws_every_objective(tmp_path):
     assert {(0.0, 0.3), (1.0, 0.2), (10.0, 0.1), (0.4, 0.25), (continuum._X_THRESHOLDED, 0.15)} <= points
     assert any(line.get_linestyle() == ":" and line.get_ydata()[0] == 0.1 for line in ax.lines)  # the base model
     assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_task_table_is_measured_per_task(tmp_path):
+    table = tmp_path / "tasks.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "continuum_tasks.py"), "--quick", "--tasks", "add", "capital",
+         "--table", str(table)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    headers, rows = C.parse_markdown_table(table.read_text())
+    assert [r[0] for r in rows] == ["add", "capital"]
+    for r in rows:
+        cells = dict(zip(headers, r))
+        assert 0.0 <= float(cells["base mean p"]) <= 1.0 and 0.0 <= float(cells["base accuracy"]) <= 1.0
+        assert cells["correct"].endswith("/4") and cells["zone by accuracy"].startswith("model-")

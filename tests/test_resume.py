@@ -86,6 +86,8 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted(uninterrupted, tiny
     runs = tmp_path / "runs"
     killer = {"class_path": "_killer.KillMidStep", "init_args": {"step": KILL_AFTER}}
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           # The thread count of this process (conftest): float reductions, hence Adam's steps, then match.
+           "OMP_NUM_THREADS": str(torch.get_num_threads()),
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     killed = subprocess.run(
         [sys.executable, "-m", "bnll_lightning", "fit",
@@ -109,3 +111,45 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted(uninterrupted, tiny
         assert len(tail) >= STEPS - KILL_AFTER, (tag, uninterrupted[tag])
         got = {step: resumed[tag][step] for step in tail if step in resumed.get(tag, {})}
         assert got == pytest.approx(tail, rel=1e-6, abs=1e-9), tag
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_state_continues_the_epoch_where_it_stopped(num_workers):
+    from bnll_lightning.sampling import ResumableDataLoader, ResumableSampler
+
+    def loader():
+        data = list(range(11))
+        return ResumableDataLoader(data, batch_size=3, sampler=ResumableSampler(data, seed=7), num_workers=num_workers)
+
+    full = loader()
+    full.sampler.set_epoch(2)
+    expected = [b.tolist() for b in full]
+    assert len(expected) == 4 and sorted(sum(expected, [])) == list(range(11))
+
+    killed = loader()
+    killed.sampler.set_epoch(2)
+    it = iter(killed)
+    consumed = [next(it).tolist() for _ in range(2)]
+    state = killed.state_dict()
+    assert state == {"epoch": 2, "batches": 2} and consumed == expected[:2]
+
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(2)  # what Lightning does before the epoch's first batch
+    assert len(resumed) == 4  # the epoch keeps its length for Lightning's bookkeeping
+    assert [b.tolist() for b in resumed] == expected[2:]
+    assert resumed.state_dict() == {"epoch": 2, "batches": 4}
+    resumed.sampler.set_epoch(3)
+    assert len([b for b in resumed]) == 4  # the next epoch is whole again
+
+
+def test_sampler_shards_ranks_disjointly_and_orders_by_epoch():
+    from bnll_lightning.sampling import ResumableSampler
+
+    data = list(range(10))
+    shards = [list(ResumableSampler(data, num_replicas=2, rank=r, seed=0)) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == data
+    again = ResumableSampler(data, num_replicas=2, rank=0, seed=0)
+    assert list(again) == shards[0]  # a function of (seed, epoch): no hidden generator state
+    again.set_epoch(1)
+    assert list(again) != shards[0]

@@ -44,7 +44,8 @@ def test_malformed_json_line_exits_2_with_one_line_naming_file_and_line(tmp_path
 def test_missing_field_names_field_and_row(tmp_path, tiny_model_dir, capsys, monkeypatch):
     monkeypatch.delenv("BNLL_DEBUG", raising=False)
     data = tmp_path / "train.jsonl"
-    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "c", "answer": "d"}) + "\n")
+    rows = [{"prompt": "a", "response": "b"}, {"prompt": "c", "answer": "d"}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     code, err = run_main(["fit", "--model.model", tiny_model_dir, "--data.train", str(data), "--trainer.max_steps", "1",
                           "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")], capsys)
     assert code == 2
@@ -94,7 +95,8 @@ def test_empty_and_fully_truncated_rows_are_skipped_counted_and_logged(tmp_path,
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.warns(UserWarning, match="skipped_empty_response=2, skipped_truncated=1"):
         main(["fit", "--model.model", tiny_model_dir, "--data.train", str(data), "--data.val_fraction", "0",
-              "--data.max_length", "64", "--data.batch_size", "4", "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1",
+              "--data.max_length", "64", "--data.batch_size", "4", "--trainer.max_steps", "2",
+              "--trainer.log_every_n_steps", "1",
               "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--model.histogram_every_n_steps", "0"])
     (log_dir,) = (tmp_path / "runs").glob("*/version_*")
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
@@ -137,8 +139,9 @@ def nan_fit(model_dir, tmp_path, poison_steps, max_steps, max_nonfinite_steps, *
                        histogram_every_n_steps=0, export_dir=str(tmp_path / "export"))
     data = SFTDataModule(train="builtin:sort", num_train=16, num_val=0, batch_size=2, tokenizer=module.tokenizer)
     poison = PoisonAt(poison_steps)
+    callbacks = [poison, *trainer_kwargs.pop("callbacks", [])]
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[poison, *trainer_kwargs.pop("callbacks", [])],
+                        enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
                         default_root_dir=str(tmp_path), **trainer_kwargs)
     return module, data, poison, trainer
 

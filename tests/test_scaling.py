@@ -66,3 +66,25 @@ def test_adamw8bit_config_trains_on_cpu(tiny_model_dir, tmp_path):
     embed = cli.model.model.get_input_embeddings().weight
     assert optimizer.state[embed]["state1"].dtype == torch.uint8  # 8-bit moments for the big tensors
     assert any(not torch.equal(before[n], p) for n, p in cli.model.model.named_parameters())
+
+
+def test_fsdp_strategy_refuses_lora_before_training(tiny_model_dir):
+    from bnll_lightning.module import SFTModule
+
+    module = SFTModule(model=tiny_model_dir, lora_r=2)
+    with pytest.raises(ValueError, match="not supported with HFFSDPStrategy"):
+        HFFSDPStrategy()._setup_model(module)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_precisions_train_and_validate(precision, tiny_model_dir, tmp_path):
+    cli = load_from_config(["--config", str(CONFIGS / "nll.yaml"), "--model.model", tiny_model_dir,
+                            "--trainer.precision", precision, "--trainer.accelerator", "cpu",
+                            "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                            "--data.num_train", "8", "--data.num_val", "4", "--data.batch_size", "4",
+                            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                            "--model.export_dir", str(tmp_path / "export"), "--model.histogram_every_n_steps", "0"])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/nll"])
+    assert cli.model.last_step_stats["tokens"] > 0
