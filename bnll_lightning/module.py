@@ -492,5 +492,6 @@ class SFTModule(L.LightningModule):
         state_dict = self.gathered_state_dict()
         if self.trainer.is_global_zero:
             self.export(directory, state_dict=state_dict)
-            rank_zero_info(f"[bnll] TensorBoard logs: {log_dir}  (tensorboard --logdir {os.path.dirname(log_dir or '.')})")
+            root = getattr(self.logger, "save_dir", None) or os.path.dirname(log_dir or ".")
+            rank_zero_info(f"[bnll] TensorBoard logs: {log_dir}  (tensorboard --logdir {root})")
             rank_zero_info(f"[bnll] exported model: {directory}")
