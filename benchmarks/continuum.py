@@ -62,7 +62,7 @@ STRONG_ACCURACY = 0.30
 WEAK_ACCURACY = 0.05
 BASE = "base"
 CSV_FIELDS = (
-    "task", "objective", "label", "alpha", "alpha_final", "accuracy", "correct", "n", "base_accuracy",
+    "task", "objective", "label", "alpha", "alpha_final", "accuracy", "correct", "n", "eval_unseen", "base_accuracy",
     "base_mean_p", "base_geometric_mean_p", "zone_accuracy", "zone_p", "train_mean_p", "noise", "steps",
     "batch_size", "lr", "num_train", "seed", "model", "train_seconds", "eval_seconds",
 )  # fmt: skip
@@ -149,12 +149,33 @@ def datamodule(task: str, args: argparse.Namespace, noise: float, tokenizer: Any
     )
 
 
-def evaluate(module: Any, data: Any, args: argparse.Namespace, device: torch.device):
-    """Greedy answers to the held-out rows, scored by the task's checker."""
+def eval_rows(data: SFTDataModule, task: str, n: int, seed: int) -> tuple[list[dict[str, Any]], int]:
+    """``n`` rows with distinct prompts to answer, and how many of them training never showed.
+
+    The data module's val rows come from a stream disjoint from the training prompts; a task with
+    few distinct rows (capital, plural: 50) has too few disjoint ones, and the val stream then
+    repeats them (measured: 128 capital training rows left 2 unseen countries, so 50 val rows asked
+    2 questions). Here duplicates are dropped and the set is topped up with distinct rows of the
+    task that training did see: accuracy over many questions, with the overlap reported.
+    """
+    rows, prompts = [], set()
+    candidates = itertools.chain(data.raw_rows("val"), TASKS[task].generate(max(40 * n, 2000), seed))
+    for row in candidates:
+        if row["prompt"] not in prompts:
+            rows.append(row)
+            prompts.add(row["prompt"])
+            if len(rows) == n:
+                break
+    seen = {row["prompt"] for row in data.raw_rows("train")}
+    return rows, sum(row["prompt"] not in seen for row in rows)
+
+
+def evaluate(module: Any, rows: list[dict[str, Any]], data: Any, args: argparse.Namespace, device: torch.device):
+    """Greedy answers to ``rows``, scored by the task's checker."""
     module.to(device)
     start = time.perf_counter()
     result = evaluate_generation(
-        module.model, module.tokenizer, data.raw_rows("val"), data, "task",
+        module.model, module.tokenizer, rows, data, "task",
         max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
     )  # fmt: skip
     return result, time.perf_counter() - start
@@ -169,7 +190,8 @@ def measure_base(model: str, task: str, args: argparse.Namespace) -> dict[str, A
     device = torch.device(args.device)
     module.to(device)
     figures = probe(module, data, max_batches=args.probe_batches, split="train", device=device, progress=False)
-    result, seconds = evaluate(module, data, args, device)
+    rows, unseen = eval_rows(data, task, args.num_eval, args.seed)
+    result, seconds = evaluate(module, rows, data, args, device)
     if args.out:
         write_jsonl(os.path.join(args.out, "predictions", task, f"{BASE}.jsonl"), result.predictions)
     return {
@@ -178,7 +200,7 @@ def measure_base(model: str, task: str, args: argparse.Namespace) -> dict[str, A
         "base_mean_p": figures["mean_p"], "base_geometric_mean_p": figures["geometric_mean_p"],
         "zone_p": figures["zone"], "zone_accuracy": zone_by_accuracy(result.accuracy),
         "train_mean_p": figures["mean_p"], "noise": None, "steps": 0, "train_seconds": 0.0, "eval_seconds": seconds,
-        "tokens_per_row": data.stats["train"]["tokens"] / max(data.stats["train"]["rows"], 1),
+        "eval_unseen": unseen, "tokens_per_row": data.stats["train"]["tokens"] / max(data.stats["train"]["rows"], 1),
     }  # fmt: skip
 
 
@@ -207,7 +229,8 @@ def finetune(model: str, task: str, entry: Entry, args: argparse.Namespace, nois
     train_seconds = time.perf_counter() - start
     stats = module.last_step_stats
     with trainer.precision_plugin.forward_context():
-        result, eval_seconds = evaluate(module, data, args, trainer.strategy.root_device)
+        rows, unseen = eval_rows(data, task, args.num_eval, args.seed)
+        result, eval_seconds = evaluate(module, rows, data, args, trainer.strategy.root_device)
     if args.out:
         write_jsonl(os.path.join(args.out, "predictions", task, f"{entry.key}.jsonl"), result.predictions)
     alphas = trace.alphas
@@ -216,7 +239,8 @@ def finetune(model: str, task: str, entry: Entry, args: argparse.Namespace, nois
         "alpha": entry.alpha if entry.alpha is not None else (sum(alphas) / len(alphas) if alphas else None),
         "alpha_final": module.objective.alpha, "accuracy": result.accuracy, "correct": result.correct, "n": result.n,
         "train_mean_p": stats["p_sum"] / max(stats["tokens"], 1.0) if stats else math.nan, "noise": noise,
-        "steps": trainer.global_step, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+        "eval_unseen": unseen, "steps": trainer.global_step, "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
     }  # fmt: skip
 
 
@@ -243,10 +267,11 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
                 alpha = f"{alpha} (mean), {_num(r['alpha_final'], 2)} (end)"
             lines.append([
                 task, r["zone_accuracy"], f"{r['base_mean_p']:.3f} ({r['zone_p']})", r["label"], alpha, acc,
-                f"{r['correct']}/{r['n']}", _num(r["train_mean_p"]), "–" if r["noise"] is None else f"{r['noise']:g}",
-                f"{r['train_seconds']:.0f} + {r['eval_seconds']:.0f}",
+                f"{r['correct']}/{r['n']} ({r['eval_unseen']} unseen)", _num(r["train_mean_p"]),
+                "–" if r["noise"] is None else f"{r['noise']:g}", f"{r['train_seconds']:.0f} + {r['eval_seconds']:.0f}",
             ])  # fmt: skip
-    headers = ["task", "zone (base accuracy)", "base mean p (zone by p)", "objective", "α", "accuracy", "correct",
+    headers = ["task", "zone (base accuracy)", "base mean p (zone by p)", "objective", "α", "accuracy",
+               "correct (eval prompts unseen in training)",
                "train mean p (last step)", "noise", "seconds (train + eval)"]  # fmt: skip
     return C.markdown_table(headers, lines)
 
@@ -263,7 +288,7 @@ def read_csv(path: str) -> list[dict[str, Any]]:
     """Rows of ``continuum.csv`` with numbers parsed (empty cells -> None)."""
     numeric = {"alpha", "alpha_final", "accuracy", "base_accuracy", "base_mean_p", "base_geometric_mean_p",
                "train_mean_p", "noise", "lr", "train_seconds", "eval_seconds"}  # fmt: skip
-    integer = {"correct", "n", "steps", "batch_size", "num_train", "seed"}
+    integer = {"correct", "n", "eval_unseen", "steps", "batch_size", "num_train", "seed"}
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
         for raw in csv.DictReader(f):
@@ -403,7 +428,8 @@ def main(argv: list[str] | None = None) -> str:
         f"fine-tune: {args.steps} optimizer steps x {args.batch_size} rows ({args.num_train} training rows per task,"
         f" seed {args.seed}, same order for every objective), AdamW lr {args.lr:g} betas (0.9, 0.95) wd 0.01,"
         f" {args.warmup:g} warm-up then cosine to 0, grad clip 1.0; noise (training responses corrupted): {noisy}",
-        f"evaluation: {args.num_eval} held-out rows per task (built-in tasks' val stream), greedy, max_new_tokens"
+        f"evaluation: {args.num_eval} distinct prompts per task (the val stream, disjoint from training where the task"
+        " has enough rows, topped up with training prompts where it has not: see 'unseen'), greedy, max_new_tokens"
         f" {args.max_new_tokens}, the task's own checker; base mean p: probe of {args.probe_batches} training batches",
         f"zones: by base accuracy (strong >= {STRONG_ACCURACY:g}, weak < {WEAK_ACCURACY:g}) and by mean p"
         " (paper: strong >= 0.5, weak < 0.1); adaptive: AdaptiveAlpha() defaults started from a probe,"

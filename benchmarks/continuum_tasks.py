@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> str:
 
     table = C.markdown_table(
         ["task", "base mean p", "zone by mean p", "geometric mean p", "base accuracy", "correct",
-         "zone by accuracy", "tokens per row"],
+         "eval prompts unseen in training", "zone by accuracy", "tokens per row"],
         [[r["task"], f"{r['base_mean_p']:.3f}", r["zone_p"], f"{r['base_geometric_mean_p']:.3f}",
-          f"{r['accuracy']:.2f}", f"{r['correct']}/{r['n']}", r["zone_accuracy"], f"{r['tokens_per_row']:.0f}"]
+          f"{r['accuracy']:.2f}", f"{r['correct']}/{r['n']}", f"{r['eval_unseen']}/{r['n']}", r["zone_accuracy"],
+          f"{r['tokens_per_row']:.0f}"]
          for r in rows],
     )  # fmt: skip
     name = args.model or ("tiny random Llama (--quick)" if args.quick else "embedded SmolLM2-135M-Instruct")
@@ -73,15 +74,15 @@ def main(argv: list[str] | None = None) -> str:
         f"model: {name}, float32, no training",
         f"mean p: probe of the first {args.probe_batches * 8} seeded training rows (clean targets: the answer"
         " and the end-of-turn token, chat template)",
-        f"accuracy: {args.num_eval} held-out rows per task, greedy, max_new_tokens {args.max_new_tokens}, the task's"
-        " own checker (accepts the model's natural phrasing, e.g. 'The capital of Norway is Oslo.')",
+        f"accuracy: {args.num_eval} distinct prompts per task (disjoint from the {args.num_train} training rows where"
+        " the task has enough rows; capital and plural have 50), greedy, max_new_tokens"
+        f" {args.max_new_tokens}, the task's own checker (accepts the model's natural phrasing, e.g. 'The capital of"
+        " Norway is Oslo.')",
         f"zones by accuracy: strong >= {continuum.STRONG_ACCURACY:g}, weak < {continuum.WEAK_ACCURACY:g};"
         " by mean p (the paper's rule): strong >= 0.5, weak < 0.1",
     ]
-    text = C.section(
-        "Built-in tasks on the continuum: base mean p and base accuracy" + (" (--quick: harness check)" if args.quick else ""),
-        "continuum_tasks.py", argv, threads, table, conditions, load=(load0, load1),
-    )  # fmt: skip
+    title = "Built-in tasks on the continuum: base mean p and base accuracy" + (" (--quick)" if args.quick else "")
+    text = C.section(title, "continuum_tasks.py", argv, threads, table, conditions, load=(load0, load1))
     print(text)
     if args.table:
         Path(args.table).write_text("<!-- written by benchmarks/continuum_tasks.py; rerun it, do not edit -->\n" + text)

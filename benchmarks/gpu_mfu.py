@@ -7,7 +7,7 @@ loads one: the batches are random token ids). A step is ``SFTModule.training_ste
 autocast (float32 weights, like Lightning's ``bf16-mixed``), ``backward`` and the module's default
 AdamW (fused). First the largest micro-batch that fits is searched each way (doubling, then
 bisection; a probe is one full step), then tokens/s is timed at the naive path's largest
-micro-batch on both paths (same work) and at the streamed path's own largest.
+micro-batch on both paths (same work) and at the streamed path's own largest (when larger).
 
 MFU = model FLOPs per token x tokens/s / the GPU's peak dense bf16 FLOP/s, with model FLOPs per
 token = 6 x (matmul parameters, the output head once) + 12 x layers x attention width x sequence
@@ -211,20 +211,17 @@ def main(argv: list[str] | None = None) -> str:
             del model
         peak = peak_flops(device, args.peak_tflops)
         largest, results = {}, []
-        for streamed in (False, True):
+        for streamed in (False, True):  # naive first: its largest micro-batch is the common one
             runner = Runner(f"{work}/model", streamed, args.chunk_size, device, args.seq_len)
             if streamed and not runner.streamed:
                 raise RuntimeError("SFTModule fell back to full logits: the streamed path is off for this model")
             largest[streamed] = runner.largest_micro_batch(args.max_micro_batch)
+            if largest[False][0] == 0:
+                raise SystemExit(f"not even micro-batch 1 x {args.seq_len} fits with full logits")
+            for micro_batch in dict.fromkeys([largest[False][0], largest[streamed][0]]):
+                tps, mem = runner.throughput(micro_batch, args.warmup, args.steps)
+                results.append((streamed, micro_batch, tps, mem))
             runner.close()
-        if largest[False][0] == 0:
-            raise SystemExit(f"not even micro-batch 1 x {args.seq_len} fits with full logits")
-        plan = [(False, largest[False][0]), (True, largest[False][0]), (True, largest[True][0])]
-        for streamed, micro_batch in plan:
-            runner = Runner(f"{work}/model", streamed, args.chunk_size, device, args.seq_len)
-            tps, mem = runner.throughput(micro_batch, args.warmup, args.steps)
-            runner.close()
-            results.append((streamed, micro_batch, tps, mem))
     load1 = C.load_average()
 
     rows = []

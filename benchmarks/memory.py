@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> str:
     ratio = streamed / naive
     rows = [
         [f"peak memory of a step, {args.batch_size} x {args.seq_len} tokens (GiB over the model)",
-         C.fmt(naive / GIB, 2), C.fmt(streamed / GIB, 2), C.fmt(ratio),
+         C.fmt(naive / GIB), C.fmt(streamed / GIB), C.fmt(ratio),
          f"<= {TARGET}: " + ("yes" if ratio <= TARGET else "**no**")],
     ]
     longest = {}

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--model", default="embedded", help="model for both sides (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration")
     parser.add_argument("--objectives", default=",".join(o for _, o, _ in PAIRS),

@@ -323,18 +323,20 @@ class SFTModule(L.LightningModule):
         }
         if type(self.objective).select is not Objective.select:
             metrics["train/selected_fraction"] = s["selected"] / tokens
+        alpha = self.objective.alpha  # the α this step's loss was computed with
+        if alpha is not None:
+            metrics["train/alpha"] = alpha
         if self.alpha_controller is not None:
             # Called every step, even one without tokens (None), so schedules keep counting steps.
+            # The new α applies from the next step on.
             value = finalize_statistic(s["stat_num"], s["stat_den"], self.alpha_controller.statistic)
             self.objective.alpha = self.alpha_controller.update(value)
             if getattr(self.alpha_controller, "ema", None) is not None:
                 metrics["train/mean_p_ema"] = float(self.alpha_controller.ema)
-        if self.objective.alpha is not None:
-            metrics["train/alpha"] = self.objective.alpha
         self.log_dict(metrics, on_step=True, on_epoch=False)
         bar = {"loss": metrics["train/loss"], "p": metrics["train/mean_p"]}
-        if self.objective.alpha is not None:
-            bar["alpha"] = self.objective.alpha
+        if alpha is not None:
+            bar["alpha"] = alpha
         self.log_dict(bar, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def _skip_step(self, params: list[Tensor]) -> None:

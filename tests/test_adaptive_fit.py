@@ -76,11 +76,13 @@ def test_logged_alpha_follows_the_logged_mean_p(uninterrupted):
     (probe,) = _scalars(ea, "probe/statistic").values()
 
     # Replay: the controller started at the probe, then fed each step's mean p.
+    # train/alpha is the α the step's loss used; the step's mean p sets the α of the next step.
     replay = AdaptiveAlpha(**CONTROLLER)
-    assert replay.start(probe) > 0.0  # the probe, not 0 (NLL), is where α starts
+    expected = replay.start(probe)
+    assert expected > 0.0  # the probe, not 0 (NLL), is where α starts
     for step in range(STEPS):
-        expected = replay.update(mean_p[step])
         assert alpha[step] == pytest.approx(expected, abs=1e-5), step
+        expected = replay.update(mean_p[step])
         assert ema[step] == pytest.approx(replay.ema, rel=1e-5), step
     values = [alpha[s] for s in range(STEPS)]
     assert max(values) - min(values) > 0.3  # α really moved, so the comparison means something
@@ -122,7 +124,8 @@ def test_resume_continues_the_alpha_trajectory(uninterrupted, tiny_model_dir, tm
     replay = AdaptiveAlpha(**CONTROLLER)
     replay.load_state_dict(saved)
     for step in range(4, STEPS):
-        assert alpha_b[step] == pytest.approx(replay.update(mean_p_b[step]), abs=1e-5), step
+        assert alpha_b[step] == pytest.approx(replay.alpha, abs=1e-5), step  # α in force for the step
+        replay.update(mean_p_b[step])
 
     # ...and the trajectory is the uninterrupted run's (same seed, same data order after resume).
     for step in range(4, STEPS):

@@ -74,11 +74,29 @@ def test_noise_spec_and_zones():
     assert continuum.zone_by_accuracy(0.04) == "model-weak"
 
 
+def test_eval_rows_are_distinct_and_report_the_overlap_with_training(tokenizer):
+    import argparse
+
+    args = argparse.Namespace(num_train=128, num_eval=50, batch_size=8, seed=0, max_length=256)
+    for task, most_unseen in (("capital", False), ("add", True)):
+        data = continuum.datamodule(task, args, 0.3, tokenizer)
+        data.setup("fit")
+        rows, unseen = continuum.eval_rows(data, task, 50, seed=0)
+        prompts = [r["prompt"] for r in rows]
+        assert len(prompts) == len(set(prompts)) == 50 and all(r["task"] == task for r in rows)
+        train = {r["prompt"] for r in data.raw_rows("train")}
+        assert unseen == sum(p not in train for p in prompts)
+        # capital has 50 countries and 128 training rows: nearly all seen; add's rows are held out
+        assert (unseen >= 45) if most_unseen else (unseen <= 10)
+        assert rows == continuum.eval_rows(data, task, 50, seed=0)[0]  # the same rows for every objective
+
+
 def _row(task, objective, accuracy, alpha=None):
     return {
         "task": task, "objective": objective, "label": objective, "alpha": alpha, "alpha_final": alpha,
-        "accuracy": accuracy, "correct": int(accuracy * 10), "n": 10, "base_mean_p": 0.5, "zone_p": "model-strong",
-        "zone_accuracy": "model-strong", "train_mean_p": 0.5, "noise": 0.0, "train_seconds": 1.0, "eval_seconds": 1.0,
+        "accuracy": accuracy, "correct": int(accuracy * 10), "n": 10, "eval_unseen": 10, "base_mean_p": 0.5,
+        "zone_p": "model-strong", "zone_accuracy": "model-strong", "train_mean_p": 0.5, "noise": 0.0,
+        "train_seconds": 1.0, "eval_seconds": 1.0,
     }  # fmt: skip
 
 

@@ -47,7 +47,8 @@ def test_notebook_runs_top_to_bottom(monkeypatch):
     assert float(peaks["NLL (α = 0)"]) < 0.01 and abs(float(peaks["−p (α = 1)"]) - 0.5) < 1e-3
     assert abs(float(peaks["α = 10"]) - 10 / 11) < 1e-3
     # 2. a trajectory of every optimizer step, read from the event files, along which alpha moved
-    steps, start, end, top = re.search(r"alpha trajectory: (\d+) steps, alpha ([0-9.]+) -> ([0-9.]+) \(max ([0-9.]+)\)", text).groups()
+    trajectory = r"alpha trajectory: (\d+) steps, alpha ([0-9.]+) -> ([0-9.]+) \(max ([0-9.]+)\)"
+    steps, start, end, top = re.search(trajectory, text).groups()
     assert int(steps) == 30 and float(top) > float(start)
     # 3. the quick benchmark: 3 tasks x (5 objectives + base)
     assert "benchmark rows: 18 from" in text

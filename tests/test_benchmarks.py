@@ -1,0 +1,153 @@
+"""The benchmark harnesses (benchmarks/*.py) in --quick mode: each prints a well-formed table of finite
+positive numbers. This checks the harness, not the timings (tiny models, shared machine)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts, not an installed package
+
+from benchmarks import _common as C  # noqa: E402
+from benchmarks import gpu_mfu, memory, objective_overhead, throughput  # noqa: E402
+
+HAS_TRL = importlib.util.find_spec("trl") is not None
+
+
+def number(cell: str) -> float:
+    """The first number in a table cell ('0.171', '>= 512 (search cap)', '1.60 (at least)')."""
+    for token in cell.replace(",", " ").split():
+        try:
+            return float(token)
+        except ValueError:
+            continue
+    raise AssertionError(f"no number in cell {cell!r}")
+
+
+def positive(cell: str) -> float:
+    x = number(cell)
+    assert math.isfinite(x) and x > 0, cell
+    return x
+
+
+def test_objective_overhead_quick_and_append(tmp_path):
+    docs = tmp_path / "bench.md"
+    text = objective_overhead.main(["--quick", "--append", "--docs", str(docs)])
+    headers, rows = C.parse_markdown_table(text)
+    assert headers[0] == "objective" and len(headers) == 4
+    names = [row[0] for row in rows]
+    assert names == [name for name, _, _ in objective_overhead.objectives()]
+    assert "AlphaFamily + AdaptiveAlpha" in names and names[0] == "NLL"
+    assert rows[0][1] == "1 (reference)"
+    for row in rows[1:]:
+        positive(row[1])
+        low, high = (positive(x) for x in row[2].split(" - "))
+        assert low <= high
+        assert row[3] in ("yes", "**no**")
+    written = docs.read_text()
+    assert "python benchmarks/objective_overhead.py --quick --append --docs" in written
+    assert f"torch {torch.__version__}" in written and "cores" in written and "UTC" in written
+    assert written.count("| NLL |") == 1
+
+
+def test_objective_schedule_interleaves_every_objective_once_per_round():
+    order = objective_overhead.schedule(5, rounds=3, seed=1)
+    assert order[:5] == [0, 1, 2, 3, 4]  # warm-up round in table order
+    for r in range(1, 4):
+        assert sorted(order[5 * r: 5 * (r + 1)]) == [0, 1, 2, 3, 4]
+    assert order[5:10] != order[10:15] or order[10:15] != order[15:20]  # shuffled rounds
+
+
+def test_largest_fitting_search():
+    calls = []
+
+    def fits(n):
+        calls.append(n)
+        return n <= 1000
+
+    assert memory.largest_fitting(fits, start=256, cap=8192, granularity=256)[:2] == (768, False)
+    assert memory.largest_fitting(lambda n: True, 256, 8192, 256)[:2] == (8192, True)
+    assert memory.largest_fitting(lambda n: n <= 5000, 256, 3000, 256)[:2] == (3000, True)  # cap off the doubling
+    assert memory.largest_fitting(lambda n: False, 256, 8192, 256)[:2] == (0, False)
+    assert all(n % 256 == 0 for n in calls)
+
+
+def test_memory_quick():
+    text = memory.main(["--quick"])
+    headers, rows = C.parse_markdown_table(text)
+    assert headers == ["measure", "naive (full logits)", "streamed", "streamed / naive", "target"]
+    assert len(rows) == 2 and rows[0][0].startswith("peak memory") and rows[1][0].startswith("longest sequence")
+    naive, streamed, ratio = (positive(c) for c in rows[0][1:4])
+    assert ratio == pytest.approx(streamed / naive, rel=0.05)  # the ratio of the printed, rounded values
+    for cell in rows[1][1:4]:
+        positive(cell)
+    assert "VmHWM" in text or "ru_maxrss" in text
+
+
+def test_memory_measurement_in_a_fresh_process(tiny_model_dir):
+    """The default path, a measurement in a subprocess: a naive step holds at least its float32 logits."""
+    out = memory.measure_isolated(tiny_model_dir, 2, 256, streamed=False, chunk_size=64, threads=1)
+    logits = 2 * 256 * 49152 * 4
+    assert logits < out["delta"] < 20 * logits
+    assert out["attention"] and not out["streamed"]
+
+
+def test_throughput_quick():
+    text = throughput.main(["--quick"])
+    headers, rows = C.parse_markdown_table(text)
+    assert headers[0] == "objective" and headers[4] == "ours tokens/s" and headers[5] == "TRL tokens/s"
+    assert [row[0].split(" (TRL")[0] for row in rows] == [label for label, _, _ in throughput.PAIRS]
+    for row in rows:
+        positive(row[4])
+        if HAS_TRL:
+            ratio, peer = positive(row[1]), positive(row[5])
+            assert ratio == pytest.approx(number(row[4]) / peer, rel=0.05)
+        else:  # the peer is an optional extra: said so in the table, not hidden
+            assert row[1] == "n/a" and "TRL not installed" in row[5]
+
+
+def test_throughput_rows_are_uniform(tmp_path, tiny_model_dir):
+    """Both sides see exactly batch x seq_len tokens per step: every row is cut at seq_len."""
+    path = str(tmp_path / "rows.jsonl")
+    throughput.write_rows(path, 6, 96)
+    rows = throughput.tokenized_rows(tiny_model_dir, path, 96)
+    assert len(rows) == 6 and {len(r["input_ids"]) for r in rows} == {96}
+    assert all(-100 in r["labels"] and r["labels"][-1] != -100 for r in rows)  # prompt masked, response kept
+
+
+def test_gpu_mfu_without_cuda_exits_with_a_message(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        gpu_mfu.main(["--quick"])
+
+
+def test_gpu_mfu_harness_on_cpu():
+    text = gpu_mfu.main(["--quick", "--device", "cpu"])
+    headers, rows = C.parse_markdown_table(text)
+    assert headers == ["log p", "micro-batch", "tokens/s", "MFU %", "peak memory GiB"]
+    assert [r[0] for r in rows] == ["naive (full logits)", "streamed"]  # same largest micro-batch: one streamed row
+    for row in rows:
+        positive(row[1]), positive(row[2])
+        assert row[3] == "n/a"  # no MFU without a known peak
+
+
+@pytest.mark.parametrize("size, params", [("0.5b", 494_032_768), ("1.5b", 1_543_714_304)])
+def test_gpu_mfu_model_shapes_and_flops(size, params):
+    """The configs give the published Qwen2.5 parameter counts; FLOPs follow 6N + 12 L d T."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(gpu_mfu.qwen2_config(size))
+    assert sum(p.numel() for p in model.parameters()) == params
+    cfg = model.config
+    norms_and_biases = sum(p.numel() for p in model.parameters() if p.ndim == 1)
+    n = params - norms_and_biases  # tied head: the embedding is the head's matmul, counted once
+    assert gpu_mfu.matmul_params(model) == n
+    width = cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    assert gpu_mfu.flops_per_token(model, 2048) == 6 * n + 12 * cfg.num_hidden_layers * width * 2048
