@@ -85,7 +85,7 @@ def measure(module, batch_size: int, seq_len: int) -> dict:
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     module.zero_grad(set_to_none=True)
-    gc.collect()
+    gc.collect(1)  # the young generations: enough for a previous step's garbage, cheap in a big process
     _tune_malloc()
     if _reset_peak():
         method, baseline = "VmHWM after clear_refs", _status_kib("VmRSS")

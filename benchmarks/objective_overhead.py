@@ -95,6 +95,8 @@ def run(model_dir: str, batch: dict, rounds: int, streamed: bool, work_dir: str)
             if self.step >= len(entries):  # the first round is the warm-up
                 times[order[self.step]].append(elapsed)
             self.step += 1
+            print(f"[objective_overhead] step {self.step}/{len(order)} {entries[order[self.step - 1]][0]}:"
+                  f" {elapsed:.3f} s", file=sys.stderr, flush=True)
 
     module = SFTModule(model=model_dir, streamed=streamed, histogram_every_n_steps=0, export_dir=f"{work_dir}/export")
     trainer = L.Trainer(

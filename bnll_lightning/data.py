@@ -704,25 +704,27 @@ class SFTDataModule(LightningDataModule):
         return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
     def _builtin_val(self, name: str, exclude: set[str]) -> list[dict[str, Any]]:
-        """``num_val`` rows from a val-only seed stream, avoiding training prompts; if the task has
-        too few distinct rows, the rest repeat training prompts (with a warning)."""
+        """``num_val`` rows with distinct prompts from a val-only seed stream, avoiding training
+        prompts; a task with too few distinct rows tops up with distinct training prompts (with a
+        warning), and gives fewer rows if even that runs out -- never the same prompt twice."""
         task = get_task(name)
         if self.num_val == 0:
             return []
-        rows: list[dict[str, Any]] = []
-        fallback: list[dict[str, Any]] = []
+        unseen: dict[str, dict[str, Any]] = {}
+        seen: dict[str, dict[str, Any]] = {}
         chunk = max(4 * self.num_val, 64)
         for attempt in range(8):
             for row in task.generate(chunk, _derive_seed(self.seed, "val", name, str(attempt))):
-                (fallback if row["prompt"] in exclude else rows).append(row)
-                if len(rows) == self.num_val:
-                    return rows
-        missing = self.num_val - len(rows)
+                (seen if row["prompt"] in exclude else unseen).setdefault(row["prompt"], row)
+                if len(unseen) == self.num_val:
+                    return list(unseen.values())
+        rows = list(unseen.values()) + list(seen.values())[: self.num_val - len(unseen)]
         rank_zero_warn(
-            f"builtin:{name}: only {len(rows)} validation rows are disjoint from the training rows; "
-            f"{missing} validation rows repeat training prompts (the task has few distinct rows)"
+            f"builtin:{name}: only {len(unseen)} distinct validation prompts are disjoint from the training rows; "
+            f"{len(rows) - len(unseen)} validation rows repeat training prompts and {self.num_val - len(rows)} "
+            "could not be made (the task has few distinct rows)"
         )
-        return rows + fallback[:missing]
+        return rows
 
     # -- tokenization ------------------------------------------------------------------------
 

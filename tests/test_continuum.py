@@ -20,7 +20,8 @@ def quick(tmp_path_factory):
     """One ``--quick`` run as a user runs it (a subprocess: the script sets torch's thread count)."""
     out = tmp_path_factory.mktemp("continuum")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "continuum.py"), "--quick", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "continuum.py"), "--quick", "--out", str(out), "--append",
+         "--docs", str(out / "benchmarks.md")],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -53,6 +54,9 @@ def test_quick_run_writes_the_table_the_plot_and_the_runs(quick):
     headers, table = C.parse_markdown_table((out / "continuum.md").read_text())
     assert "accuracy" in headers and len(table) == len(continuum.DEFAULT_TASKS) * (1 + len(continuum.OBJECTIVE_KEYS))
     assert "| figlet |" in proc.stdout  # the table is printed too
+    docs = (out / "benchmarks.md").read_text()  # --append: the section with the exact command and the machine
+    assert f"- command: `python benchmarks/continuum.py --quick --out {out} --append --docs" in docs
+    assert "- machine: " in docs and docs.count("| capital |") == 6
     png = (out / "continuum.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert (out / "predictions" / "capital" / "adaptive.jsonl").read_text().count("\n") == 4

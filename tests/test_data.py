@@ -280,7 +280,12 @@ def test_builtin_val_is_disjoint_from_train(tokenizer):
     assert all(r["task"] == "sort" and "answer" in r for r in dm.raw_rows("val"))
     with pytest.warns(UserWarning, match="repeat training prompts"):  # only 50 distinct capital rows
         small = make_dm(tokenizer, train="builtin:capital", num_train=300, num_val=10)
-    assert len(small.raw_rows("val")) == 10
+    small_val = [r["prompt"] for r in small.raw_rows("val")]
+    assert len(small_val) == 10 and len(set(small_val)) == 10  # topped up, never the same prompt twice
+    with pytest.warns(UserWarning, match="could not be made"):
+        capped = make_dm(tokenizer, train="builtin:capital", num_train=40, num_val=80)
+    capped_val = [r["prompt"] for r in capped.raw_rows("val")]
+    assert len(capped_val) == len(set(capped_val)) <= 50
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert make_dm(tokenizer, train="builtin:sort", num_val=0).val_dataloader() == []
