@@ -33,7 +33,8 @@ TINY = {
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds): checks the harness, not the timings")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (seconds): checks the harness, not the timings")
     parser.add_argument("--append", action="store_true", help="append the result to --docs")
     parser.add_argument("--docs", default=str(DOCS), help="markdown file --append writes to")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
@@ -94,9 +95,12 @@ def median(xs: Sequence[float]) -> float:
 def section(
     title: str, script: str, argv: Sequence[str], threads: int, table: str,
     conditions: Sequence[str], notes: Sequence[str] = (), load: tuple[float, float] | None = None,
+    quick: bool = False,
 ) -> str:
     """The markdown block --append writes: title, date, exact command, machine, conditions, table, notes."""
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if quick:
+        title += " (--quick: harness check, not a measurement)"
     command = shlex.join(["python", f"benchmarks/{script}", *argv])
     out = [f"### {title} ({now})", "", f"- command: `{command}`", f"- machine: {machine_line(threads)}"]
     if load is not None:

@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> str:
     conditions = [
         f"device: {name}; peak bf16 {C.fmt((peak or math.nan) / 1e12, 0)} TFLOP/s"
         + (" (--peak-tflops)" if args.peak_tflops else "" if peak else " (unknown device: no MFU)"),
-        f"model: {'tiny (--quick)' if args.quick else f'Qwen2.5-{size.upper()}-shaped'} Qwen2Config, random init, {n_params / 1e6:.0f} M parameters, float32 weights,"
+        f"model: {'tiny (--quick)' if args.quick else f'Qwen2.5-{size.upper()}-shaped'} Qwen2Config, random init,"
+        f" {n_params / 1e6:.0f} M parameters, float32 weights,"
         f" bf16 autocast; {fpt / 1e9:.2f} GFLOP per trained token at sequence length {args.seq_len}",
         f"largest micro-batch that fits (x {args.seq_len} tokens): naive {largest[False][0]},"
         f" streamed {largest[True][0]}" + (" (search cap)" if largest[True][1] else "")
@@ -243,8 +244,8 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.warmup} warm-up + {args.steps} timed steps per row",
     ]
     text = C.section(
-        "GPU: tokens/s and MFU, naive vs streamed" + (" (--quick: harness check, not a measurement)" if args.quick else ""),
-        "gpu_mfu.py", argv, threads, table, conditions, load=(load0, load1),
+        "GPU: tokens/s and MFU, naive vs streamed", "gpu_mfu.py", argv, threads, table, conditions,
+        load=(load0, load1), quick=args.quick,
     )
     print(text)
     if args.append:

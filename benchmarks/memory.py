@@ -102,7 +102,9 @@ def measure(module, batch_size: int, seq_len: int) -> dict:
             "streamed": module.streamed, "attention": module.model.config._attn_implementation}
 
 
-def measure_isolated(model_dir: str, batch_size: int, seq_len: int, streamed: bool, chunk_size: int, threads: int) -> dict:
+def measure_isolated(
+    model_dir: str, batch_size: int, seq_len: int, streamed: bool, chunk_size: int, threads: int
+) -> dict:
     """:func:`measure` in a fresh Python process (no allocator state from earlier measurements)."""
     spec = json.dumps(dict(model_dir=model_dir, batch_size=batch_size, seq_len=seq_len, streamed=streamed,
                            chunk_size=chunk_size))
@@ -230,8 +232,8 @@ def main(argv: list[str] | None = None) -> str:
         f" {searches[False][2]} + {searches[True][2]} probes",
     ]
     text = C.section(
-        "Memory: streamed / naive log p" + (" (--quick: harness check, not a measurement)" if args.quick else ""),
-        "memory.py", argv, threads, table, conditions, load=(load0, load1),
+        "Memory: streamed / naive log p", "memory.py", argv, threads, table, conditions,
+        load=(load0, load1), quick=args.quick,
     )
     print(text)
     if args.append:

@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> str:
         f" median NLL step {C.median(nll):.3f} s (context only)",
     ]
     text = C.section(
-        "Objective overhead: optimizer-step time / NLL" + (" (--quick: harness check, not a measurement)" if args.quick else ""),
-        "objective_overhead.py", argv, threads, table, conditions, load=(load0, load1),
+        "Objective overhead: optimizer-step time / NLL", "objective_overhead.py", argv, threads, table, conditions,
+        load=(load0, load1), quick=args.quick,
     )
     print(text)
     if args.append:

@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> str:
                         "data_path": data_path, "rows_path": rows_path, "objective": objective, "loss_type": loss_type}
                 key = (side, objective if side == "ours" else loss_type)
                 out = run_one(spec) if args.in_process else run_isolated(spec, threads)
-                print(f"[throughput] repeat {r}: {key[0]} {key[1]}: {out['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+                print(f"[throughput] repeat {r}: {key[0]} {key[1]}: {out['tokens_per_s']:.1f} tokens/s",
+                      file=sys.stderr)
                 results.setdefault(key, []).append(out)
     load1 = C.load_average()
 
@@ -263,8 +264,8 @@ def main(argv: list[str] | None = None) -> str:
         "tokens/s columns are context for the ratio only: the machine was shared",
     ]
     text = C.section(
-        "Throughput: fit / TRL SFTTrainer" + (" (--quick: harness check, not a measurement)" if args.quick else ""),
-        "throughput.py", argv, threads, table, conditions, load=(load0, load1),
+        "Throughput: fit / TRL SFTTrainer", "throughput.py", argv, threads, table, conditions,
+        load=(load0, load1), quick=args.quick,
     )
     print(text)
     if args.append:

@@ -112,6 +112,16 @@ def test_throughput_quick():
             assert row[1] == "n/a" and "TRL not installed" in row[5]
 
 
+def test_throughput_without_trl_runs_our_side_and_says_so(monkeypatch):
+    monkeypatch.setattr(throughput, "trl_version", lambda: None)  # as on a machine without the bench extra
+    text = throughput.main(["--quick", "--objectives", "NLL"])
+    _, rows = C.parse_markdown_table(text)
+    assert len(rows) == 1 and rows[0][1] == "n/a" and "TRL not installed" in rows[0][5]
+    positive(rows[0][4])
+    assert "TRL not run" in text
+
+
+@pytest.mark.filterwarnings("ignore:SFTDataModule train split")  # every row is cut at seq_len: on purpose
 def test_throughput_rows_are_uniform(tmp_path, tiny_model_dir):
     """Both sides see exactly batch x seq_len tokens per step: every row is cut at seq_len."""
     path = str(tmp_path / "rows.jsonl")
@@ -158,7 +168,8 @@ def test_default_optimizer_is_fused_where_torch_has_the_kernel():
     from bnll_lightning.module import default_optimizer
 
     cpu = torch.nn.Parameter(torch.zeros(3))
-    optimizer = default_optimizer([{"params": [cpu]}, {"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.0}])
+    norm = torch.nn.Parameter(torch.zeros(2))
+    optimizer = default_optimizer([{"params": [cpu]}, {"params": [norm], "weight_decay": 0.0}])
     assert all(group["fused"] is True for group in optimizer.param_groups)
     assert optimizer.param_groups[1]["weight_decay"] == 0.0 and optimizer.param_groups[0]["lr"] == 2e-5
     cpu.grad = torch.ones(3)
