@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from functools import partial
 from typing import Any, Literal
 
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
@@ -46,6 +49,21 @@ from bnll_lightning.streaming import (
 
 # Order of the per-step statistics accumulated over micro-batches and reduced over ranks.
 _STATS = ("loss_sum", "normalizer", "nll_sum", "p_sum", "tokens", "selected", "stat_num", "stat_den")
+
+
+def rng_state() -> dict[str, Any]:
+    """The global random generators training draws from (dropout masks, LoRA dropout)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -200,7 +218,8 @@ class SFTModule(L.LightningModule):
         self._acc: Tensor | None = None  # per-step sums, see _STATS
         self._nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
-        self.last_target_logp: Tensor | None = None  # last micro-batch's log p of target tokens (for callbacks)
+        self._resume_rng: dict[str, Any] | None = None  # generators of a checkpoint, set at its first batch
+        self._last_logp: tuple[Tensor, Tensor] | None = None  # last micro-batch (logp, mask), for callbacks
         self.last_step_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ forward
@@ -216,6 +235,14 @@ class SFTModule(L.LightningModule):
             )
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return token_logprobs(logits, labels)
+
+    @property
+    def last_target_logp(self) -> Tensor | None:
+        """Float32 log p of the last training micro-batch's target tokens (1-D), for callbacks."""
+        if self._last_logp is None:
+            return None
+        logp, mask = self._last_logp
+        return logp[mask]
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
@@ -294,7 +321,7 @@ class SFTModule(L.LightningModule):
                 ]
             )
             self._acc = stats if self._acc is None else self._acc + stats
-            self.last_target_logp = logp.detach()[mask]
+            self._last_logp = logp.detach(), mask  # indexed only when a callback asks: no host sync per step
         return out.loss_sum
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -431,6 +458,16 @@ class SFTModule(L.LightningModule):
             # Lightning cannot clip by norm under FSDP; the root module computes the global norm over all shards.
             root.clip_grad_norm_(gradient_clip_val)
             return
+        if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Fused AdamW unscales fp16 gradients inside its step, so Lightning's mixed-precision
+            # plugin refuses to clip for it, even under bf16 where nothing is scaled. Unscale here
+            # (torch's GradScaler lets a fused step know) and clip the true gradients.
+            plugin = self.trainer.precision_plugin
+            if getattr(plugin, "scaler", None) is not None:
+                plugin.scaler.unscale_(optimizer)
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
         self.clip_gradients(
             optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
         )
@@ -441,6 +478,9 @@ class SFTModule(L.LightningModule):
             "alpha": self.objective.alpha,
             "alpha_controller": None if self.alpha_controller is None else self.alpha_controller.state_dict(),
             "nonfinite_steps": self.nonfinite_steps,
+            # Rank 0's generators (the file is rank 0's); every rank resumes from them, as every
+            # rank started from the same seed.
+            "rng": rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -450,6 +490,14 @@ class SFTModule(L.LightningModule):
         if isinstance(self.objective, AlphaFamily) and state.get("alpha") is not None:
             self.objective.alpha = state["alpha"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        # Set at the first resumed batch, not here: restoring the loops creates the data iterator,
+        # which draws from the global generator where the uninterrupted run did not.
+        self._resume_rng = state.get("rng")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._resume_rng is not None:
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
 
     # ------------------------------------------------------------------ export
     def resolved_export_dir(self) -> str:

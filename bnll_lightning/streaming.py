@@ -78,7 +78,8 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 class _StreamedTargetLogprob(torch.autograd.Function):
     """``log p`` of N target tokens from their hidden states ``[N, H]``, chunked over tokens.
 
-    Saves only the inputs and ``lse [N]``; backward recomputes each chunk's logits."""
+    Saves only the inputs and ``lse [N]``; backward recomputes each chunk's logits, for the tokens
+    whose loss gradient is not exactly 0 only (a selection objective trains on a fraction of them)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap, dtype):
@@ -98,15 +99,23 @@ class _StreamedTargetLogprob(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp):
-        h, weight, bias, targets, lse = ctx.saved_tensors
+        h_all, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         chunk_size, scale, softcap, dtype = ctx.args
         grad_logp = grad_logp.float()
+        # A token whose loss gradient is exactly 0 (not selected by ThresholdedNLL / TopFraction,
+        # or p^alpha underflowed) adds exactly 0 to every gradient: skip its head work.
+        h, rows = h_all, None
+        if not bool((grad_logp != 0).all()):  # one host sync per backward
+            rows = grad_logp.nonzero()[:, 0]
+            h, targets, lse, grad_logp = h_all[rows], targets[rows], lse[rows], grad_logp[rows]
         grad_h = torch.empty_like(h) if need_h else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        # Several chunks accumulate the weight gradient in float32; a single one needs no accumulator.
-        acc_dtype = torch.float32 if h.shape[0] > chunk_size else dtype
-        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        grad_w = None  # the first chunk's product allocates it: no zero-filled V x H buffer to add into
+        # Several half-precision chunks accumulate the weight gradient in float32 (vocabulary blocks).
+        half_acc = need_w and h.shape[0] > chunk_size and dtype != torch.float32
+        if half_acc:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         with torch.autocast(h.device.type, enabled=False):
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
             for i in range(0, h.shape[0], chunk_size):
@@ -125,12 +134,17 @@ class _StreamedTargetLogprob(torch.autograd.Function):
                 grad = grad.to(dtype)
                 if need_h:
                     grad_h[c] = grad @ w
-                if need_w and grad_w.dtype == dtype:
-                    grad_w.addmm_(grad.t(), hc)
-                elif need_w:  # half-precision matmuls, float32 accumulation in vocabulary blocks
+                if half_acc:
                     for v in range(0, grad.shape[1], _GRAD_W_BLOCK):
                         grad_w[v : v + _GRAD_W_BLOCK].add_(grad[:, v : v + _GRAD_W_BLOCK].t() @ hc)
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+                elif need_w and grad_w is None:
+                    grad_w = grad.t() @ hc
+                elif need_w:
+                    grad_w.addmm_(grad.t(), hc)
+        if need_w:
+            grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
+        if rows is not None and need_h:
+            grad_h = torch.zeros_like(h_all).index_copy_(0, rows, grad_h)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None
 

@@ -177,3 +177,22 @@ def test_default_optimizer_is_fused_where_torch_has_the_kernel():
     assert cpu.abs().sum() > 0
     meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
     assert default_optimizer([meta]).param_groups[0]["fused"] is None  # no kernel there: torch's default
+
+
+def test_profile_step_quick_phases_add_up():
+    from benchmarks import profile_step
+
+    text = profile_step.main(["--quick", "--top", "5"])
+    tables = text.split("\n\n| op")
+    headers, rows = C.parse_markdown_table(tables[0])
+    assert headers[0] == "configuration" and [r[0] for r in rows] == [n for n, _ in profile_step.configurations()]
+    for row in rows:
+        step = positive(row[1])
+        parts = [number(c) for c in row[2:-1]]
+        assert all(x >= -1e-3 for x in parts)  # no phase is negative beyond rounding
+        assert sum(parts) == pytest.approx(step, rel=0.25, abs=0.005)  # medians of a partition of the step
+    assert number(rows[0][-1]) == 1.0
+    _, ops = C.parse_markdown_table("| op" + tables[1])
+    assert len(ops) == 5 and any(r[0] == "aten::mm" for r in ops)
+    shares = [number(r[2]) for r in ops]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.5

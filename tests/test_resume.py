@@ -3,12 +3,15 @@
 The interrupted run is a real ``python -m bnll_lightning fit`` process, SIGKILLed in the middle of
 an optimizer step in the middle of its second epoch; ``fit --ckpt_path last`` then continues it.
 Mid-epoch is the hard part: the resumed epoch must go on with the batches the killed one had not
-reached yet (a restarted sampler would feed different batches and change every later value).
+reached yet (a restarted sampler would feed different batches and change every later value). The
+model has attention dropout, so the random generators must resume where they were too.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,21 +71,32 @@ def only_version(save_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, tmp_path_factory):
+def dropout_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with attention dropout: every training step draws from the global generator."""
+    out = tmp_path_factory.mktemp("dropout_model") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["attention_dropout"] = 0.2
+    (out / "config.json").write_text(json.dumps(cfg))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dropout_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
-    main(["fit", "--config", write(root / "fit.yaml", config(tiny_model_dir, root / "runs"))])
+    main(["fit", "--config", write(root / "fit.yaml", config(dropout_model_dir, root / "runs"))])
     return scalars(only_version(root / "runs"))
 
 
-def test_same_seed_same_trajectory(uninterrupted, tiny_model_dir, tmp_path):
-    main(["fit", "--config", write(tmp_path / "fit.yaml", config(tiny_model_dir, tmp_path / "runs"))])
+def test_same_seed_same_trajectory(uninterrupted, dropout_model_dir, tmp_path):
+    main(["fit", "--config", write(tmp_path / "fit.yaml", config(dropout_model_dir, tmp_path / "runs"))])
     again = scalars(only_version(tmp_path / "runs"))
     assert len(uninterrupted["train/loss"]) == STEPS
     for tag in TAGS:
         assert again[tag] == uninterrupted[tag], tag  # bit-identical on the same machine
 
 
-def test_killed_mid_epoch_then_resumed_matches_uninterrupted(uninterrupted, tiny_model_dir, tmp_path):
+def test_killed_mid_epoch_then_resumed_matches_uninterrupted(uninterrupted, dropout_model_dir, tmp_path):
     runs = tmp_path / "runs"
     killer = {"class_path": "_killer.KillMidStep", "init_args": {"step": KILL_AFTER}}
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
@@ -91,7 +105,7 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted(uninterrupted, tiny
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     killed = subprocess.run(
         [sys.executable, "-m", "bnll_lightning", "fit",
-         "--config", write(tmp_path / "killed.yaml", config(tiny_model_dir, runs, [killer]))],
+         "--config", write(tmp_path / "killed.yaml", config(dropout_model_dir, runs, [killer]))],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert killed.returncode == -9, killed.stderr[-3000:]
@@ -103,7 +117,7 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted(uninterrupted, tiny
     loader_state = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state == [{"epoch": 1, "batches": 4}]  # 2 of its 4 optimizer steps done
 
-    main(["fit", "--config", write(tmp_path / "fit.yaml", config(tiny_model_dir, runs)), "--ckpt_path", "last"])
+    main(["fit", "--config", write(tmp_path / "fit.yaml", config(dropout_model_dir, runs)), "--ckpt_path", "last"])
     assert only_version(runs) == log_dir  # logged into the same version as the killed run
     resumed = scalars(log_dir)
     for tag in TAGS:

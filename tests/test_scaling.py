@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import lightning.pytorch as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
@@ -88,3 +89,42 @@ def test_bf16_precisions_train_and_validate(precision, tiny_model_dir, tmp_path)
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/nll"])
     assert cli.model.last_step_stats["tokens"] > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_fused_adamw_is_clipped_on_true_gradients_under_mixed_precision(precision, tiny_model_dir, tmp_path):
+    """Lightning's AMP plugin refuses to clip for an optimizer that unscales inside its step (fused
+    AdamW, the module default); the module unscales and clips itself. Every step must then see the
+    true (unscaled) gradients with the clipped norm. fp16 runs with a GradScaler on CPU here (the
+    Trainer alone would switch CPU fp16 to bf16)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    clip = 0.01  # far below the tiny model's gradient norm: every step is clipped
+    cli = load_from_config(["--config", str(CONFIGS / "nll.yaml"), "--model.model", tiny_model_dir,
+                            "--data.num_train", "12", "--data.num_val", "0", "--data.batch_size", "4",
+                            "--model.export_dir", str(tmp_path / "export"), "--model.histogram_every_n_steps", "0"])
+    norms, scales = [], []
+
+    class StepProbe(L.Callback):
+        """The gradients the optimizer stepped with (still there after the step), and the scale
+        GradScaler handed to the fused step (a pre-hook; under bf16 the closure runs inside step)."""
+
+        def on_train_start(self, trainer, pl_module):
+            (optimizer,) = trainer.optimizers
+            assert optimizer.defaults["fused"]
+            optimizer.register_step_pre_hook(lambda opt, args, kwargs: scales.append(getattr(opt, "grad_scale", None)))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            grads = [p.grad.float() for p in pl_module.parameters() if p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if precision == "16-mixed" else None
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, plugins=[MixedPrecision(precision, "cpu", scaler)], gradient_clip_val=clip,
+        max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[StepProbe()], default_root_dir=tmp_path,
+    )
+    trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert len(norms) == 3 and len(scales) == 3
+    assert all(s is None for s in scales)  # unscaled before the step: the fused kernel does not divide again
+    assert norms == pytest.approx([clip] * 3, rel=1e-3)

@@ -180,6 +180,40 @@ def test_all_masked_gives_zeros_and_finite_zero_grads():
         assert t.grad is not None and torch.isfinite(t.grad).all() and torch.all(t.grad == 0)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+@pytest.mark.parametrize("zeros", ["some", "all"])
+def test_rows_with_zero_upstream_gradient_are_skipped_exactly(chunk_size, zeros):
+    """Tokens an objective does not train on (upstream gradient exactly 0) are skipped in backward;
+    the gradients still equal the full computation, and are zero tensors (not None) when no token counts."""
+    hidden, weight, bias, labels = make_batch(with_bias=True, seed=13)
+    upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(14))
+    if zeros == "all":
+        upstream.zero_()
+    else:
+        upstream[:, ::2] = 0.0
+        upstream[1] = 0.0
+    _, _, g_n = grads_of(lambda h, w, b: naive_from_parts(h, w, labels, b), upstream, hidden, weight, bias)
+    _, _, g_s = grads_of(
+        lambda h, w, b: streamed_token_logprobs(h, w, labels, chunk_size=chunk_size, bias=b), upstream, hidden, weight, bias
+    )
+    for gs, gn in zip(g_s, g_n):
+        assert gs is not None and gs.shape == gn.shape
+        assert_close(gs, gn)
+    assert torch.all(g_s[0][upstream == 0] == 0)
+    assert (zeros == "all") == bool(torch.all(g_s[1] == 0))
+
+    # half-precision matmuls with float32 accumulation over several chunks take the same shortcut
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, g_n16 = grads_of(lambda h, w, b: naive_from_parts(h, w, labels, b), upstream, hidden, weight, bias)
+        _, _, g_s16 = grads_of(
+            lambda h, w, b: streamed_token_logprobs(h, w, labels, chunk_size=chunk_size, bias=b),
+            upstream, hidden, weight, bias,
+        )
+    for gs, gn in zip(g_s16, g_n16):
+        assert gs.dtype == torch.float32
+        assert_close(gs, gn, rtol=2e-2, atol=2e-3)
+
+
 def test_frozen_weight_and_hidden_without_grad():
     hidden, weight, bias, labels = make_batch(with_bias=True, seed=9)
     upstream = torch.randn(labels.shape, generator=torch.Generator().manual_seed(10))
@@ -342,6 +376,53 @@ def test_tiny_llama_streamed_equals_full_logits(tie):
         hidden = forward_hidden(model, ids, attn)
         assert hidden.shape == (*ids.shape, TINY["hidden_size"])
         assert_close(F.linear(hidden, weight), model(input_ids=ids, attention_mask=attn).logits)
+
+
+def _every_objective(tau):
+    from bnll_lightning.objectives import DFT, NLL, AlphaFamily, Focal, NegProb, ThresholdedNLL, TopFraction
+
+    return {
+        "nll": NLL(), "negprob": NegProb(), "alpha0.5": AlphaFamily(0.5), "alpha10": AlphaFamily(10.0),
+        "thresholded": ThresholdedNLL(tau), "top0.3": TopFraction(0.3), "dft": DFT(), "focal2": Focal(2.0),
+    }
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("name", list(_every_objective(0.5)))
+def test_every_objective_streamed_equals_full_logits(name, tie, chunk_size):
+    """Loss and every parameter's gradient (head and body: the logits side and the weight side),
+    streamed vs full logits, for each objective, with prompt and padding masks."""
+    model = tiny_llama(tie, seed=5)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(12.0)  # sharpen the random model so p spreads over (0, 1)
+    ids, attn, labels = lm_batch(seed=5)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        likely = (labels != IGN) & (torch.arange(labels.numel()).view(labels.shape) % 2 == 0)
+        labels = torch.where(likely, logits.argmax(-1), labels)  # half the targets are the model's own guess
+        p, mask = naive_token_logprobs(logits, labels, IGN)
+        p = p.exp()[mask]
+    assert p.max() > 0.3 and p.min() < 0.01  # a real spread, so every objective weights tokens differently
+    mid = p.sort().values[p.numel() // 2 - 1 : p.numel() // 2 + 1]
+    tau = float(mid.mean())  # ThresholdedNLL keeps half of the tokens; no p sits on the threshold
+
+    def run(streaming):
+        model.zero_grad(set_to_none=True)
+        logp, m = model_token_logprobs(model, ids, labels, attn, chunk_size=chunk_size, streaming=streaming)
+        out = _every_objective(tau)[name].from_logprobs(logp, m)
+        out.loss.backward()
+        return out, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    out_n, g_n = run(False)
+    out_s, g_s = run(True)
+    assert_close(out_s.loss, out_n.loss, rtol=1e-5, atol=1e-7)
+    assert torch.equal(out_s.selected, out_n.selected)
+    assert g_s.keys() == g_n.keys() and ("lm_head.weight" in g_s) == (not tie)
+    for n in g_n:
+        scale = g_n[n].abs().max()
+        assert scale > 0 or n.endswith("norm.weight"), n  # a comparison of zeros would test nothing
+        assert_close(g_s[n] / scale.clamp_min(1e-30), g_n[n] / scale.clamp_min(1e-30), rtol=1e-4, atol=1e-5)
 
 
 def test_tiny_llama_gradient_checkpointing():
