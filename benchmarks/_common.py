@@ -111,6 +111,18 @@ def section(
     return "\n".join(out).rstrip() + "\n"
 
 
+def report(
+    title: str, script: str, args: argparse.Namespace, argv: Sequence[str], threads: int, table: str,
+    conditions: Sequence[str], notes: Sequence[str] = (), load: tuple[float, float] | None = None,
+) -> str:
+    """The end of every script's ``main``: build the section, print it, append it with --append."""
+    text = section(title, script, argv, threads, table, conditions, notes, load, quick=args.quick)
+    print(text)
+    if args.append:
+        append(text, args.docs)
+    return text
+
+
 def append(text: str, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -243,14 +243,10 @@ def main(argv: list[str] | None = None) -> str:
         + f"; streamed chunk_size {args.chunk_size}; fused AdamW (module default); every position a target",
         f"{args.warmup} warm-up + {args.steps} timed steps per row",
     ]
-    text = C.section(
-        "GPU: tokens/s and MFU, naive vs streamed", "gpu_mfu.py", argv, threads, table, conditions,
-        load=(load0, load1), quick=args.quick,
+    return C.report(
+        "GPU: tokens/s and MFU, naive vs streamed", "gpu_mfu.py", args, argv, threads, table, conditions,
+        load=(load0, load1),
     )
-    print(text)
-    if args.append:
-        C.append(text, args.docs)
-    return text
 
 
 if __name__ == "__main__":

@@ -231,14 +231,10 @@ def main(argv: list[str] | None = None) -> str:
         f"budget search: doubling then bisection to {args.granularity} tokens, cap {args.max_seq_len};"
         f" {searches[False][2]} + {searches[True][2]} probes",
     ]
-    text = C.section(
-        "Memory: streamed / naive log p", "memory.py", argv, threads, table, conditions,
-        load=(load0, load1), quick=args.quick,
+    return C.report(
+        "Memory: streamed / naive log p", "memory.py", args, argv, threads, table, conditions,
+        load=(load0, load1),
     )
-    print(text)
-    if args.append:
-        C.append(text, args.docs)
-    return text
 
 
 if __name__ == "__main__":

@@ -159,14 +159,10 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.rounds} timed rounds after 1 warm-up round, each round in a fresh random order;"
         f" median NLL step {C.median(nll):.3f} s (context only)",
     ]
-    text = C.section(
-        "Objective overhead: optimizer-step time / NLL", "objective_overhead.py", argv, threads, table, conditions,
-        load=(load0, load1), quick=args.quick,
+    return C.report(
+        "Objective overhead: optimizer-step time / NLL", "objective_overhead.py", args, argv, threads, table, conditions,
+        load=(load0, load1),
     )
-    print(text)
-    if args.append:
-        C.append(text, args.docs)
-    return text
 
 
 if __name__ == "__main__":

@@ -166,14 +166,10 @@ def main(argv: list[str] | None = None) -> str:
         f"{args.rounds} fits per configuration in alternating order, each {args.warmup} warm-up + {args.steps}"
         " timed steps; per phase the median over all timed steps, in seconds (so the phases need not add up exactly)",
     ]
-    text = C.section(
-        "Profile of a training step", "profile_step.py", argv, threads, table + "\n\n" + ops_table, conditions,
-        load=(load0, load1), quick=args.quick,
+    return C.report(
+        "Profile of a training step", "profile_step.py", args, argv, threads, table + "\n\n" + ops_table, conditions,
+        load=(load0, load1),
     )
-    print(text)
-    if args.append:
-        C.append(text, args.docs)
-    return text
 
 
 if __name__ == "__main__":

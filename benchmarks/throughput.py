@@ -263,14 +263,10 @@ def main(argv: list[str] | None = None) -> str:
         + ("in this process (--quick/--in-process)" if args.in_process else "each in a fresh process"),
         "tokens/s columns are context for the ratio only: the machine was shared",
     ]
-    text = C.section(
-        "Throughput: fit / TRL SFTTrainer", "throughput.py", argv, threads, table, conditions,
-        load=(load0, load1), quick=args.quick,
+    return C.report(
+        "Throughput: fit / TRL SFTTrainer", "throughput.py", args, argv, threads, table, conditions,
+        load=(load0, load1),
     )
-    print(text)
-    if args.append:
-        C.append(text, args.docs)
-    return text
 
 
 if __name__ == "__main__":
