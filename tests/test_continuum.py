@@ -141,3 +141,13 @@ def test_task_table_is_measured_per_task(tmp_path):
         cells = dict(zip(headers, r))
         assert 0.0 <= float(cells["base mean p"]) <= 1.0 and 0.0 <= float(cells["base accuracy"]) <= 1.0
         assert cells["correct"].endswith("/4") and cells["zone by accuracy"].startswith("model-")
+
+
+def test_controller_statistic_entries_are_opt_in_and_drive_their_statistic():
+    assert set(continuum.OBJECTIVE_KEYS) < set(continuum.ENTRIES)  # not run by default
+    for key, statistic in (("adaptive", "mean"), ("adaptive_geometric", "geometric"), ("adaptive_quantile", "quantile")):
+        objective, controller = continuum.ENTRIES[key].make()
+        assert type(objective).__name__ == "AlphaFamily" and controller.statistic == statistic
+    rows = [_row("t", continuum.BASE, 0.4), _row("t", "adaptive_geometric", 0.5, 0.3)]
+    _, table = C.parse_markdown_table(continuum.markdown(rows))
+    assert table[1][4] == "0.30 (mean), 0.30 (end)"  # α read from the run, like the default controller
