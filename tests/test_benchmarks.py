@@ -190,7 +190,9 @@ def test_profile_step_quick_phases_add_up():
         step = positive(row[1])
         parts = [number(c) for c in row[2:-1]]
         assert all(x >= -1e-3 for x in parts)  # no phase is negative beyond rounding
-        assert sum(parts) == pytest.approx(step, rel=0.25, abs=0.005)  # medians of a partition of the step
+        # Per step every phase is a part of the step, so its median is at most the step's median.
+        assert all(x <= step + 1e-3 for x in parts)
+        assert number(row[2]) > 0 and number(row[3]) > 0  # forward and backward were timed
     assert number(rows[0][-1]) == 1.0
     _, ops = C.parse_markdown_table("| op" + tables[1])
     assert len(ops) == 5 and any(r[0] == "aten::mm" for r in ops)
