@@ -162,6 +162,34 @@ def save_random_model(out_dir: str | os.PathLike, seed: int = 0, **overrides) ->
     return sum(p.numel() for p in model.parameters())
 
 
+def fixed_batch(batch_size: int, seq_len: int, vocab: int, prompt_fraction: float = 0.25, seed: int = 0):
+    """Random tokens; the first ``prompt_fraction`` of every row is masked (-100) like a prompt."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
+    labels = ids.clone()
+    labels[:, : int(seq_len * prompt_fraction)] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def fit_on_batch(model_dir: str, batch: dict, steps: int, work_dir: str, callbacks: list, profiler=None,
+                 **module_kwargs) -> None:
+    """``steps`` optimizer steps of an ``SFTModule`` on one fixed batch in Lightning's fit loop, with
+    nothing else in the loop: no logger, checkpoints, progress bar, validation or histograms."""
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader
+
+    from bnll_lightning.module import SFTModule
+
+    module = SFTModule(model=model_dir, histogram_every_n_steps=0, export_dir=f"{work_dir}/export", **module_kwargs)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, precision="32-true", max_steps=steps, gradient_clip_val=1.0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks, default_root_dir=work_dir,
+        profiler=profiler,
+    )
+    trainer.fit(module, DataLoader([batch] * steps, batch_size=None))
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence Lightning's and transformers' INFO chatter and warnings while a benchmark runs."""

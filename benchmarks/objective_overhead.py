@@ -23,8 +23,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
 from benchmarks import _common as C
 
 TARGET = 1.03  # an objective may cost at most 3 % over NLL per optimizer step
@@ -48,15 +46,6 @@ def objectives() -> list[tuple[str, object, object]]:
     ]
 
 
-def fixed_batch(batch_size: int, seq_len: int, vocab: int, prompt_fraction: float = 0.25, seed: int = 0):
-    """Random tokens; the first ``prompt_fraction`` of every row is masked (-100) like a prompt."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g)
-    labels = ids.clone()
-    labels[:, : int(seq_len * prompt_fraction)] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
 def schedule(n: int, rounds: int, seed: int = 0) -> list[int]:
     """Entry index per step: a warm-up round in table order, then ``rounds`` shuffled rounds."""
     rng = random.Random(seed)
@@ -71,9 +60,6 @@ def schedule(n: int, rounds: int, seed: int = 0) -> list[int]:
 def run(model_dir: str, batch: dict, rounds: int, streamed: bool, work_dir: str) -> tuple[list[str], list[list[float]]]:
     """Train round-robin; return the entry names and each entry's timed step seconds (one per round)."""
     import lightning.pytorch as L
-    from torch.utils.data import DataLoader
-
-    from bnll_lightning.module import SFTModule
 
     entries = objectives()
     order = schedule(len(entries), rounds)
@@ -98,13 +84,7 @@ def run(model_dir: str, batch: dict, rounds: int, streamed: bool, work_dir: str)
             print(f"[objective_overhead] step {self.step}/{len(order)} {entries[order[self.step - 1]][0]}:"
                   f" {elapsed:.3f} s", file=sys.stderr, flush=True)
 
-    module = SFTModule(model=model_dir, streamed=streamed, histogram_every_n_steps=0, export_dir=f"{work_dir}/export")
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision="32-true", max_steps=len(order), gradient_clip_val=1.0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[RoundRobin()], default_root_dir=work_dir,
-    )
-    trainer.fit(module, DataLoader([batch] * len(order), batch_size=None))
+    C.fit_on_batch(model_dir, batch, len(order), work_dir, [RoundRobin()], streamed=streamed)
     if any(len(t) != rounds for t in times):
         raise RuntimeError(f"expected {rounds} timed steps per objective, got {[len(t) for t in times]}")
     return [name for name, _, _ in entries], times
@@ -131,7 +111,7 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="bnll_bench_") as work, C.quiet():
         n_params = C.save_random_model(f"{work}/model", **overrides)
         vocab = C.embedded_config().vocab_size
-        batch = fixed_batch(args.batch_size, args.seq_len, vocab)
+        batch = C.fixed_batch(args.batch_size, args.seq_len, vocab)
         names, times = run(f"{work}/model", batch, args.rounds, streamed=not args.naive, work_dir=work)
     load1 = C.load_average()
 

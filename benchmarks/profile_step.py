@@ -26,7 +26,6 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import torch
 
 from benchmarks import _common as C
-from benchmarks.objective_overhead import fixed_batch
 
 # SimpleProfiler action (by suffix) per phase; the update is optimizer_step minus its closure.
 PHASES = {
@@ -70,9 +69,6 @@ def run(model_dir: str, batch: dict, kwargs: dict, warmup: int, steps: int, work
     import lightning.pytorch as L
     from lightning.pytorch.profilers import SimpleProfiler
     from torch.profiler import ProfilerActivity, profile
-    from torch.utils.data import DataLoader
-
-    from bnll_lightning.module import SFTModule
 
     total = warmup + steps + int(op_table)
     ops: list[tuple[str, float, float]] = []
@@ -91,14 +87,7 @@ def run(model_dir: str, batch: dict, kwargs: dict, warmup: int, steps: int, work
                 ops.extend((e.key, e.self_cpu_time_total / 1e6, e.self_cpu_time_total / total) for e in events[:top])
 
     profiler = SimpleProfiler()
-    module = SFTModule(model=model_dir, histogram_every_n_steps=0, export_dir=f"{work_dir}/export", **kwargs)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision="32-true", max_steps=total, gradient_clip_val=1.0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[OpTable()], default_root_dir=work_dir,
-        profiler=profiler,
-    )
-    trainer.fit(module, DataLoader([batch] * total, batch_size=None))
+    C.fit_on_batch(model_dir, batch, total, work_dir, [OpTable()], profiler=profiler, **kwargs)
     timed = slice(warmup, warmup + steps)
     series = {name: _durations(profiler, key)[timed] for name, key in PHASES.items()}
     steps_s, opt_s = (_durations(profiler, k)[timed] for k in (STEP, OPTIMIZER_STEP))
@@ -132,7 +121,7 @@ def main(argv: list[str] | None = None) -> str:
     samples: list[list[dict[str, float]]] = [[] for _ in configs]
     with tempfile.TemporaryDirectory(prefix="bnll_bench_") as work, C.quiet():
         n_params = C.save_random_model(f"{work}/model", **(C.TINY if args.quick else {}))
-        batch = fixed_batch(args.batch_size, args.seq_len, C.embedded_config().vocab_size)
+        batch = C.fixed_batch(args.batch_size, args.seq_len, C.embedded_config().vocab_size)
         for r in range(args.rounds):
             order = range(len(configs)) if r % 2 == 0 else reversed(range(len(configs)))
             for i in order:

@@ -639,27 +639,29 @@ class SFTDataModule(LightningDataModule):
             return self._ids(self.format_prompt(row))
         return self._plain_ids(self._prompt_parts(row))[0]
 
-    def _prompt_messages(self, row: dict[str, Any] | str) -> list[dict[str, str]]:
+    @staticmethod
+    def _without_answer(row: dict[str, Any] | str) -> dict[str, Any]:
+        """``{"prompt": ...}``, or ``{"messages": [...]}`` without a final assistant turn."""
         if isinstance(row, str):
-            row = {"prompt": row}
-        if "messages" in row:
-            msgs = [dict(m) for m in row["messages"]]
-            if msgs and msgs[-1]["role"] == "assistant":
-                msgs.pop()
-        else:
-            msgs = [{"role": "user", "content": row["prompt"]}]
+            return {"prompt": row}
+        if "messages" not in row:
+            return {"prompt": row["prompt"]}
+        msgs = [dict(m) for m in row["messages"]]
+        if msgs and msgs[-1]["role"] == "assistant":
+            msgs.pop()
+        return {"messages": msgs}
+
+    def _prompt_messages(self, row: dict[str, Any] | str) -> list[dict[str, str]]:
+        row = self._without_answer(row)
+        msgs = row["messages"] if "messages" in row else [{"role": "user", "content": row["prompt"]}]
         if self.system_prompt is not None and (not msgs or msgs[0]["role"] != "system"):
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
         return msgs
 
     def _prompt_parts(self, row: dict[str, Any] | str) -> list[tuple[str, bool]]:
-        if isinstance(row, str):
-            row = {"prompt": row}
+        row = self._without_answer(row)
         if "messages" in row:
-            msgs = [dict(m) for m in row["messages"]]
-            if msgs and msgs[-1]["role"] == "assistant":
-                msgs.pop()
-            return self._plain_parts({"messages": msgs + [{"role": "assistant", "content": ""}]})[:-1]
+            return self._plain_parts({"messages": row["messages"] + [{"role": "assistant", "content": ""}]})[:-1]
         return self._plain_parts({"prompt": row["prompt"], "response": ""})[:-1]
 
     # -- loading and splitting ---------------------------------------------------------------

@@ -105,9 +105,10 @@ class _StreamedTargetLogprob(torch.autograd.Function):
         grad_logp = grad_logp.float()
         # A token whose loss gradient is exactly 0 (not selected by ThresholdedNLL / TopFraction,
         # or p^alpha underflowed) adds exactly 0 to every gradient: skip its head work.
-        h, rows = h_all, None
-        if not bool((grad_logp != 0).all()):  # one host sync per backward
-            rows = grad_logp.nonzero()[:, 0]
+        h, rows = h_all, grad_logp.nonzero()[:, 0]  # one host sync per backward
+        if rows.numel() == h_all.shape[0]:
+            rows = None
+        else:
             h, targets, lse, grad_logp = h_all[rows], targets[rows], lse[rows], grad_logp[rows]
         grad_h = torch.empty_like(h) if need_h else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
