@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import itertools
 import logging
 import math
 import os
@@ -81,7 +82,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 def parse_markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) of the first markdown table in ``text`` (for tests and re-reading)."""
-    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("|")]
+    lines = list(itertools.takewhile(lambda line: line.startswith("|"), itertools.dropwhile(
+        lambda line: not line.startswith("|"), (line.strip() for line in text.splitlines()))))
     if len(lines) < 2:
         raise ValueError("no markdown table in text")
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]

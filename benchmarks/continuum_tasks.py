@@ -14,6 +14,7 @@ model that already answers a fair share right). The table is written to ``--tabl
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -25,6 +26,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks import _common as C
 from benchmarks import continuum
+from bnll_lightning.models import load_model, load_tokenizer
+from bnll_lightning.probe import probe
 
 TABLE = Path(__file__).resolve().parent / "continuum_tasks.md"
 
@@ -37,25 +40,23 @@ def main(argv: list[str] | None = None) -> str:
     parser.set_defaults(threads=1)  # see continuum.py: 1 thread is faster on the shared 2 cores
     parser.add_argument("--model", default=None, help="default: embedded; --quick: a tiny random model")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--num_train", type=int, default=64, help="training rows whose targets are probed (mean p)")
     parser.add_argument("--num_eval", type=int, default=50, help="held-out rows answered by generation")
     parser.add_argument("--max_new_tokens", type=int, default=32, help="generation budget per answer")
     parser.add_argument("--table", default=str(TABLE), help="markdown file the table is written to (overwritten)")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.quick:
-        args.num_train, args.num_eval, args.max_new_tokens = 8, 4, 8
-    # The settings measure_base reads, as in continuum.py (same rows for the same seed).
-    args.batch_size, args.seed, args.max_length, args.eval_batch_size = 8, 0, 256, 25
-    args.probe_batches, args.device, args.out = max(args.num_train // 8, 1), "cpu", None
+        args.num_eval, args.max_new_tokens = 4, 8
+    args.batch_size, args.max_length, args.eval_batch_size, args.probe_batches = 8, 256, 25, None
     threads = C.set_threads(args.threads)
 
     load0, start = C.load_average(), time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bnll_tasks_") as work, C.quiet():
         model = args.model or ("embedded" if not args.quick else continuum._tiny(work))
+        continuum.StudyModule.base[model] = (load_tokenizer(model), load_model(model).eval())
         for task in args.tasks:
-            row = continuum.measure_base(model, task, args)
+            row = measure(model, task, args, work)
             rows.append(row)
             print(f"[tasks {time.perf_counter() - start:5.0f} s] {task}: mean p {row['base_mean_p']:.3f}, accuracy "
                   f"{row['accuracy']:.2f}", file=sys.stderr, flush=True)  # fmt: skip
@@ -63,19 +64,18 @@ def main(argv: list[str] | None = None) -> str:
 
     table = C.markdown_table(
         ["task", "base mean p", "zone by mean p", "geometric mean p", "base accuracy", "correct",
-         "eval prompts unseen in training", "zone by accuracy", "tokens per row"],
+         "distinct items", "zone by accuracy", "tokens per row"],
         [[r["task"], f"{r['base_mean_p']:.3f}", r["zone_p"], f"{r['base_geometric_mean_p']:.3f}",
-          f"{r['accuracy']:.2f}", f"{r['correct']}/{r['n']}", f"{r['eval_unseen']}/{r['n']}", r["zone_accuracy"],
+          f"{r['accuracy']:.2f}", f"{r['correct']}/{r['n']}", f"{r['distinct']}", r["zone_accuracy"],
           f"{r['tokens_per_row']:.0f}"]
          for r in rows],
     )  # fmt: skip
     name = args.model or ("tiny random Llama (--quick)" if args.quick else "embedded SmolLM2-135M-Instruct")
     conditions = [
         f"model: {name}, float32, no training",
-        f"mean p: probe of the first {args.probe_batches * 8} seeded training rows (clean targets: the answer"
-        " and the end-of-turn token, chat template)",
-        f"accuracy: {args.num_eval} distinct prompts per task (disjoint from the {args.num_train} training rows where"
-        " the task has enough rows; capital and plural have 50), greedy, max_new_tokens"
+        "mean p: probe of the answered items' targets (clean: the answer and the end-of-turn token, chat template)",
+        f"accuracy: the first {args.num_eval} distinct items of each task's evaluation stream (fewer where the task"
+        " has fewer: 'distinct items'), greedy, max_new_tokens"
         f" {args.max_new_tokens}, the task's own checker (accepts the model's natural phrasing, e.g. 'The capital of"
         " Norway is Oslo.')",
         f"zones by accuracy: strong >= {continuum.STRONG_ACCURACY:g}, weak < {continuum.WEAK_ACCURACY:g};"
@@ -89,6 +89,26 @@ def main(argv: list[str] | None = None) -> str:
     if args.append:
         C.append(text, args.docs)
     return text
+
+
+def measure(model: str, task: str, args: argparse.Namespace, work: str) -> dict:
+    """Base mean p (probe) and accuracy by greedy generation of ``model`` on ``task``'s held-out items."""
+    study_task = continuum.StudyTask(task, task, 0.0, "-", "")
+    rows = continuum.eval_rows(study_task, args.num_eval, allow_fewer=True)
+    path = os.path.join(work, f"{task}.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    module = continuum.StudyModule(model=model, histogram_every_n_steps=0)
+    data = continuum.datamodule(path, 0, 0.0, module.tokenizer, args)
+    data.setup("fit")
+    figures = probe(module, data, max_batches=None, split="train", progress=False)
+    result, _ = continuum.answer(module, module.tokenizer, rows, data, args)
+    return {
+        "task": task, "accuracy": result.accuracy, "correct": result.correct, "n": result.n, "distinct": len(rows),
+        "base_mean_p": figures["mean_p"], "base_geometric_mean_p": figures["geometric_mean_p"],
+        "zone_p": figures["zone"], "zone_accuracy": continuum.zone_by_accuracy(result.accuracy),
+        "tokens_per_row": data.stats["train"]["tokens"] / max(data.stats["train"]["rows"], 1),
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

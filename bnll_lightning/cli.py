@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -90,7 +91,16 @@ class SFTCLI(LightningCLI):
         except DataError:
             raise
         except ValueError as err:  # a class rejected a value of the config
-            raise ConfigError(str(err)) from err
+            raise ConfigError(str(_root_cause(err))) from err
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost ValueError of ``err``'s cause chain: jsonargparse wraps a class's own complaint
+    ("low must be < high") in its union bookkeeping ("Does not validate against any of the Union
+    subtypes"), and the complaint is what the user can act on."""
+    while isinstance(err.__cause__, ValueError):
+        err = err.__cause__
+    return err
 
 
 def _continue_last_version(logger_args: Any) -> None:
@@ -138,9 +148,24 @@ _STRUCTURE = re.compile(
 )
 
 
+_NO_ATTRIBUTE = re.compile(r"module '([\w.]+)' has no attribute '(\w+)'")
+
+
+def _no_such_class(match: re.Match) -> str:
+    """"module M has no attribute X" (a class_path typo) as what to write instead."""
+    module_name, name = match.groups()
+    module = importlib.import_module(module_name)
+    classes = {k: v for k, v in vars(module).items()
+               if inspect.isclass(v) and v.__module__ == module_name and not k.startswith("_")}  # fmt: skip
+    # The classes a config can name are those built on a base of the same module (objectives on Objective).
+    usable = [k for k, v in classes.items() if any(v is not b and issubclass(v, b) for b in classes.values())]
+    return f"no class {name} in module {module_name}; it has: {', '.join(sorted(usable or classes))}"
+
+
 def one_line(error: BaseException) -> str:
     """A parse error's message in one line: the option's dotted key and the innermost reason."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    error = _root_cause(error)
+    lines = [_NO_ATTRIBUTE.sub(_no_such_class, line.strip()) for line in str(error).strip().splitlines() if line.strip()]
     keys, reason = [], None
     for line in lines:
         if match := re.fullmatch(r'Parser key "([^"]+)":?', line):

@@ -50,6 +50,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from bnll_lightning import tasks as _tasks
+from bnll_lightning.models import load_tokenizer
 from bnll_lightning.sampling import ResumableDataLoader, ResumableSampler
 from bnll_lightning.tasks import Task, get_task
 
@@ -162,7 +163,7 @@ def _read_jsonl(path: str) -> tuple[list[Any], list[str]]:
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line.rstrip("\r\n"))  # the newline would move the error to "line 2 column 1"
                 except json.JSONDecodeError as err:
                     raise DataError(
                         f"{path}: line {lineno}: malformed JSON: {err.msg} (column {err.colno})"
@@ -206,11 +207,12 @@ def _read_json(path: str) -> tuple[list[Any], list[str]]:
 
 
 def _read_parquet(path: str) -> tuple[list[Any], list[str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         rows = pq.read_table(path).to_pylist()
-    except Exception as err:  # pyarrow raises several types for corrupt files
+    except (pa.ArrowException, OSError) as err:  # what pyarrow raises for a corrupt or truncated file
         raise DataError(f"{path}: cannot read parquet file: {err}") from err
     return rows, [f"{path}: row {i}" for i in range(len(rows))]
 
@@ -233,7 +235,7 @@ def _read_hub(name: str, config: str | None, split: str, max_rows: int | None) -
 
     try:
         ds = load_dataset(name, config, split=split)
-    except Exception as err:
+    except (OSError, ValueError) as err:  # not found, offline, unknown config or split: a data error
         raise DataError(
             f"could not load {name!r} (split {split!r}) from the Hugging Face hub: {err}. "
             f"(It is not a local file nor builtin:<task>; valid tasks: {', '.join(sorted(_tasks.TASKS))}.)"
@@ -243,6 +245,30 @@ def _read_hub(name: str, config: str | None, split: str, max_rows: int | None) -
     rows = ds.to_list()
     label = f"{name}{':' + config if config else ''}[{split}]"
     return rows, [f"{label}: row {i}" for i in range(len(rows))]
+
+
+# Roles chat templates know; anything else (ShareGPT's "human"/"gpt", "bot") would never be trained on.
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+def _content_key(row: dict[str, Any]) -> str:
+    """What a row trains on: its prompt and response, or its conversation."""
+    return json.dumps(row.get("messages") or [row.get("prompt"), row.get("response")], sort_keys=True)
+
+
+def _warn_duplicates(train: list[dict[str, Any]], val: list[dict[str, Any]]) -> None:
+    """Warn, with counts, when file or hub data repeats itself: validation rows that are also training rows
+    (the validation numbers then measure memory), or training rows that are mostly copies. Built-in tasks
+    check their own prompts (``_builtin_val``)."""
+    files = [r for r in train if "source" in r]  # file and hub rows; generated rows carry no source
+    keys = [_content_key(r) for r in files]
+    distinct = set(keys)
+    if keys and len(keys) - len(distinct) > len(keys) / 2:
+        rank_zero_warn(f"training data: {len(keys) - len(distinct)} of {len(keys)} file rows are repeats of"
+                       f" another row (only {len(distinct)} distinct)")  # fmt: skip
+    overlap = sum(_content_key(r) in distinct for r in val)
+    if overlap:
+        rank_zero_warn(f"validation data: {overlap} of {len(val)} rows are also training rows (same prompt and"
+                       " response): val/* then partly measures memorisation")  # fmt: skip
 
 
 _READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
@@ -261,6 +287,12 @@ def _check_messages(messages: Any, where: str, field: str = "messages") -> list[
         content = "" if msg["content"] is None else msg["content"]
         if not isinstance(msg["role"], str):
             raise DataError(f"{where}: field '{field}[{j}].role' must be a string")
+        if msg["role"] not in ROLES:
+            found = sorted({str(m.get("role")) for m in messages if isinstance(m, dict)} - set(ROLES))
+            raise DataError(
+                f"{where}: unknown role(s) {', '.join(map(repr, found))} in {field!r}; roles are {', '.join(ROLES)}"
+                " (ShareGPT's human/gpt are user/assistant: rename them)"
+            )
         if not isinstance(content, str):
             raise DataError(f"{where}: field '{field}[{j}].content' must be a string, got {type(content).__name__}")
         out.append({"role": msg["role"], "content": content})
@@ -488,14 +520,7 @@ class SFTDataModule(LightningDataModule):
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Set (or replace) the tokenizer; tokenized data is rebuilt at the next ``setup``."""
         if isinstance(tokenizer, str):
-            try:
-                from bnll_lightning.models import load_tokenizer
-            except ImportError:
-                from transformers import AutoTokenizer as _Auto
-
-                tokenizer = _Auto.from_pretrained(tokenizer)
-            else:
-                tokenizer = load_tokenizer(tokenizer)
+            tokenizer = load_tokenizer(tokenizer)
         if tokenizer is not self.tokenizer:
             self._ready = False
         self.tokenizer = tokenizer
@@ -690,6 +715,7 @@ class SFTDataModule(LightningDataModule):
                     val_rows += self._builtin_val(src.name, train_prompts)
                 else:
                     val_rows += load_rows(src, self.val_split, self.max_rows)
+        _warn_duplicates(train_rows, val_rows)
         return train_rows, val_rows
 
     def _split(self, rows: list[dict[str, Any]], name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

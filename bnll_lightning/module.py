@@ -35,13 +35,23 @@ from bnll_lightning.callbacks import ContinuumLayout, ProbabilityHistogram
 from bnll_lightning.models import EMBEDDED, load_model, load_tokenizer
 from bnll_lightning.constraints import NonNegativeInt, PositiveFloat, UnitIntervalClosedOpen
 from bnll_lightning.lora import apply_lora, export_lora, is_peft_model, load_4bit_model
-from bnll_lightning.objectives import IGNORE_INDEX, NLL, AlphaFamily, Objective, token_logprobs
+from bnll_lightning.objectives import (
+    IGNORE_INDEX,
+    NLL,
+    AlphaFamily,
+    Objective,
+    StatsRequest,
+    TokenStats,
+    token_logprobs,
+    token_stats,
+)
 from bnll_lightning.schedules import resolve_warmup, warmup_cosine
 from bnll_lightning.streaming import (
     forward_hidden,
     head_logits,
     output_head,
     streamed_token_logprobs,
+    streamed_token_stats,
     streaming_head,
     streaming_unsupported_reason,
 )
@@ -158,10 +168,11 @@ class SFTModule(L.LightningModule):
         self.objective = objective if objective is not None else NLL()
         self.alpha_controller = alpha_controller
         if alpha_controller is not None:
-            if not isinstance(self.objective, AlphaFamily) or type(self.objective) is not AlphaFamily:
+            if (reason := self.objective.alpha_controller_error) is not None:
                 raise ValueError(
                     "model.alpha_controller moves alpha of the f_alpha family: set model.objective to "
-                    f"bnll_lightning.objectives.AlphaFamily (got {type(self.objective).__name__})"
+                    "bnll_lightning.objectives.AlphaFamily or TokenAlpha "
+                    f"(got {type(self.objective).__name__}: {reason})"
                 )
             self.objective.alpha = alpha_controller.alpha
         self.optimizer_factory = optimizer
@@ -190,11 +201,9 @@ class SFTModule(L.LightningModule):
             raise ValueError("model.load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: set model.lora_r > 0")
         self.lora_export = lora_export
 
-        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-        if load_in_4bit:
-            self.model = load_4bit_model(model, trust_remote_code=trust_remote_code)
-        else:
-            self.model = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.tokenizer, self.model = self.load_pretrained(model, dtype, trust_remote_code, load_in_4bit)
+        if self.objective.requires.reference:  # ASFT: a frozen copy of the base model, unless it names another
+            self.objective.bind_reference(model, dtype=dtype, trust_remote_code=trust_remote_code)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora_r:
@@ -221,6 +230,16 @@ class SFTModule(L.LightningModule):
         self._last_logp: tuple[Tensor, Tensor] | None = None  # last micro-batch (logp, mask), for callbacks
         self.last_step_stats: dict[str, float] = {}
 
+    def load_pretrained(
+        self, model: str, dtype: str | None, trust_remote_code: bool, load_in_4bit: bool
+    ) -> tuple[Any, torch.nn.Module]:
+        """(tokenizer, model) for ``model``, in train mode. A subclass may return weights it already
+        holds (``benchmarks/continuum.py`` copies one in-memory base model into every run)."""
+        tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        if load_in_4bit:
+            return tokenizer, load_4bit_model(model, trust_remote_code=trust_remote_code)
+        return tokenizer, load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+
     # ------------------------------------------------------------------ forward
     def target_logprobs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Float32 log p of each target token, ``[B, T]``, aligned with ``input_ids`` positions."""
@@ -234,6 +253,30 @@ class SFTModule(L.LightningModule):
             )
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return token_logprobs(logits, labels)
+
+    def target_stats(self, batch: dict[str, Tensor], request: StatsRequest | None = None) -> TokenStats:
+        """:meth:`target_logprobs` plus what ``request`` (default: the objective's ``requires``) asks
+        for: entropies, the KL to the frozen reference, from the same streamed pass."""
+        request = self.objective.requires if request is None else request
+        if not request.any:
+            return TokenStats(*self.target_logprobs(batch))
+        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+        ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        reference = self.objective.reference if request.reference else None
+        if request.reference and reference is None:
+            raise ValueError(f"{type(self.objective).__name__} needs a reference model and has none bound")
+        if self.streamed:
+            hidden = forward_hidden(self.model, ids, attention_mask)
+            weight, bias = output_head(self.model)
+            ref_hidden, ref_head = reference.hidden_and_head(ids, attention_mask) if reference else (None, None)
+            return streamed_token_stats(
+                hidden, weight, labels, chunk_size=self.chunk_size, bias=bias, **self._logit_transform,
+                entropy=request.entropy, topk=request.topk, reference_hidden=ref_hidden, reference_head=ref_head,
+                kl=request.kl,
+            )
+        logits = self.model(input_ids=ids, attention_mask=attention_mask).logits
+        ref_logits = reference.logits(ids, attention_mask) if reference else None
+        return token_stats(logits, labels, request, ref_logits=ref_logits)
 
     @property
     def last_target_logp(self) -> Tensor | None:
@@ -301,8 +344,9 @@ class SFTModule(L.LightningModule):
             logger.log_metrics(metrics, step=0)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logp, mask = self.target_logprobs(batch)
-        out = self.objective.from_logprobs(logp, mask)
+        stats = self.target_stats(batch)
+        logp, mask = stats.logp, stats.mask
+        out = self.objective.from_stats(stats)
         with torch.no_grad():
             statistic = self.alpha_controller.statistic if self.alpha_controller is not None else "mean"
             quantile = getattr(self.alpha_controller, "quantile", 0.1)

@@ -38,6 +38,7 @@ __all__ = [
     "PluralTask",
     "ReverseTask",
     "SortTask",
+    "SuccessorTask",
     "Task",
     "UppercaseTask",
     "final_line",
@@ -232,8 +233,8 @@ class SortTask(Task):
 
 
 class ReverseTask(_WordTask):
-    """Reverse the letters of a short pronounceable pseudo-word (4-6 lowercase letters, never a
-    palindrome). Pseudo-words keep the row space large, so validation rows stay disjoint from
+    """Reverse the letters of a short pronounceable pseudo-word (4-6 lowercase letters by default,
+    never a palindrome). Pseudo-words keep the row space large, so validation rows stay disjoint from
     training rows. Response: the reversed word, e.g. ``"omulek"``.
 
     Check: word rules (case-insensitive), e.g. ``omulek``, ``"omulek".``,
@@ -245,9 +246,12 @@ class ReverseTask(_WordTask):
     _consonants = "bdfgklmnprstvz"
     _vowels = "aeiou"
 
+    def __init__(self, name: str = "reverse", min_length: int = 4, max_length: int = 6) -> None:
+        self.name, self.min_length, self.max_length = name, min_length, max_length
+
     def sample(self, rng):
         while True:
-            length = rng.randint(4, 6)
+            length = rng.randint(self.min_length, self.max_length)
             start = rng.randint(0, 1)
             word = "".join(
                 rng.choice(self._consonants if (i + start) % 2 == 0 else self._vowels) for i in range(length)
@@ -282,6 +286,32 @@ class AddTask(Task):
         value = int(answer)
         delta = rng.choice([d for d in range(-10, 11) if d != 0 and value + d >= 0])
         return str(value + delta)
+
+    def check(self, prediction, row):
+        nums = _numbers(final_line(prediction, need_digit=True))
+        return bool(nums) and nums[-1] == float(row["answer"])
+
+
+class SuccessorTask(Task):
+    """The integer that follows ``n``, for n in 0..998 (999 distinct rows): counting, which a small
+    instruct model already does, with enough distinct rows for a held-out set of hundreds.
+    Response: e.g. ``"348"``.
+
+    Check: the last number on the last line containing a digit is n + 1 (``348``,
+    ``The number after 347 is 348.``).
+    """
+
+    name = "successor"
+    description = "the number that comes after n"
+
+    def sample(self, rng):
+        n = rng.randint(0, 998)
+        return f"Which number comes right after {n}? Reply with only the number.", str(n + 1)
+
+    def corrupt(self, answer, rng):
+        value = int(answer)
+        # Off-by-one and off-by-ten slips: wrong answers a counting model finds plausible.
+        return str(value + rng.choice([d for d in (-10, -2, -1, 1, 2, 10) if value + d >= 0]))
 
     def check(self, prediction, row):
         nums = _numbers(final_line(prediction, need_digit=True))
@@ -498,7 +528,10 @@ class PluralTask(_WordTask):
 
 TASKS: dict[str, Task] = {
     task.name: task
-    for task in (SortTask(), ReverseTask(), AddTask(), FigletTask(), CapitalTask(), UppercaseTask(), PluralTask())
+    for task in (
+        SortTask(), ReverseTask(), ReverseTask("reverse3", 3, 3), AddTask(), SuccessorTask(), FigletTask(),
+        CapitalTask(), UppercaseTask(), PluralTask(),
+    )
 }
 
 

@@ -1,11 +1,12 @@
-"""benchmarks/continuum.py: the accuracy-after-fine-tuning benchmark across the continuum."""
+"""benchmarks/continuum.py: the continuum study (held-out items, seeds, paired bootstrap, resume)."""
 
-import math
+import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,119 +15,173 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import _common as C  # noqa: E402
 from benchmarks import continuum  # noqa: E402
 
+QUICK_TASKS = continuum.QUICK["tasks"]
+QUICK_SEEDS = continuum.QUICK["seeds"]
+
+
+def _study(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "continuum.py"), "--quick", "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One ``--quick`` run as a user runs it (a subprocess: the script sets torch's thread count)."""
+    """One ``--quick`` study as a user runs it (a subprocess: the script sets torch's thread count)."""
     out = tmp_path_factory.mktemp("continuum")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "continuum.py"), "--quick", "--out", str(out), "--append",
-         "--docs", str(out / "benchmarks.md")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+    proc = _study(out, "--append", "--docs", str(out / "benchmarks.md"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
 
-def test_quick_run_writes_one_row_per_task_and_objective_plus_base(quick):
+@pytest.mark.slow
+def test_quick_study_writes_every_run_with_its_items(quick):
     out, _ = quick
     rows = continuum.read_csv(str(out / "continuum.csv"))
-    expected = {(t, o) for t in continuum.DEFAULT_TASKS for o in (continuum.BASE, *continuum.OBJECTIVE_KEYS)}
-    assert [(r["task"], r["objective"]) for r in rows] == sorted(expected, key=lambda k: (
-        continuum.DEFAULT_TASKS.index(k[0]), (continuum.BASE, *continuum.OBJECTIVE_KEYS).index(k[1])))
+    expected = {(t, continuum.BASE, None) for t in QUICK_TASKS}
+    expected |= {(t, k, s) for t in QUICK_TASKS for k in continuum.OBJECTIVE_KEYS for s in range(QUICK_SEEDS)}
+    assert sorted(map(str, ((r["task"], r["objective"], r["seed"]) for r in rows))) == sorted(map(str, expected))
+    assert len({r["config"] for r in rows}) == 1
     for r in rows:
-        assert math.isfinite(r["accuracy"]) and 0.0 <= r["accuracy"] <= 1.0
-        assert r["n"] == 4 and r["accuracy"] == pytest.approx(r["correct"] / r["n"])
-        assert 0.0 <= r["base_mean_p"] <= 1.0 and r["base_accuracy"] == next(
-            b["accuracy"] for b in rows if b["task"] == r["task"] and b["objective"] == continuum.BASE)
-        # Same budget and data for every objective: the --quick budget was trained in full.
-        assert (r["steps"], r["batch_size"], r["num_train"], r["seed"]) == (
-            (0 if r["objective"] == continuum.BASE else 2), 2, 4, 0)
-        if r["objective"] != continuum.BASE:
-            assert r["noise"] == (0.3 if r["task"] == "capital" else 0.0)
-    alphas = {r["objective"]: r["alpha"] for r in rows if r["task"] == "add"}
-    assert (alphas["nll"], alphas["negprob"], alphas["alpha10"], alphas["thresholded"]) == (0.0, 1.0, 10.0, None)
-    assert 0.0 <= alphas["adaptive"] <= 1.0  # the controller's mean α, read from the run
+        assert r["n"] == continuum.QUICK["num_eval"] == len(r["items"]) and set(r["items"]) <= {"0", "1"}
+        assert r["correct"] == r["items"].count("1") and r["accuracy"] == pytest.approx(r["correct"] / r["n"])
+        if r["objective"] == continuum.BASE:
+            assert 0.0 <= r["base_mean_p"] <= 1.0 and r["steps"] == 0
+            continue
+        assert r["steps"] == continuum.QUICK["steps"]  # same budget for every objective
+        # Noise: round(0.3 x 4 rows) = 1 corrupted training answer on the noisy task, none elsewhere.
+        assert r["noisy_rows"] == (1 if r["task"] == "successor_noisy" else 0)
+    runs = {(r["objective"], r["seed"]): r for r in rows if r["task"] == "reverse3"}
+    assert [runs[(k, 0)]["alpha_mean"] for k in ("nll", "negprob", "alpha10")] == [0.0, 1.0, 10.0]
+    assert runs[("linear", 0)]["alphas"] == "0.000;0.500"  # LinearAlpha 0 -> 1 over the 2 steps
+    assert 0.0 <= runs[("adaptive", 0)]["alpha_mean"] <= 1.0  # the controller's mean α, read from the run
 
 
-def test_quick_run_writes_the_table_the_plot_and_the_runs(quick):
+@pytest.mark.slow
+def test_quick_study_writes_tables_plot_and_docs(quick):
     out, proc = quick
-    headers, table = C.parse_markdown_table((out / "continuum.md").read_text())
-    assert "accuracy" in headers and len(table) == len(continuum.DEFAULT_TASKS) * (1 + len(continuum.OBJECTIVE_KEYS))
-    assert "| figlet |" in proc.stdout  # the table is printed too
-    docs = (out / "benchmarks.md").read_text()  # --append: the section with the exact command and the machine
+    text = (out / "continuum.md").read_text()
+    assert "Δ vs NLL" in text and "Δ vs best static" in text and "Hit rate" in text
+    headers, table = C.parse_markdown_table(text)
+    assert headers[:3] == ["task (role)", "objective", "accuracy [95 % CI]"]
+    assert len(table) == len(QUICK_TASKS) * (1 + len(continuum.OBJECTIVE_KEYS))
+    assert "| reverse3 (report) |" in proc.stdout  # the table is printed too
+    docs = (out / "benchmarks.md").read_text()
     assert f"- command: `python benchmarks/continuum.py --quick --out {out} --append --docs" in docs
-    assert "- machine: " in docs and docs.count("| capital |") == 6
-    png = (out / "continuum.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
-    assert (out / "predictions" / "capital" / "adaptive.jsonl").read_text().count("\n") == 4
-    assert list((out / "runs" / "capital" / "adaptive").glob("events.out.tfevents.*"))
+    assert "- machine: " in docs and "held-out" in docs
+    assert (out / "continuum.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_noise_spec_and_zones():
-    assert continuum.parse_noise(["capital=0.3"], ["add", "capital"]) == {"add": 0.0, "capital": 0.3}
-    assert continuum.parse_noise(["0.2", "add=0"], ["add", "capital"]) == {"add": 0.0, "capital": 0.2}
-    assert continuum.parse_noise([], ["add"]) == {"add": 0.0}
-    assert continuum.parse_noise(["capital=0.3"], ["add"]) == {"add": 0.0}  # the default, capital not run
-    with pytest.raises(ValueError):
-        continuum.parse_noise(["capital=1.5"], ["capital"])
-    with pytest.raises(ValueError, match="captial"):
-        continuum.parse_noise(["captial=0.3"], ["capital"])  # a typo is not silently noise-free
-    assert continuum.zone_by_accuracy(0.30) == "model-strong"
-    assert continuum.zone_by_accuracy(math.nextafter(0.30, 0)) == "model-intermediate"
-    assert continuum.zone_by_accuracy(0.05) == "model-intermediate"
-    assert continuum.zone_by_accuracy(0.04) == "model-weak"
+@pytest.mark.slow
+def test_a_rerun_skips_finished_runs_and_an_interrupted_study_continues(quick, tmp_path):
+    out, _ = quick
+    work = tmp_path / "again"
+    work.mkdir()
+    lines = (out / "continuum.csv").read_text().splitlines(keepends=True)
+    (work / "continuum.csv").write_text("".join(lines[:-3]))  # as if stopped 3 runs before the end
+    proc = _study(work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 of " in proc.stderr and "runs to do" in proc.stderr
+    again = list(csv.DictReader(open(work / "continuum.csv", encoding="utf-8")))
+    assert len(again) == len(lines) - 1  # the 3 missing runs were run, nothing twice
+    keys = [(r["task"], r["objective"], r["seed"]) for r in again]
+    assert len(set(keys)) == len(keys)
+    proc = _study(work)  # complete: nothing to run
+    assert proc.returncode == 0 and "0 of " in proc.stderr
+    assert len(list(csv.DictReader(open(work / "continuum.csv", encoding="utf-8")))) == len(again)
 
 
-def test_eval_rows_are_distinct_and_report_the_overlap_with_training(tokenizer):
+def test_no_evaluation_item_is_ever_trained_on():
     import argparse
 
-    args = argparse.Namespace(num_train=128, num_eval=50, batch_size=8, seed=0, max_length=256)
-    for task, most_unseen in (("capital", False), ("add", True)):
-        data = continuum.datamodule(task, args, 0.3, tokenizer)
-        data.setup("fit")
-        rows, unseen = continuum.eval_rows(data, task, 50, seed=0)
-        prompts = [r["prompt"] for r in rows]
-        assert len(prompts) == len(set(prompts)) == 50 and all(r["task"] == task for r in rows)
-        train = {r["prompt"] for r in data.raw_rows("train")}
-        assert unseen == sum(p not in train for p in prompts)
-        # capital has 50 countries and 128 training rows: nearly all seen; add's rows are held out
-        assert (unseen >= 45) if most_unseen else (unseen <= 10)
-        assert rows == continuum.eval_rows(data, task, 50, seed=0)[0]  # the same rows for every objective
+    args = argparse.Namespace(num_eval=200)
+    for task in continuum.STUDY_TASKS.values():
+        held_out = continuum.eval_rows(task, args.num_eval)
+        prompts = {r["prompt"] for r in held_out}
+        assert len(prompts) == 200 and all(r["task"] == task.task for r in held_out)
+        for seed in range(3):
+            train = continuum.train_rows(task, 128, seed, prompts)
+            assert len(train) == 128 and not prompts & {r["prompt"] for r in train}
+        assert held_out == continuum.eval_rows(task, args.num_eval)  # the same items for every run
 
 
-def _row(task, objective, accuracy, alpha=None):
-    return {
-        "task": task, "objective": objective, "label": objective, "alpha": alpha, "alpha_final": alpha,
-        "accuracy": accuracy, "correct": int(accuracy * 10), "n": 10, "eval_unseen": 10, "base_mean_p": 0.5,
-        "zone_p": "model-strong", "zone_accuracy": "model-strong", "train_mean_p": 0.5, "noise": 0.0,
-        "train_seconds": 1.0, "eval_seconds": 1.0,
-    }  # fmt: skip
+def test_bootstrap_intervals_on_known_answers():
+    rng = np.random.default_rng(0)
+    same = (rng.random((3, 200)) < 0.5).astype(np.uint8)
+    mean, lo, hi = continuum.bootstrap(same, same.copy())
+    assert mean == 0.0 and lo <= 0.0 <= hi  # identical runs: the interval holds 0
+    right, wrong = np.ones((3, 200), np.uint8), np.zeros((3, 200), np.uint8)
+    mean, lo, hi = continuum.bootstrap(right, wrong)
+    assert mean == 1.0 and lo > 0.0  # right on every item against wrong on every item: excludes 0
+    assert continuum.bootstrap(wrong, right)[2] < 0.0
+    # A real but modest paired difference (b = a with 30 extra items right) is found; the accuracy
+    # interval of one array covers its own mean and has about the binomial width.
+    a = (rng.random((3, 200)) < 0.4).astype(np.uint8)
+    b = a.copy()
+    b[:, :30] = 1
+    diff = continuum.bootstrap(b, a)
+    assert diff[1] > 0.0 and diff[1] <= diff[0] <= diff[2]
+    acc, lo, hi = continuum.bootstrap(a)
+    assert lo < acc < hi and 0.04 < hi - lo < 0.2
+    with pytest.raises(ValueError):
+        continuum.bootstrap(np.zeros(5))
 
 
-def test_markdown_marks_the_best_objective_and_csv_round_trips(tmp_path):
-    rows = [_row("t", continuum.BASE, 0.4), _row("t", "nll", 0.2, 0.0), _row("t", "negprob", 0.6, 1.0),
-            _row("t", "thresholded", 0.5)]  # fmt: skip
-    _, table = C.parse_markdown_table(continuum.markdown(rows))
-    accuracy = {line[3]: line[5] for line in table}
-    assert accuracy == {"base": "0.400", "nll": "0.200", "negprob": "**0.600**", "thresholded": "0.500"}
-    continuum.write_csv(rows, str(tmp_path / "c.csv"))
-    back = continuum.read_csv(str(tmp_path / "c.csv"))
-    assert [(r["objective"], r["accuracy"], r["alpha"]) for r in back] == [
-        (r["objective"], r["accuracy"], r["alpha"]) for r in rows]
+def _rows(task, accuracies, seeds=3, n=100, base=0.6, mean_p=0.7):
+    """Synthetic CSV rows: objective -> accuracy (items right in a fixed order)."""
+    rows = [{"task": task, "role": "report", "objective": continuum.BASE, "seed": None, "alpha_mean": None,
+             "items": "1" * int(base * n) + "0" * (n - int(base * n)), "base_mean_p": mean_p,
+             "base_geometric_mean_p": mean_p / 2}]  # fmt: skip
+    for key, acc in accuracies.items():
+        k = int(acc * n)
+        for s in range(seeds):
+            rows.append({"task": task, "role": "report", "objective": key, "seed": s, "alpha_mean": 0.5,
+                         "items": "1" * k + "0" * (n - k)})  # fmt: skip
+    return rows
 
 
-def test_plot_draws_every_objective(tmp_path):
-    rows = [_row("a", continuum.BASE, 0.1), _row("a", "nll", 0.3, 0.0), _row("a", "negprob", 0.2, 1.0),
-            _row("a", "alpha10", 0.1, 10.0), _row("a", "thresholded", 0.15), _row("a", "adaptive", 0.25, 0.4)]
-    fig = continuum.plot(rows, str(tmp_path / "p.png"))
-    ax = fig.axes[0]
-    points = {tuple(map(float, xy)) for line in ax.lines for xy in line.get_xydata()}
-    assert {(0.0, 0.3), (1.0, 0.2), (10.0, 0.1), (0.4, 0.25), (continuum._X_THRESHOLDED, 0.15)} <= points
-    assert any(line.get_linestyle() == ":" and line.get_ydata()[0] == 0.1 for line in ax.lines)  # the base model
-    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+def test_summary_finds_the_best_static_objective_and_judges_the_controllers():
+    acc = {"nll": 0.30, "negprob": 0.60, "alpha10": 0.59, "thresholded": 0.10, "dft": 0.40, "adaptive": 0.58,
+           "linear": 0.20}  # fmt: skip
+    (s,) = continuum.summarize(_rows("t", acc), resamples=500)
+    assert s["best_static"] == "negprob" and s["seeds"] == [0, 1, 2] and s["base"] == 0.6
+    assert set(s["tied_with_best"]) == {"negprob", "alpha10"}
+    adaptive = s["objectives"]["adaptive"]
+    assert continuum._verdict(adaptive["vs_best"]) == "tied"  # 0.58 vs 0.60: items differ on 2 in 100
+    assert continuum._verdict(adaptive["vs_linear"]) == "better"
+    assert continuum._verdict(s["objectives"]["thresholded"]["vs_nll"]) == "**worse**"
+    diag = continuum.diagnosis(s)  # mean p 0.7 and base accuracy 0.6 both say −p, which won
+    assert diag["mean p (paper)"] == {"value": 0.7, "pick": "negprob", "hit": True}
+    assert diag["base accuracy"]["hit"]
+    text = continuum.markdown(_rows("t", acc))
+    assert "Hit rate: mean p (paper) 1/1; base accuracy 1/1" in text and "(best static)" in text
 
 
+def test_plan_runs_bases_first_then_whole_seeds_and_the_last_tasks_at_the_end():
+    import argparse
+
+    args = argparse.Namespace(tasks=["reverse3", "uppercase", "add"], objectives=["nll", "negprob"], seeds=2)
+    runs = continuum.plan(args)
+    assert runs[:3] == [("reverse3", "base", None), ("uppercase", "base", None), ("add", "base", None)]
+    assert runs[3:7] == [("reverse3", "nll", 0), ("reverse3", "negprob", 0), ("add", "nll", 0), ("add", "negprob", 0)]
+    assert all(t == "uppercase" for t, _, _ in runs[-4:]) and len(runs) == 3 + 3 * 2 * 2
+
+
+def test_successor_task_checks_natural_answers():
+    from bnll_lightning.tasks import TASKS
+
+    task = TASKS["successor"]
+    row = task.generate(1, 0)[0]
+    n = int(row["answer"])
+    assert task.check(str(n), row) and task.check(f"The number that comes after {n - 1} is {n}.", row)
+    assert not task.check(f"The number that comes after {n - 1} is {n - 1}.", row)
+    import random
+
+    assert all(task.corrupt(row["answer"], random.Random(i)) != row["answer"] for i in range(20))
+
+
+@pytest.mark.slow
 def test_task_table_is_measured_per_task(tmp_path):
     table = tmp_path / "tasks.md"
     proc = subprocess.run(
@@ -141,13 +196,3 @@ def test_task_table_is_measured_per_task(tmp_path):
         cells = dict(zip(headers, r))
         assert 0.0 <= float(cells["base mean p"]) <= 1.0 and 0.0 <= float(cells["base accuracy"]) <= 1.0
         assert cells["correct"].endswith("/4") and cells["zone by accuracy"].startswith("model-")
-
-
-def test_controller_statistic_entries_are_opt_in_and_drive_their_statistic():
-    assert set(continuum.OBJECTIVE_KEYS) < set(continuum.ENTRIES)  # not run by default
-    for key, statistic in (("adaptive", "mean"), ("adaptive_geometric", "geometric"), ("adaptive_quantile", "quantile")):
-        objective, controller = continuum.ENTRIES[key].make()
-        assert type(objective).__name__ == "AlphaFamily" and controller.statistic == statistic
-    rows = [_row("t", continuum.BASE, 0.4), _row("t", "adaptive_geometric", 0.5, 0.3)]
-    _, table = C.parse_markdown_table(continuum.markdown(rows))
-    assert table[1][4] == "0.30 (mean), 0.30 (end)"  # α read from the run, like the default controller

@@ -93,11 +93,18 @@ def test_cache_dir_env(tmp_path, monkeypatch):
     assert M.cache_dir() == tmp_path / "h" / ".cache" / "bnll_lightning"
 
 
-@pytest.mark.parametrize("name", ["HuggingFaceTB/SmolLM2-135M-Instruct", "/no/such/dir",
-                                  "embedded-ish", "./embedded"])
+@pytest.mark.parametrize("name", ["HuggingFaceTB/SmolLM2-135M-Instruct", "embedded-ish"])
 def test_other_names_pass_through(name, tmp_path, monkeypatch):
     monkeypatch.setenv("BNLL_CACHE_DIR", str(tmp_path))
     assert M.resolve_model_path(name) == name
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["/no/such/dir", "./embedded", "runs/x/hf_model"])
+def test_paths_that_do_not_exist_are_a_clear_error_not_a_hub_lookup(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("BNLL_CACHE_DIR", str(tmp_path))
+    with pytest.raises(M.ModelSourceError, match="no such directory"):
+        M.resolve_model_path(name)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -194,3 +194,74 @@ def test_trust_remote_code_is_off_by_default(monkeypatch):
         with pytest.raises(RuntimeError, match="stop"):
             SFTModule(model="org/model-with-remote-code", **given)
         assert seen == {"tokenizer": expected, "model": expected}
+
+
+# ----------------------------------------------------------------------------- errors a user can act on
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ("does/not/exist", "no such directory"),
+        ("./no_model_here", "no such directory"),
+        ("{empty}", "the directory holds no model (no config.json)"),
+        ("nosuchorg/nosuchmodel", "not a local directory, and the hub is off (HF_HUB_OFFLINE=1)"),
+    ],
+)
+def test_a_model_that_cannot_be_had_is_one_line_saying_which_case(model, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("BNLL_DEBUG", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = model.format(empty=tmp_path)
+    code, err = run_main(["fit", "--model.model", model, "--trainer.max_steps", "1",
+                          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert expected in err[0] and f"model {model!r}" in err[0] and "'embedded'" in err[0]
+
+
+def test_a_class_that_rejects_its_values_is_the_line_the_user_sees(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("BNLL_DEBUG", raising=False)
+    code, err = run_main(["fit", "--model.model", tiny_model_dir, "--model.objective", "AlphaFamily",
+                          "--model.alpha_controller", "AdaptiveAlpha", "--model.alpha_controller.init_args.low", "0.9",
+                          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")], capsys)  # fmt: skip
+    assert code == 2 and len(err) == 1, err
+    assert "low must be < high" in err[0] and "Union" not in err[0]
+
+
+def test_a_class_path_that_does_not_exist_lists_the_classes(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("BNLL_DEBUG", raising=False)
+    code, err = run_main(["fit", "--model.model", tiny_model_dir, "--model.objective.class_path",
+                          "bnll_lightning.objectives.NegativeP"], capsys)  # fmt: skip
+    assert code == 2 and len(err) == 1, err
+    assert "no class NegativeP in module bnll_lightning.objectives; it has: " in err[0]
+    assert "NegProb" in err[0] and "ObjectiveOutput" not in err[0]
+
+
+def test_malformed_json_reports_the_parsers_column(tmp_path):
+    from bnll_lightning.data import DataError, load_rows, resolve_sources
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"prompt": "3+3", "response": "6" "x": 1}\n')
+    with pytest.raises(DataError, match=r"line 1: malformed JSON: Expecting ',' delimiter \(column 35\)"):
+        load_rows(resolve_sources(str(bad))[0])
+
+
+def test_unknown_chat_roles_are_named(tmp_path):
+    from bnll_lightning.data import DataError, load_rows, resolve_sources
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "human", "content": "hi"}, {"role": "bot", "content": "yo"}]}))
+    with pytest.raises(DataError, match=r"row 0 \(line 1\): unknown role\(s\) 'bot', 'human'.*rename them"):
+        load_rows(resolve_sources(str(data))[0])
+
+
+def test_file_data_that_repeats_itself_is_warned_with_counts(tmp_path, tokenizer):
+    rows = [{"prompt": f"q{i % 3}", "response": f"a{i % 3}"} for i in range(10)]  # 7 of 10 are repeats
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    val.write_text("".join(json.dumps(r) + "\n" for r in rows[:2] + [{"prompt": "new", "response": "x"}]))
+    data = SFTDataModule(train=str(train), val=str(val), tokenizer=tokenizer)
+    with pytest.warns(UserWarning) as record:
+        data.setup("fit")
+    messages = [str(w.message) for w in record]
+    assert any("7 of 10 file rows are repeats" in m for m in messages)
+    assert any("validation data: 2 of 3 rows are also training rows" in m for m in messages)

@@ -119,6 +119,16 @@ CASES = {
          "Reversed: omulek", "o-m-u-l-e-k", "Sure!\nomulek"],
         ["kelumo", '"omulek" reversed is "kelumo"', "omule", "omuleks", ""],
     ),
+    "reverse3": (
+        "kab",
+        ["kab", "Kab.", 'The word "bak" reversed is "kab".', "k-a-b"],
+        ["bak", "ka", "kabs", ""],
+    ),
+    "successor": (
+        "348",
+        ["348", "348.", "The number that comes after 347 is 348.", "Answer: **348**"],
+        ["347", "The number that comes after 347 is 347.", "", "three hundred forty-eight"],
+    ),
     "figlet": (
         "CAT",
         ["CAT", "cat", "CAT.", "The word is CAT.", '"CAT"', "C A T", "C-A-T", "It says:\n\n**CAT**"],
