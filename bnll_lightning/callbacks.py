@@ -3,6 +3,7 @@ already computed and write it to TensorBoard; they never change training.
 
 * :class:`ProbabilityHistogram` - the distribution of the target tokens' p, every N optimizer steps
   (TensorBoard's HISTOGRAMS / DISTRIBUTIONS tabs, tag ``train/p``).
+* :class:`StepProgressBar` - the console's training bar counts optimizer steps out of ``max_steps``.
 * :class:`ContinuumLayout` - a CUSTOM SCALARS layout that draws α next to the confidence that
   drives it (``train/alpha``, ``train/mean_p``, ``train/mean_p_ema`` on one chart) and the objective
   next to the NLL of the same tokens.
@@ -16,9 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
-__all__ = ["ContinuumLayout", "ProbabilityHistogram", "CONTINUUM_LAYOUT"]
+__all__ = ["ContinuumLayout", "ProbabilityHistogram", "StepProgressBar", "CONTINUUM_LAYOUT"]
 
 # Tags are regular expressions in a custom-scalars layout: anchor them, or "train/mean_p" would
 # also pick up "train/mean_p_ema".
@@ -92,3 +94,50 @@ class ContinuumLayout(L.Callback):
             return
         for writer in _tensorboard_writers(trainer):
             writer.add_custom_scalars(self.layout)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, but the training bar counts optimizer steps out of ``max_steps``.
+
+    The stock bar counts micro-batches of the current epoch against the epoch's length, which reads
+    ``8/3`` after a mid-epoch resume and ``3/1`` under gradient accumulation, and restarts every epoch
+    of a step-budgeted run. Here the bar is ``step k/max_steps`` with k = ``trainer.global_step``: the
+    number TensorBoard, the schedules and the checkpoints count, resumed where the checkpoint stopped.
+    Runs budgeted in epochs (``max_steps: -1``) keep the stock bar.
+    """
+
+    @staticmethod
+    def _by_steps(trainer: L.Trainer) -> bool:
+        return trainer.max_steps is not None and trainer.max_steps > 0
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        if self._by_steps(trainer):  # one bar for the whole fit, from where a resumed run stands
+            self.train_progress_bar.reset(total=trainer.max_steps)
+            self.train_progress_bar.n = self.train_progress_bar.last_print_n = trainer.global_step
+            self._describe(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if not self._by_steps(trainer):
+            return super().on_train_epoch_start(trainer, *args)
+        self._describe(trainer)
+
+    def _describe(self, trainer: L.Trainer) -> None:
+        self.train_progress_bar.set_description(f"epoch {trainer.current_epoch}, step")
+        self.train_progress_bar.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        if not self._by_steps(trainer):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar = self.train_progress_bar
+        step = trainer.global_step
+        if bar is not None and step != bar.n and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._by_steps(trainer):
+            return super().on_train_epoch_end(trainer, pl_module)
+        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))

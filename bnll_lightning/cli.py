@@ -16,8 +16,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from bnll_lightning.callbacks import StepProgressBar
 from bnll_lightning.data import DataError, SFTDataModule
 from bnll_lightning.module import SFTModule
 
@@ -84,6 +86,16 @@ class SFTCLI(LightningCLI):
                 resuming = self.subcommand == "fit" and config.get("ckpt_path") == "last"
                 if resuming and item.get("class_path") == TENSORBOARD:
                     _continue_last_version(item["init_args"])
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer, with :class:`StepProgressBar` as its progress bar unless the config names one
+        or turns the bar off."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, StepProgressBar()])
+        return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         try:

@@ -101,3 +101,48 @@ def test_sft_module_adds_the_callbacks_by_default(tiny_model_dir, tmp_path):
     assert callbacks[-1].logging_interval == "step"
     with pytest.raises(ValueError):
         SFTModule(tiny_model_dir, histogram_every_n_steps=-1)
+
+
+class _Counts(L.Callback):
+    """What the training bar shows after each micro-batch: (n, total)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, *args):
+        bar = trainer.progress_bar_callback.train_progress_bar
+        self.seen.append((bar.n, bar.total))
+
+
+def _fit_with_bar(tmp_path, max_steps, ckpt_path=None, **kwargs):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from bnll_lightning.callbacks import StepProgressBar
+
+    counts = _Counts()
+    trainer = L.Trainer(
+        max_steps=max_steps, logger=False, callbacks=[StepProgressBar(), counts, ModelCheckpoint(dirpath=tmp_path,
+        save_last=True, every_n_train_steps=1)], enable_model_summary=False, default_root_dir=tmp_path, **kwargs,
+    )  # fmt: skip
+    trainer.fit(Toy(), ckpt_path=ckpt_path)
+    return counts.seen
+
+
+def test_step_progress_bar_counts_optimizer_steps_across_accumulation_epochs_and_resume(tmp_path):
+    # 12 batches per epoch, 2 micro-batches per step: 8 steps run into a second epoch.
+    seen = _fit_with_bar(tmp_path, 8, accumulate_grad_batches=2)
+    assert seen[-1] == (8, 8) and all(total == 8 for _, total in seen)
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen)  # one bar for the whole run, never reset
+    assert seen[1][0] == 1 and seen[0][0] == 0  # a step is counted when the optimizer has stepped
+    resumed = _fit_with_bar(tmp_path / "more", 10, ckpt_path=str(tmp_path / "last.ckpt"), accumulate_grad_batches=2)
+    assert resumed[0][1] == 10 and resumed[0][0] >= 8 and resumed[-1] == (10, 10)
+
+
+def test_the_cli_uses_the_step_bar_unless_the_config_says_otherwise(tiny_model_dir):
+    from bnll_lightning.callbacks import StepProgressBar
+    from bnll_lightning.cli import SFTCLI, load_from_config
+
+    cli = load_from_config(["--model.model", tiny_model_dir, "--trainer.max_steps", "2"], SFTCLI)
+    assert isinstance(cli.trainer.progress_bar_callback, StepProgressBar)
+    cli = load_from_config(["--model.model", tiny_model_dir, "--trainer.enable_progress_bar", "false"], SFTCLI)
+    assert cli.trainer.progress_bar_callback is None
