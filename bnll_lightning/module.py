@@ -371,13 +371,18 @@ class SFTModule(L.LightningModule):
         acc, self._acc = self._acc, None
         if acc is None:
             return
+        params = [p for p in self.parameters() if p.grad is not None]
+        # A finite loss can still give an Inf/NaN gradient (an overflow in backward): count this rank's
+        # non-finite gradients in the step's sums, so every rank skips together at the one host sync.
+        bad = torch.stack([(~torch.isfinite(n)).float() for n in torch._foreach_norm([p.grad for p in params])]).sum()[None] \
+            if params else acc.new_zeros(1)  # fmt: skip
+        acc = torch.cat([acc, bad.to(acc)])
         if self.trainer.world_size > 1:
             acc = self.trainer.strategy.reduce(acc, reduce_op="sum")
-        s = dict(zip(_STATS, acc.tolist()))  # the one host sync of the step
+        s = dict(zip((*_STATS, "nonfinite_grads"), acc.tolist()))  # the one host sync of the step
         self.last_step_stats = s
-        params = [p for p in self.parameters() if p.grad is not None]
-        if not math.isfinite(s["loss_sum"]):
-            self._skip_step(params)
+        if not math.isfinite(s["loss_sum"]) or s["nonfinite_grads"]:
+            self._skip_step(params, "loss" if not math.isfinite(s["loss_sum"]) else "gradient")
             return
         self._nonfinite_in_a_row = 0
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(s["normalizer"], 1.0)
@@ -409,31 +414,41 @@ class SFTModule(L.LightningModule):
             bar["alpha"] = alpha
         self.log_dict(bar, prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
-    def _skip_step(self, params: list[Tensor]) -> None:
-        """A NaN/Inf loss: drop the gradients so the optimizer leaves every weight alone."""
+    def _skip_step(self, params: list[Tensor], what: str) -> None:
+        """A NaN/Inf loss or gradient: drop the gradients so the optimizer leaves every weight alone
+        (parameters without a gradient are skipped by torch's optimizers, weight decay included)."""
         for p in params:
             p.grad = None
         self.nonfinite_steps += 1
         self._nonfinite_in_a_row += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
-        rank_zero_warn(f"non-finite loss at step {self.global_step}: step skipped ({self._nonfinite_in_a_row} in a row)")
+        if self.alpha_controller is not None:
+            # Schedules count calls: a skipped step is still a step of the global count (α keeps its EMA).
+            self.objective.alpha = self.alpha_controller.update(None)
+        rank_zero_warn(f"non-finite {what} at step {self.global_step}: step skipped ({self._nonfinite_in_a_row} in a row)")
         if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise FloatingPointError(
-                f"{self._nonfinite_in_a_row} optimizer steps in a row had a NaN/Inf loss (model.max_nonfinite_steps);"
-                " stopping. The weights are those of the last finite step; earlier checkpoints are kept."
+                f"{self._nonfinite_in_a_row} optimizer steps in a row had a NaN/Inf loss or gradient"
+                " (model.max_nonfinite_steps); stopping. The weights are those of the last finite step; earlier"
+                " checkpoints are kept."
             )
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> None:
+        """NLL, mean p and token accuracy of the batch's targets, logged as ``{prefix}/...`` per epoch."""
         logp, mask, correct = self._eval_logprobs(batch)
         self.val_nll.update(-logp[mask])
         self.val_mean_p.update(logp[mask].exp())
         self.val_token_accuracy.update(correct[mask].float())
-        self.log("val/nll", self.val_nll, prog_bar=True)
-        self.log("val/mean_p", self.val_mean_p)
-        self.log("val/token_accuracy", self.val_token_accuracy)
-
-    test_step = validation_step
+        self.log(f"{prefix}/nll", self.val_nll, prog_bar=True)
+        self.log(f"{prefix}/mean_p", self.val_mean_p)
+        self.log(f"{prefix}/token_accuracy", self.val_token_accuracy)
 
     @torch.no_grad()
     def _eval_logprobs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -530,7 +545,8 @@ class SFTModule(L.LightningModule):
         state = checkpoint.get("bnll", {})
         if self.alpha_controller is not None and state.get("alpha_controller") is not None:
             self.alpha_controller.load_state_dict(state["alpha_controller"])
-        if isinstance(self.objective, AlphaFamily) and state.get("alpha") is not None:
+        if self.alpha_controller is not None and state.get("alpha") is not None:
+            # A controller's α is state; a static objective's α is config, and the config given now wins.
             self.objective.alpha = state["alpha"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         # Set at the first resumed batch, not here: restoring the loops creates the data iterator,

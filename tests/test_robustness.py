@@ -265,3 +265,57 @@ def test_file_data_that_repeats_itself_is_warned_with_counts(tmp_path, tokenizer
     messages = [str(w.message) for w in record]
     assert any("7 of 10 file rows are repeats" in m for m in messages)
     assert any("validation data: 2 of 3 rows are also training rows" in m for m in messages)
+
+
+class InfGradAt(L.Callback):
+    """An Inf in one gradient at the given global steps, with a finite loss (an overflow in backward)."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step in self.steps:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append({n: p.detach().clone() for n, p in pl_module.model.named_parameters()})
+
+
+def test_a_nonfinite_gradient_with_a_finite_loss_skips_the_step_and_the_schedule_keeps_counting(tmp_path, tiny_model_dir):
+    from bnll_lightning.alpha import LinearAlpha
+    from bnll_lightning.objectives import AlphaFamily
+
+    schedule = LinearAlpha(0.0, 1.0, steps=4)
+    module = SFTModule(model=tiny_model_dir, objective=AlphaFamily(0.0), alpha_controller=schedule,
+                       histogram_every_n_steps=0, export_dir=str(tmp_path / "export"))  # fmt: skip
+    data = SFTDataModule(train="builtin:sort", num_train=16, num_val=0, batch_size=2, tokenizer=module.tokenizer)
+    inf = InfGradAt([1])
+    trainer = L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[inf], default_root_dir=str(tmp_path), gradient_clip_val=1.0)  # fmt: skip
+    with pytest.warns(UserWarning, match="non-finite gradient at step 1"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 4 and module.nonfinite_steps == 1
+    w = inf.weights
+    assert all(torch.equal(w[0][n], w[1][n]) for n in w[0])  # the skipped step left every weight alone
+    assert all(torch.isfinite(w[-1][n]).all() for n in w[0])
+    assert schedule.step == trainer.global_step and module.objective.alpha == schedule.alpha_at(4) == 1.0
+
+
+def test_a_resumed_static_objective_keeps_the_configured_alpha():
+    from bnll_lightning.objectives import AlphaFamily
+
+    module = SFTModule.__new__(SFTModule)  # only the checkpoint hook is under test: no model needed
+    L.LightningModule.__init__(module)
+    module.objective, module.alpha_controller = AlphaFamily(10.0), None
+    module.on_load_checkpoint({"bnll": {"alpha": 1.0, "alpha_controller": None}})
+    assert module.objective.alpha == 10.0
+
+
+def test_test_step_logs_under_test(tmp_path, tiny_model_dir):
+    module = SFTModule(model=tiny_model_dir, histogram_every_n_steps=0)
+    data = SFTDataModule(train="builtin:sort", num_train=8, num_val=4, batch_size=2, tokenizer=module.tokenizer)
+    data.test_dataloader = data.val_dataloader
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    (metrics,) = trainer.test(module, datamodule=data, verbose=False)
+    assert set(metrics) == {"test/nll", "test/mean_p", "test/token_accuracy"}
