@@ -46,6 +46,7 @@ from bnll_lightning.objectives import (
     token_stats,
 )
 from bnll_lightning.schedules import resolve_warmup, warmup_cosine
+from bnll_lightning.strategies import is_sharded
 from bnll_lightning.streaming import (
     forward_hidden,
     head_logits,
@@ -73,6 +74,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def decay_groups(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """Trainable parameters split into (weight decay, no weight decay): biases and the weights of
+    normalisation layers get none, every other weight (embeddings included) does.
+
+    Decided by what a parameter is (its name and its module's type), not by its shape: under FSDP the
+    optimizer is built after wrapping, when every parameter is a flat 1-D shard, and a shape rule would
+    put every weight in the no-decay group."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        norm = "norm" in type(module).__name__.lower()  # LayerNorm, RMSNorm, LlamaRMSNorm, GroupNorm, ...
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                (no_decay if norm or name == "bias" else decay).append(p)
+    return decay, no_decay
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -312,6 +329,12 @@ class SFTModule(L.LightningModule):
         from bnll_lightning.probe import sample_batches  # probe imports the CLI, which imports this module
 
         controller, trainer = self.alpha_controller, self.trainer
+        if is_sharded(trainer.strategy):
+            raise ValueError(
+                "model.probe_batches runs the model outside the sharded wrapper, which FSDP cannot do: set"
+                " model.probe_batches: 0 and start the controller with alpha_controller.init_args.initial, the"
+                " statistic `python -m bnll_lightning probe` reports for the base model"
+            )
         batches = sample_batches(
             trainer.train_dataloader, self.probe_batches, rank=trainer.global_rank, world_size=trainer.world_size
         )
@@ -477,10 +500,7 @@ class SFTModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
+        decay, no_decay = decay_groups(self.model)
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = self.optimizer_factory(groups)
         if self.lr_scheduler_factory is not None:

@@ -102,7 +102,9 @@ def sample_batches(
     dataset = loader.dataset
     if loader.batch_size is None or not hasattr(dataset, "__len__"):
         return itertools.islice(loader, limit)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[rank::world_size]
+    # Every rank the same number of rows (so of batches): under DDP a rank with one batch more would wait.
+    usable = len(dataset) - len(dataset) % world_size
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:usable][rank::world_size]
     if limit is not None:
         order = order[: limit * loader.batch_size]
     return DataLoader(Subset(dataset, order.tolist()), batch_size=loader.batch_size, collate_fn=loader.collate_fn)

@@ -87,3 +87,10 @@ class HFFSDPStrategy(FSDPStrategy):
         if self.checkpoint_decoder_layers and not self._activation_checkpointing_kwargs:
             self._activation_checkpointing_kwargs = {"auto_wrap_policy": ModuleWrapPolicy(decoder_layer_classes(model))}
         return super()._setup_model(model)
+
+
+def is_sharded(strategy: Any) -> bool:
+    """Whether ``strategy`` shards the weights (FSDP, FSDP2 through ModelParallelStrategy, DeepSpeed):
+    then no code may run the model outside the wrapped forward."""
+    name = type(strategy).__name__
+    return isinstance(strategy, FSDPStrategy) or any(k in name for k in ("FSDP", "ModelParallel", "DeepSpeed"))

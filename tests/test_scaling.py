@@ -128,3 +128,38 @@ def test_fused_adamw_is_clipped_on_true_gradients_under_mixed_precision(precisio
     assert len(norms) == 3 and len(scales) == 3
     assert all(s is None for s in scales)  # unscaled before the step: the fused kernel does not divide again
     assert norms == pytest.approx([clip] * 3, rel=1e-3)
+
+
+def test_weight_decay_groups_come_from_names_not_shapes(tiny_model_dir):
+    """Under FSDP the optimizer sees flat 1-D shards: the groups must not depend on shapes."""
+    from bnll_lightning.models import load_model
+    from bnll_lightning.module import decay_groups
+
+    model = load_model(tiny_model_dir)
+    decay, no_decay = decay_groups(model)
+    by_shape = [p for p in model.parameters() if p.ndim >= 2], [p for p in model.parameters() if p.ndim < 2]
+    assert [id(p) for p in decay] == [id(p) for p in by_shape[0]] and no_decay and len(no_decay) == len(by_shape[1])
+    for p in model.parameters():  # what FSDP's flat parameters look like to the optimizer
+        p.data = p.data.view(-1)
+    assert [list(map(id, g)) for g in decay_groups(model)] == [list(map(id, decay)), list(map(id, no_decay))]
+
+
+def test_probe_batches_refuse_a_sharded_strategy_and_give_ranks_equal_batches(tiny_model_dir):
+    from types import SimpleNamespace
+
+    import torch
+
+    from bnll_lightning.alpha import AdaptiveAlpha
+    from bnll_lightning.module import SFTModule
+    from bnll_lightning.objectives import AlphaFamily
+    from bnll_lightning.probe import sample_batches
+    from bnll_lightning.strategies import HFFSDPStrategy
+
+    loader = torch.utils.data.DataLoader(list(range(11)), batch_size=2)
+    counts = [len(list(sample_batches(loader, None, rank=r, world_size=2))) for r in (0, 1)]
+    rows = [sum(len(b) for b in sample_batches(loader, None, rank=r, world_size=2)) for r in (0, 1)]
+    assert counts[0] == counts[1] and rows == [5, 5]
+    module = SFTModule(model=tiny_model_dir, objective=AlphaFamily(0.0), alpha_controller=AdaptiveAlpha(), probe_batches=2)
+    module.trainer = SimpleNamespace(strategy=HFFSDPStrategy(), world_size=2, global_rank=0)  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="FSDP cannot do: set model.probe_batches: 0"):
+        module._start_controller_from_probe()
