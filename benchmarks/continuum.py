@@ -38,6 +38,7 @@ import copy
 import csv
 import fcntl
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -423,6 +424,7 @@ def summarize(rows: Sequence[dict[str, Any]], resamples: int = 4000) -> list[dic
         if not seeds:
             out.append(summary)
             continue
+        mats = {k: mats[k] for k in ENTRIES if k in mats}  # the table's order, not the CSV's
         for key, m in mats.items():
             acc = bootstrap(_stack(m, seeds), resamples=resamples)
             vs_nll = bootstrap(_stack(m, seeds), _stack(mats["nll"], seeds), resamples) if "nll" in mats else None
@@ -683,6 +685,7 @@ def _run_missing(args, tasks, config, csv_path, work, shard, shards) -> None:
         task = by_name[task_name]
         bar.set_postfix_str(f"{task_name} {key} seed {seed}")
         row = run_base(task, args, work) if key == BASE else run_one(task, key, seed, args, work)
+        gc.collect()  # module <-> trainer cycles hold a model copy and its optimizer state: free them now
         row.update(config=config, task=task.name, role=task.role, noise=task.noise, batch_size=args.batch_size,
                    lr=args.lr, num_train=args.num_train, model=args.model, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         append_row(csv_path, row)

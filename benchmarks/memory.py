@@ -2,6 +2,7 @@
 that fits a fixed memory budget each way.
 
 A training step is ``SFTModule.training_step`` (log p, objective, statistics) and ``backward``,
+for NLL and for each objective that needs more than log p (entropies, ASFT's frozen reference),
 the weight gradients included, on a small decoder body (SmolLM2's hidden size 576, 2 layers, its
 49 152-token vocabulary) so the output head dominates as it does in real SFT at large vocabularies.
 Every position is a target (no prompt), the case least favourable to the streamed path, which
@@ -70,11 +71,25 @@ def _reset_peak() -> bool:
         return False
 
 
-def build(model_dir: str, streamed: bool, chunk_size: int):
+def objectives() -> dict[str, object]:
+    """Objective rows beyond NLL (name -> factory). ASFT's reference is the model itself, loaded
+    again in float32: its weights are reported apart from the step's peak (they sit in the baseline)."""
+    from bnll_lightning.objectives import ASFT, EAFT, TokenAlpha
+
+    return {
+        "EAFT (top-20 entropy)": lambda: EAFT(1.0, k=20),
+        "TokenAlpha (entropy signal)": lambda: TokenAlpha(1.0, signal="entropy"),
+        "ASFT (KL to a float32 reference)": lambda: ASFT(0.1),
+    }
+
+
+def build(model_dir: str, streamed: bool, chunk_size: int, objective: str | None = None):
     from bnll_lightning.module import SFTModule
 
+    made = None if objective is None else objectives()[objective]()
     with C.quiet():
-        return SFTModule(model=model_dir, streamed=streamed, chunk_size=chunk_size, histogram_every_n_steps=0)
+        return SFTModule(model=model_dir, streamed=streamed, chunk_size=chunk_size, histogram_every_n_steps=0,
+                         objective=made)
 
 
 def measure(module, batch_size: int, seq_len: int) -> dict:
@@ -98,16 +113,19 @@ def measure(module, batch_size: int, seq_len: int) -> dict:
         raise RuntimeError(f"non-finite loss {loss.item()}")
     del loss
     module.zero_grad(set_to_none=True)
+    reference = module.objective.reference
     return {"delta": (peak - baseline) * 1024, "baseline": baseline * 1024, "method": method,
-            "streamed": module.streamed, "attention": module.model.config._attn_implementation}
+            "streamed": module.streamed, "attention": module.model.config._attn_implementation,
+            "reference_bytes": 0 if reference is None else reference.num_bytes()}
 
 
 def measure_isolated(
-    model_dir: str, batch_size: int, seq_len: int, streamed: bool, chunk_size: int, threads: int
+    model_dir: str, batch_size: int, seq_len: int, streamed: bool, chunk_size: int, threads: int,
+    objective: str | None = None,
 ) -> dict:
     """:func:`measure` in a fresh Python process (no allocator state from earlier measurements)."""
     spec = json.dumps(dict(model_dir=model_dir, batch_size=batch_size, seq_len=seq_len, streamed=streamed,
-                           chunk_size=chunk_size))
+                           chunk_size=chunk_size, objective=objective))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, __file__, "--child", spec, "--threads", str(threads)],
                           capture_output=True, text=True, env=env)
@@ -166,7 +184,7 @@ def main(argv: list[str] | None = None) -> str:
     threads = C.set_threads(args.threads)
     if args.child:  # one measurement for the parent process
         spec = json.loads(args.child)
-        module = build(spec["model_dir"], spec["streamed"], spec["chunk_size"])
+        module = build(spec["model_dir"], spec["streamed"], spec["chunk_size"], spec.get("objective"))
         print(json.dumps(measure(module, spec["batch_size"], spec["seq_len"])))
         return ""
     if args.quick:
@@ -186,14 +204,16 @@ def main(argv: list[str] | None = None) -> str:
 
         modules = {}
 
-        def one(batch_size: int, seq_len: int, streamed: bool) -> dict:
+        def one(batch_size: int, seq_len: int, streamed: bool, objective: str | None = None) -> dict:
             if args.in_process:
-                if streamed not in modules:
-                    modules[streamed] = build(model_dir, streamed, args.chunk_size)
-                return measure(modules[streamed], batch_size, seq_len)
-            return measure_isolated(model_dir, batch_size, seq_len, streamed, args.chunk_size, threads)
+                if (streamed, objective) not in modules:
+                    modules[streamed, objective] = build(model_dir, streamed, args.chunk_size, objective)
+                return measure(modules[streamed, objective], batch_size, seq_len)
+            return measure_isolated(model_dir, batch_size, seq_len, streamed, args.chunk_size, threads, objective)
 
         main_runs = {s: one(args.batch_size, args.seq_len, s) for s in (False, True)}
+        objective_runs = {name: {s: one(args.batch_size, args.seq_len, s, name) for s in (False, True)}
+                          for name in objectives()}
         if not main_runs[True]["streamed"]:
             raise RuntimeError("SFTModule fell back to full logits: the streamed path is off for this model")
         budget = args.budget_gib * GIB
@@ -218,14 +238,24 @@ def main(argv: list[str] | None = None) -> str:
     gain = searches[True][0] / searches[False][0] if searches[False][0] else float("nan")
     rows.append([f"longest sequence in {C.fmt(args.budget_gib, 2)} GiB, batch {args.budget_batch_size} (tokens)",
                  longest[False], longest[True], C.fmt(gain, 2) + (" (at least)" if searches[True][1] else ""), "-"])
+    for name, runs in objective_runs.items():
+        naive_o, streamed_o = runs[False]["delta"], runs[True]["delta"]
+        rows.append([f"peak memory of a step, {name}, {args.batch_size} x {args.seq_len} tokens (GiB over the model)",
+                     C.fmt(naive_o / GIB), C.fmt(streamed_o / GIB), C.fmt(streamed_o / naive_o), "-"])
+        reference = runs[True]["reference_bytes"]
+        if reference:  # the anchor's weights: in the baseline of the step, so shown on their own
+            rows.append([f"{name}: the reference's weights (GiB, on top of the model)", C.fmt(reference / GIB),
+                         C.fmt(reference / GIB), C.fmt(1.0), "-"])
     table = C.markdown_table(["measure", "naive (full logits)", "streamed", "streamed / naive", "target"], rows)
     isolation = "in this process (--quick/--in-process)" if args.in_process else "each in a fresh Python process"
     conditions = [
         f"model: SmolLM2 config (hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocabulary"
         f" {config.vocab_size}, tied head), random init, {n_params / 1e6:.1f} M parameters, float32,"
         f" attention {main_runs[True]['attention']}",
-        "step: SFTModule.training_step + backward (NLL, weight gradients included, no optimizer state);"
-        f" every position a target; streamed chunk_size {args.chunk_size}",
+        "step: SFTModule.training_step + backward (NLL unless the row names another objective, weight gradients"
+        f" included, no optimizer state); every position a target; streamed chunk_size {args.chunk_size}",
+        "objective rows: the step's peak over the loaded model(s) and batch; ASFT's reference (the same"
+        " architecture, float32) adds its forward to the step and its weights, shown in their own row, to the model",
         f"memory: peak resident set of the step over the loaded model and batch ({main_runs[True]['method']}),"
         f" measured {isolation}; mallopt mmap threshold 64 KiB",
         f"budget search: doubling then bisection to {args.granularity} tokens, cap {args.max_seq_len};"

@@ -28,11 +28,21 @@ from benchmarks import _common as C
 TARGET = 1.03  # an objective may cost at most 3 % over NLL per optimizer step
 
 
-def objectives() -> list[tuple[str, object, object]]:
-    """(name, objective, alpha controller or None) in table order; NLL first."""
-    from bnll_lightning.alpha import AdaptiveAlpha
-    from bnll_lightning.objectives import DFT, NLL, AlphaFamily, Focal, NegProb, ThresholdedNLL, TopFraction
+ASFT_NAME = "ASFT(0.1), float32 reference = the model"
+REFERENCE_ROW = "ASFT, of which the reference's forward"
 
+
+def objectives(model_dir: str | None = None) -> list[tuple[str, object, object]]:
+    """(name, objective, alpha controller or None) in table order; NLL first. With ``model_dir``,
+    ASFT's frozen reference is loaded from it (the same model, float32, as SFTModule would)."""
+    from bnll_lightning.alpha import AdaptiveAlpha
+    from bnll_lightning.objectives import (
+        ASFT, DFT, EAFT, NLL, AlphaFamily, Focal, NegProb, ThresholdedNLL, TokenAlpha, TopFraction,
+    )
+
+    asft = ASFT(0.1)
+    if model_dir is not None:
+        asft.bind_reference(model_dir)
     return [
         ("NLL", NLL(), None),
         ("NLL again (noise floor)", NLL(), None),
@@ -43,7 +53,28 @@ def objectives() -> list[tuple[str, object, object]]:
         ("DFT", DFT(), None),
         ("Focal(2)", Focal(2.0), None),
         ("AlphaFamily + AdaptiveAlpha", AlphaFamily(0.0), AdaptiveAlpha()),
+        ("EAFT(k=20)", EAFT(1.0, k=20), None),
+        ("TokenAlpha(1), signal p", TokenAlpha(1.0), None),
+        ("TokenAlpha(1), signal entropy", TokenAlpha(1.0, signal="entropy"), None),
+        ("TokenAlpha + AdaptiveAlpha", TokenAlpha(0.0), AdaptiveAlpha()),
+        (ASFT_NAME, asft, None),
     ]
+
+
+def _timed_reference(objective: object, seconds: list[float]) -> None:
+    """Record the wall time of each forward of ``objective``'s reference model into ``seconds``."""
+    reference = getattr(objective, "reference", None)
+    if reference is None:
+        return
+    forward = reference.hidden_and_head
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = forward(*args, **kwargs)
+        seconds.append(time.perf_counter() - t0)
+        return out
+
+    reference.hidden_and_head = timed
 
 
 def schedule(n: int, rounds: int, seed: int = 0) -> list[int]:
@@ -57,13 +88,19 @@ def schedule(n: int, rounds: int, seed: int = 0) -> list[int]:
     return order
 
 
-def run(model_dir: str, batch: dict, rounds: int, streamed: bool, work_dir: str) -> tuple[list[str], list[list[float]]]:
-    """Train round-robin; return the entry names and each entry's timed step seconds (one per round)."""
+def run(
+    model_dir: str, batch: dict, rounds: int, streamed: bool, work_dir: str
+) -> tuple[list[str], list[list[float]], list[float]]:
+    """Train round-robin; return the entry names, each entry's timed step seconds (one per round)
+    and the seconds of the ASFT reference's forward in each timed ASFT step."""
     import lightning.pytorch as L
 
-    entries = objectives()
+    entries = objectives(model_dir)
     order = schedule(len(entries), rounds)
     times: list[list[float]] = [[] for _ in entries]
+    reference_seconds: list[float] = []
+    for _, objective, _ in entries:
+        _timed_reference(objective, reference_seconds)
 
     class RoundRobin(L.Callback):
         def __init__(self) -> None:
@@ -80,14 +117,17 @@ def run(model_dir: str, batch: dict, rounds: int, streamed: bool, work_dir: str)
             elapsed = time.perf_counter() - self.t0
             if self.step >= len(entries):  # the first round is the warm-up
                 times[order[self.step]].append(elapsed)
+            elif pl_module.objective.reference is not None:
+                reference_seconds.pop()  # the warm-up's reference forward is not timed either
             self.step += 1
             print(f"[objective_overhead] step {self.step}/{len(order)} {entries[order[self.step - 1]][0]}:"
                   f" {elapsed:.3f} s", file=sys.stderr, flush=True)
 
     C.fit_on_batch(model_dir, batch, len(order), work_dir, [RoundRobin()], streamed=streamed)
-    if any(len(t) != rounds for t in times):
-        raise RuntimeError(f"expected {rounds} timed steps per objective, got {[len(t) for t in times]}")
-    return [name for name, _, _ in entries], times
+    if any(len(t) != rounds for t in times) or len(reference_seconds) != rounds:
+        raise RuntimeError(f"expected {rounds} timed steps per objective, got {[len(t) for t in times]}"
+                           f" and {len(reference_seconds)} reference forwards")
+    return [name for name, _, _ in entries], times, reference_seconds
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -112,7 +152,8 @@ def main(argv: list[str] | None = None) -> str:
         n_params = C.save_random_model(f"{work}/model", **overrides)
         vocab = C.embedded_config().vocab_size
         batch = C.fixed_batch(args.batch_size, args.seq_len, vocab)
-        names, times = run(f"{work}/model", batch, args.rounds, streamed=not args.naive, work_dir=work)
+        names, times, reference_seconds = run(f"{work}/model", batch, args.rounds, streamed=not args.naive,
+                                              work_dir=work)
     load1 = C.load_average()
 
     nll = times[0]
@@ -125,6 +166,10 @@ def main(argv: list[str] | None = None) -> str:
             continue
         ok = "yes" if ratio <= TARGET else "**no**"
         rows.append([name, C.fmt(ratio), f"{min(per_round):.3f} - {max(per_round):.3f}", ok])
+        if name == ASFT_NAME:  # the frozen model's own cost, apart from the KL's head work
+            per_round = [a / b for a, b in zip(reference_seconds, nll)]
+            rows.append([REFERENCE_ROW, C.fmt(C.median(reference_seconds) / C.median(nll)),
+                         f"{min(per_round):.3f} - {max(per_round):.3f}", "(part of the row above)"])
     table = C.markdown_table(
         ["objective", "step time / NLL (ratio of medians)", "per-round ratio, min - max", f"<= {TARGET}"], rows
     )
@@ -138,6 +183,8 @@ def main(argv: list[str] | None = None) -> str:
         " gradient clipping 1.0, Lightning fit loop, no logger",
         f"{args.rounds} timed rounds after 1 warm-up round, each round in a fresh random order;"
         f" median NLL step {C.median(nll):.3f} s (context only)",
+        "ASFT: its reference is a second float32 copy of the model (no gradients); the row below it is that"
+        " model's body forward alone (time / NLL step); the KL's head work on both models is in ASFT's own row",
     ]
     return C.report(
         "Objective overhead: optimizer-step time / NLL", "objective_overhead.py", args, argv, threads, table, conditions,

@@ -102,8 +102,20 @@ class SFTCLI(LightningCLI):
             super().instantiate_classes()
         except DataError:
             raise
-        except ValueError as err:  # a class rejected a value of the config
-            raise ConfigError(str(_root_cause(err))) from err
+        except ValueError as err:  # a class of ours rejected a value of the config: one line
+            cause = _root_cause(err)
+            if not _raised_by_us(cause):
+                raise  # a ValueError from inside torch or transformers is a bug or their message: keep its trace
+            raise ConfigError(str(cause)) from err
+
+
+def _raised_by_us(err: BaseException) -> bool:
+    """Whether ``err`` was raised by this package's validation (or by jsonargparse's own checks)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    return any(f"{os.sep}{pkg}{os.sep}" in where for pkg in ("bnll_lightning", "jsonargparse"))
 
 
 def _root_cause(err: BaseException) -> BaseException:

@@ -10,8 +10,11 @@ gives the pieces every evaluation here reuses:
   checker for rows of a built-in task, else ``normalized``;
 * :func:`evaluate_generation` - prompts formatted exactly as in training
   (``SFTDataModule.encode_prompt``), generation, scoring -> :class:`EvalResult`;
-* :class:`GenerationEval` - a Lightning callback that logs ``val/accuracy`` at validation end and
-  writes ``predictions/step_<N>.jsonl`` in the log directory (add it to ``trainer.callbacks``);
+* :func:`pass_at_k` (unbiased, Chen et al. 2021) and :func:`majority_index` (maj@k voting) for
+  sampled evaluation, where each prompt gets ``num_samples`` answers;
+* :class:`GenerationEval` - a Lightning callback that logs ``val/accuracy`` (and with sampling
+  ``val/pass@k``, ``val/maj@n``) at validation end and writes ``predictions/step_<N>.jsonl`` in
+  the log directory (add it to ``trainer.callbacks``);
 * :func:`main` - ``python -m bnll_lightning evaluate --config configs/demo.yaml
   [--ckpt_path path.ckpt] [--split val] [--num_rows N] [--max_new_tokens M] [--checker name]
   [--output preds.jsonl]``.
@@ -20,6 +23,7 @@ gives the pieces every evaluation here reuses:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -51,7 +55,9 @@ __all__ = [
     "gold_answer",
     "load_checkpoint_weights",
     "main",
+    "majority_index",
     "normalize_answer",
+    "pass_at_k",
     "stop_token_ids",
     "write_jsonl",
 ]
@@ -230,14 +236,105 @@ def generate(
 # --------------------------------------------------------------------------------------------
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one prompt with ``c`` correct answers among ``n`` samples (Chen et al. 2021,
+    arXiv 2107.03374): the chance that ``k`` of the ``n`` drawn without replacement hold a correct
+    one, 1 - C(n - c, k) / C(n, k). Averaged over prompts it estimates pass@k without the bias of
+    scoring just the first k samples."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    # Exact integer binomials and one correctly rounded division (Python ints): no overflow and no
+    # loss of precision, which the float product form of the paper's code exists to avoid.
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_index(predictions: Sequence[str], checker: str | Checker | None = None) -> int | None:
+    """Index of the answer a majority vote over ``predictions`` (one prompt's samples) picks.
+
+    Votes go to equivalence classes of answers: for the ``math`` checker, mathematical
+    equivalence of the extracted answers (math-verify; a sample without a parsable answer does
+    not vote); otherwise the text after :func:`normalize_answer` (``exact``: after ``strip``).
+    The class with most votes wins, ties going to the class seen first; its first member is
+    returned (scoring it gives maj@n). None when no sample votes.
+    """
+    if checker == "math":
+        from math_verify import parse, verify
+
+        parsed = [parse(p) for p in predictions]
+
+        def same(a: int, b: int) -> bool:
+            return bool(verify(parsed[a], parsed[b]))
+
+        voters = [i for i, x in enumerate(parsed) if x]
+    else:
+        keys = [p.strip() if checker == "exact" else normalize_answer(p) for p in predictions]
+
+        def same(a: int, b: int) -> bool:
+            return keys[a] == keys[b]
+
+        voters = list(range(len(predictions)))
+    classes: list[list[int]] = []  # members of each class, in order of first appearance
+    for i in voters:
+        for members in classes:
+            if same(members[0], i):
+                members.append(i)
+                break
+        else:
+            classes.append([i])
+    if not classes:
+        return None
+    return max(classes, key=len)[0]  # max keeps the first of equal lengths: ties go to the earliest class
+
+
 @dataclass
 class EvalResult:
-    """Accuracy over all scored predictions (rows x samples) and the predictions themselves."""
+    """Accuracy over all scored predictions (rows x samples) and the predictions themselves.
+
+    With several samples per row also pass@k (unbiased, mean over rows) and maj@n (the share of
+    rows whose majority answer is correct)."""
 
     accuracy: float
     n: int
     correct: int
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    rows: int = 0
+    pass_at: dict[int, float] = field(default_factory=dict)
+    """k -> mean over rows of :func:`pass_at_k` (only for k <= samples per row)."""
+    maj: float | None = None
+    """maj@n: mean over rows of whether the majority vote (:func:`majority_index`) is correct."""
+
+    def sample_metrics(self) -> dict[str, float]:
+        """``{"pass@k": ..., "maj@n": ...}`` for logging; empty with one sample per row."""
+        if not self.rows or self.n <= self.rows:
+            return {}
+        metrics = {f"pass@{k}": v for k, v in sorted(self.pass_at.items())}
+        if self.maj is not None:
+            metrics[f"maj@{self.n // self.rows}"] = self.maj
+        return metrics
+
+
+def _sample_metrics(
+    predictions: Sequence[dict[str, Any]], num_samples: int, pass_k: Sequence[int] | None, checker: Any
+) -> tuple[dict[int, float], float | None]:
+    """pass@k per k and maj@n, each a mean over rows, from per-sample predictions."""
+    by_row: dict[int, list[dict[str, Any]]] = {}
+    for p in predictions:
+        by_row.setdefault(p["index"], []).append(p)
+    if not by_row or num_samples < 2:
+        return {}, None
+    ks = sorted({int(k) for k in (pass_k if pass_k is not None else [num_samples]) if 1 <= int(k) <= num_samples})
+    name = checker if isinstance(checker, str) or checker is None else None
+    pass_sums, maj_sum = dict.fromkeys(ks, 0.0), 0.0
+    for samples in by_row.values():
+        c = sum(bool(p["correct"]) for p in samples)
+        for k in ks:
+            pass_sums[k] += pass_at_k(len(samples), c, k)
+        winner = majority_index([p["prediction"] for p in samples], name)
+        maj_sum += float(winner is not None and bool(samples[winner]["correct"]))
+    rows = len(by_row)
+    return {k: v / rows for k, v in pass_sums.items()}, maj_sum / rows
 
 
 def display_prompt(row: dict[str, Any]) -> str:
@@ -261,6 +358,7 @@ def evaluate_generation(
     top_p: float = 1.0,
     num_samples: int = 1,
     seed: int = 0,
+    pass_k: Sequence[int] | None = None,
 ) -> EvalResult:
     """Generate an answer to each row and score it.
 
@@ -274,11 +372,12 @@ def evaluate_generation(
         checker: A name in :data:`CHECKERS`, a callable ``(prediction, row) -> bool``, or None
             (``auto``: the built-in task's checker, else ``normalized``).
         max_new_tokens, batch_size, temperature, top_p, num_samples, seed: see :func:`generate`.
+        pass_k: With ``num_samples > 1``: the k of pass@k (each <= num_samples; None: num_samples).
 
     Returns:
         :class:`EvalResult`; ``predictions`` holds one dict per row and sample, in row order:
         ``index``, ``sample``, ``task``, ``prompt``, ``prediction``, ``answer``, ``correct``,
-        ``new_tokens``.
+        ``new_tokens``. With ``num_samples > 1`` also ``pass_at`` and ``maj`` (maj@num_samples).
     """
     check = checker if callable(checker) else get_checker(checker)
     encode = getattr(encoder, "encode_prompt", encoder)
@@ -302,7 +401,9 @@ def evaluate_generation(
                 "new_tokens": len(ids),
             })
     correct = sum(p["correct"] for p in predictions)
-    return EvalResult(correct / max(len(predictions), 1), len(predictions), correct, predictions)
+    pass_at, maj = _sample_metrics(predictions, num_samples, pass_k, checker)
+    return EvalResult(correct / max(len(predictions), 1), len(predictions), correct, predictions, len(rows), pass_at,
+                      maj)
 
 
 def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> str:
@@ -326,6 +427,13 @@ def _sharded(strategy: Any) -> bool:
     return isinstance(strategy, FSDPStrategy) or "deepspeed" in type(strategy).__name__.lower()
 
 
+def _logged_step(trainer: L.Trainer) -> int:
+    """The step TensorBoard files this validation's scalars under. Lightning logs by the count of
+    finished optimizer steps *before* the current one is counted (so validation after the 15th step
+    is filed at 14, beside that step's training scalars); ``global_step`` already says 15."""
+    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+
+
 class GenerationEval(L.Callback):
     def __init__(
         self,
@@ -339,10 +447,13 @@ class GenerationEval(L.Callback):
         top_p: float = 1.0,
         num_samples: int = 1,
         seed: int = 0,
+        pass_k: list[int] | None = None,
     ) -> None:
         """Accuracy by generation on the validation rows, at the end of validation.
 
-        Logs ``val/accuracy`` (and writes ``predictions/step_<N>.jsonl`` in the log directory).
+        Logs ``val/accuracy`` (and writes ``predictions/step_<N>.jsonl`` in the log directory);
+        with ``num_samples > 1`` also ``val/pass@k`` for each k of ``pass_k`` and ``val/maj@n``
+        (n = num_samples), every one a mean over rows.
         Under DDP each rank generates for its own slice of the rows and the counts are summed,
         so the accuracy is that of all rows (sharded strategies, FSDP/DeepSpeed, are skipped with a
         warning). Needs an ``SFTModule`` (``model``, ``tokenizer``) and an ``SFTDataModule``.
@@ -357,21 +468,27 @@ class GenerationEval(L.Callback):
             predictions_file: Write per-example predictions (prompt, prediction, answer, correct).
             temperature: 0 is greedy decoding (the paper's evaluation); > 0 samples.
             top_p: Nucleus sampling mass (temperature > 0 only).
-            num_samples: Answers per prompt (temperature > 0); accuracy averages over all of them.
+            num_samples: Answers per prompt (temperature > 0); accuracy averages over all of them
+                (the paper's maths number: mean accuracy of 16 samples at temperature 1).
             seed: Sampling seed (the global RNG is left alone).
+            pass_k: The k of the unbiased pass@k (each <= num_samples); None: num_samples alone
+                (pass@1 would equal val/accuracy).
         """
         if every_n_val < 1:
             raise ValueError(f"every_n_val must be >= 1, got {every_n_val}")
         if num_rows is not None and num_rows < 1:
             raise ValueError(f"num_rows must be >= 1 or None, got {num_rows}")
         get_checker(checker)  # fail at construction on an unknown name
+        if pass_k is not None and not all(1 <= int(k) <= num_samples for k in pass_k):
+            raise ValueError(f"pass_k must lie in [1, num_samples={num_samples}], got {pass_k}")
+        self.pass_k = None if pass_k is None else [int(k) for k in pass_k]
         self.every_n_val = every_n_val
         self.num_rows = num_rows
         self.checker = checker
         self.predictions_file = predictions_file
         self.generate_kwargs = dict(
             max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-            top_p=top_p, num_samples=num_samples, seed=seed,
+            top_p=top_p, num_samples=num_samples, seed=seed, pass_k=self.pass_k,
         )
         self.validations = 0
         self._warned_sharded = False
@@ -412,14 +529,26 @@ class GenerationEval(L.Callback):
         for p in result.predictions:
             p["index"] = mine[p["index"]]
         self.last_result = result
-        counts = torch.tensor([result.correct, result.n], dtype=torch.float32, device=pl_module.device)
-        correct, n = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        # Sums over this rank's rows, reduced over ranks: every metric is that of all rows. The names
+        # come from the settings, not the result, so every rank reduces the same number of values.
+        samples = self.generate_kwargs["num_samples"]
+        ks = (self.pass_k or [samples]) if samples > 1 else []
+        extra = {f"pass@{k}": result.pass_at.get(k, 0.0) for k in ks}
+        if samples > 1:
+            extra[f"maj@{samples}"] = result.maj or 0.0
+        counts = torch.tensor([result.correct, result.n, result.rows, *(v * result.rows for v in extra.values())],
+                              dtype=torch.float64, device=pl_module.device)
+        correct, n, n_rows, *sums = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         accuracy = correct / max(n, 1.0)
         # Identical on every rank already; sync_dist averages equal numbers (and keeps DDP quiet).
         pl_module.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True)
+        for name, total in zip(extra, sums):
+            pl_module.log(f"val/{name}", total / max(n_rows, 1.0), sync_dist=True)
         path = self._write(trainer, result.predictions) if self.predictions_file else None
+        sampled = "".join(f", {name} {total / max(n_rows, 1.0):.3f}" for name, total in zip(extra, sums))
+        self.last_step = _logged_step(trainer)
         rank_zero_info(
-            f"[bnll] val/accuracy {accuracy:.3f} ({int(correct)}/{int(n)}) at step {trainer.global_step}, "
+            f"[bnll] val/accuracy {accuracy:.3f} ({int(correct)}/{int(n)}){sampled} at step {self.last_step}, "
             f"{time.perf_counter() - start:.1f} s" + (f"; predictions: {path}" if path else "")
         )
 
@@ -460,13 +589,24 @@ class EvaluateCLI(SFTCLI):
         parser.add_argument("--split", type=Literal["train", "val"], default="val",
                             help="Rows to answer: the data module's val or train rows.")
         parser.add_argument("--num_rows", type=Optional[int], default=None, help="Only the first N rows (None: all).")
-        parser.add_argument("--max_new_tokens", type=int, default=64, help="Generation budget per answer.")
-        parser.add_argument("--batch_size", type=int, default=16, help="Prompts generated together.")
+        # Generation settings: None takes the config's GenerationEval callback (so the evaluation
+        # of a checkpoint follows the protocol the run validated with), else the default shown.
+        parser.add_argument("--max_new_tokens", type=Optional[int], default=None,
+                            help="Generation budget per answer (None: the config's GenerationEval, else 64).")
+        parser.add_argument("--batch_size", type=Optional[int], default=None,
+                            help="Prompts generated together (None: the config's GenerationEval, else 16).")
         parser.add_argument("--checker", type=Optional[Literal[tuple(CHECKERS)]], default=None,
-                            help="Answer checker (None: auto = the built-in task's own, else normalized).")
-        parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling.")
-        parser.add_argument("--top_p", type=float, default=1.0, help="Nucleus sampling mass (temperature > 0).")
-        parser.add_argument("--num_samples", type=int, default=1, help="Answers per prompt (temperature > 0).")
+                            help="Answer checker (None: the config's GenerationEval's, else auto = the built-in "
+                                 "task's own, else normalized).")
+        parser.add_argument("--temperature", type=Optional[float], default=None,
+                            help="0: greedy; > 0: sampling (None: the config's GenerationEval, else 0).")
+        parser.add_argument("--top_p", type=Optional[float], default=None,
+                            help="Nucleus sampling mass (None: the config's GenerationEval, else 1).")
+        parser.add_argument("--num_samples", type=Optional[int], default=None,
+                            help="Answers per prompt, temperature > 0 (None: the config's GenerationEval, else 1).")
+        parser.add_argument("--pass_k", type=Optional[list[int]], default=None,
+                            help="k of the unbiased pass@k with num_samples > 1 (None: the config's "
+                                 "GenerationEval, else num_samples); maj@num_samples is printed too.")
         parser.add_argument("--output", type=Optional[str], default=None,
                             help="Predictions jsonl (default: predictions_<split>.jsonl).")
         parser.add_argument("--show", type=int, default=5, help="Examples printed.")
@@ -487,6 +627,20 @@ def _one_line(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+_GENERATION_DEFAULTS = {"max_new_tokens": 64, "batch_size": 16, "checker": None, "temperature": 0.0, "top_p": 1.0,
+                        "num_samples": 1, "pass_k": None}
+
+
+def generation_settings(cfg: Any, callbacks: Sequence[Any]) -> dict[str, Any]:
+    """The evaluate command's generation settings: each option given on the command line, else the
+    config's :class:`GenerationEval` callback's, else the default."""
+    callback = next((c for c in callbacks if isinstance(c, GenerationEval)), None)
+    own = {} if callback is None else {**callback.generate_kwargs, "checker": callback.checker}
+    own.pop("seed", None)
+    return {key: getattr(cfg, key) if getattr(cfg, key) is not None else own.get(key, default)
+            for key, default in _GENERATION_DEFAULTS.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m bnll_lightning evaluate --config X.yaml [--ckpt_path ...] [--split val] ...``"""
     cli = load_from_config(list(argv or []), EvaluateCLI)
@@ -499,20 +653,27 @@ def main(argv: list[str] | None = None) -> None:
             f"evaluate: the data has no {cfg.split} rows (train={data.train!r}, val={data.val!r}); nothing to "
             "evaluate. For file data set data.val or data.val_fraction > 0, or use --split train."
         )
+    # As the trainer would run it: bf16-true/16-true convert the weights (mixed precision leaves them).
+    module = trainer.precision_plugin.convert_module(module)
     module.to(trainer.strategy.root_device)
+    settings = generation_settings(cfg, trainer.callbacks)
+    checker = settings.pop("checker")
     start = time.perf_counter()
     with trainer.precision_plugin.forward_context():
         result = evaluate_generation(
-            module.model, module.tokenizer, rows, data, cfg.checker, max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size, temperature=cfg.temperature, top_p=cfg.top_p,
-            num_samples=cfg.num_samples, seed=cfg.seed_everything if isinstance(cfg.seed_everything, int) else 0,
+            module.model, module.tokenizer, rows, data, checker, **settings,
+            seed=cfg.seed_everything if isinstance(cfg.seed_everything, int) else 0,
         )
     seconds = time.perf_counter() - start
     output = write_jsonl(cfg.output or f"predictions_{cfg.split}.jsonl", result.predictions)
     weights = cfg.ckpt_path or cfg.model.model
     print(f"model: {weights}")
+    sampling = (f"{settings['num_samples']} samples at temperature {settings['temperature']}, top_p {settings['top_p']}"
+                if settings["temperature"] > 0 else "greedy")
     print(f"accuracy: {result.accuracy:.4f} ({result.correct}/{result.n}) on {len(rows)} {cfg.split} rows, "
-          f"checker {cfg.checker or 'auto'}, max_new_tokens {cfg.max_new_tokens}, {seconds:.1f} s")
+          f"checker {checker or 'auto'}, {sampling}, max_new_tokens {settings['max_new_tokens']}, {seconds:.1f} s")
+    for name, value in result.sample_metrics().items():
+        print(f"{name}: {value:.4f} (mean over {result.rows} rows)")
     for p in result.predictions[: cfg.show]:
         mark = "ok " if p["correct"] else "BAD"
         print(f"  [{mark}] {_one_line(p['prompt'], 70)!s}\n        -> {_one_line(p['prediction'])!r}"

@@ -83,12 +83,13 @@ def decay_groups(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list
     Decided by what a parameter is (its name and its module's type), not by its shape: under FSDP the
     optimizer is built after wrapping, when every parameter is a flat 1-D shard, and a shape rule would
     put every weight in the no-decay group."""
+    modules = dict(model.named_modules())
     decay, no_decay = [], []
-    for module in model.modules():
-        norm = "norm" in type(module).__name__.lower()  # LayerNorm, RMSNorm, LlamaRMSNorm, GroupNorm, ...
-        for name, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                (no_decay if norm or name == "bias" else decay).append(p)
+    for name, p in model.named_parameters():  # each tensor once, tied weights included
+        owner, _, leaf = name.rpartition(".")
+        norm = "norm" in type(modules[owner]).__name__.lower()  # LayerNorm, RMSNorm, LlamaRMSNorm, GroupNorm, ...
+        if p.requires_grad:
+            (no_decay if norm or leaf == "bias" else decay).append(p)
     return decay, no_decay
 
 

@@ -6,6 +6,11 @@ the same numbers come from the final hidden states and the head weight, chunk by
 target tokens, and a custom autograd function recomputes each chunk's logits in backward: peak
 logits memory is ``chunk_size x V``.
 
+``streamed_token_stats`` gives, from the same chunks and only when asked, what objectives beyond
+log p need: the entropy of each token's distribution, its top-k entropy, and the KL divergence to a
+frozen reference model (whose hidden states go through its own head chunk by chunk, in forward and
+again in backward), with the reference's log p. Nothing asked: it is ``streamed_token_logprobs``.
+
 Logit post-processing (Gemma 2/3 softcap, Cohere/Granite scale) is read from a short table of
 config attributes (``LOGIT_CONFIG``), and ``streaming_unsupported_reason(model)`` checks the
 whole recipe once against ``model(...).logits`` on a few tokens: any other post-processing, hook
@@ -18,16 +23,20 @@ caller has already shifted); ``labels == ignore_index`` marks positions without 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+if TYPE_CHECKING:
+    from bnll_lightning.objectives import TokenStats
+
 __all__ = [
     "StreamingHead", "forward_hidden", "head_logits", "model_token_logprobs", "naive_token_logprobs",
-    "output_head", "streamed_token_logprobs", "streaming_head", "streaming_unsupported_reason",
+    "output_head", "streamed_token_logprobs", "streamed_token_stats", "streaming_head",
+    "streaming_unsupported_reason",
 ]
 
 # Config attributes that post-process logits, and how: "mul"/"div" scale them, "cap" is a tanh
@@ -100,54 +109,182 @@ class _StreamedTargetLogprob(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_logp):
         h_all, weight, bias, targets, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         chunk_size, scale, softcap, dtype = ctx.args
         grad_logp = grad_logp.float()
         # A token whose loss gradient is exactly 0 (not selected by ThresholdedNLL / TopFraction,
         # or p^alpha underflowed) adds exactly 0 to every gradient: skip its head work.
-        h, rows = h_all, grad_logp.nonzero()[:, 0]  # one host sync per backward
-        if rows.numel() == h_all.shape[0]:
-            rows = None
-        else:
-            h, targets, lse, grad_logp = h_all[rows], targets[rows], lse[rows], grad_logp[rows]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        grad_w = None  # the first chunk's product allocates it: no zero-filled V x H buffer to add into
-        # Several half-precision chunks accumulate the weight gradient in float32 (vocabulary blocks).
-        half_acc = need_w and h.shape[0] > chunk_size and dtype != torch.float32
-        if half_acc:
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        rows = _rows_with_gradient(grad_logp != 0, h_all.shape[0])
+        h = h_all if rows is None else h_all[rows]
+        if rows is not None:
+            targets, lse, grad_logp = targets[rows], lse[rows], grad_logp[rows]
+
+        def logit_grad(c: slice, z: Tensor) -> Tensor:
+            g = grad_logp[c, None]
+            grad = z.sub_(lse[c, None]).exp_().mul_(-g)  # d logp / d logits = onehot - softmax
+            return grad.scatter_add_(1, targets[c, None], g)
+
+        grad_h, grad_w, grad_b = _head_backward(
+            h, weight, bias, ctx.needs_input_grad[:3], chunk_size, scale, softcap, dtype, logit_grad
+        )
+        return _scatter_rows(grad_h, rows, h_all), grad_w, grad_b, None, None, None, None, None
+
+
+def _rows_with_gradient(nonzero: Tensor, n: int) -> Tensor | None:
+    """Indices of the rows whose upstream gradient is not all 0; None when that is every row."""
+    rows = nonzero.nonzero()[:, 0]  # one host sync per backward
+    return None if rows.numel() == n else rows
+
+
+def _scatter_rows(grad_h: Tensor | None, rows: Tensor | None, h_all: Tensor) -> Tensor | None:
+    if rows is None or grad_h is None:
+        return grad_h
+    return torch.zeros_like(h_all).index_copy_(0, rows, grad_h)
+
+
+def _head_backward(h, weight, bias, needs, chunk_size, scale, softcap, dtype, logit_grad):
+    """Gradients of hidden, head weight and bias, chunk by chunk of rows of ``h``.
+
+    ``logit_grad(c, z)`` turns chunk ``c``'s recomputed float32 logits ``z`` (after scale and
+    softcap; it may overwrite them) into d loss / d z; here that goes back through the softcap
+    and scale into the hidden states and the head."""
+    need_h, need_w, need_b = needs
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+    grad_w = None  # the first chunk's product allocates it: no zero-filled V x H buffer to add into
+    # Several half-precision chunks accumulate the weight gradient in float32 (vocabulary blocks).
+    half_acc = need_w and h.shape[0] > chunk_size and dtype != torch.float32
+    if half_acc:
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    with torch.autocast(h.device.type, enabled=False):
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        for i in range(0, h.shape[0], chunk_size):
+            c = slice(i, i + chunk_size)
+            hc = h[c].to(dtype)
+            z = head_logits(hc, w, b, scale, softcap)
+            dcap = None if softcap is None else (z / softcap).square_().neg_().add_(1.0)  # 1 - tanh^2
+            grad = logit_grad(c, z)
+            if dcap is not None:
+                grad.mul_(dcap)
+            if scale is not None:
+                grad.mul_(scale)
+            if need_b:
+                grad_b.add_(grad.sum(0))
+            grad = grad.to(dtype)
+            if need_h:
+                grad_h[c] = grad @ w
+            if half_acc:
+                for v in range(0, grad.shape[1], _GRAD_W_BLOCK):
+                    grad_w[v : v + _GRAD_W_BLOCK].add_(grad[:, v : v + _GRAD_W_BLOCK].t() @ hc)
+            elif need_w and grad_w is None:
+                grad_w = grad.t() @ hc
+            elif need_w:
+                grad_w.addmm_(grad.t(), hc)
+    if need_w:
+        grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
+    grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+    return grad_h, grad_w, grad_b
+
+
+class _StreamedTokenStats(torch.autograd.Function):
+    """``log p`` plus what an objective asked for, from the same chunks of logits.
+
+    Outputs ``(logp, entropy, topk_entropy, kl, ref_logp)`` over N target tokens, each ``[N]``
+    float32 or empty when not requested. Entropies and ``ref_logp`` carry no gradient; ``kl``
+    does (w.r.t. the trained model only). With a reference, each chunk also projects the
+    reference's hidden states through its head, in forward and again in backward: memory stays
+    a few ``chunk_size x V`` buffers, never ``N x V``."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, h_ref, w_ref, b_ref, targets, chunk_size, head, ref_head, entropy, topk, kl):
+        n, device = h.shape[0], h.device
+        scale, softcap, dtype = head
+        lse = torch.empty(n, dtype=torch.float32, device=device)
+        logp = torch.empty_like(lse)
+
+        def out(wanted: bool) -> Tensor:
+            return torch.empty(n if wanted else 0, dtype=torch.float32, device=device)
+
+        has_ref = h_ref is not None
+        ent, ent_k, kl_out, ref_logp, lse_r = out(entropy), out(topk > 0), out(has_ref), out(has_ref), out(has_ref)
         with torch.autocast(h.device.type, enabled=False):
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            for i in range(0, h.shape[0], chunk_size):
+            if has_ref:
+                r_scale, r_softcap, r_dtype = ref_head
+                wr, br = w_ref.to(r_dtype), None if b_ref is None else b_ref.to(r_dtype)
+            for i in range(0, n, chunk_size):
                 c = slice(i, i + chunk_size)
-                hc, g = h[c].to(dtype), grad_logp[c, None]
-                z = head_logits(hc, w, b, scale, softcap)
-                dcap = None if softcap is None else (z / softcap).square_().neg_().add_(1.0)  # 1 - tanh^2
+                z = head_logits(h[c].to(dtype), w, b, scale, softcap)
+                lse[c] = torch.logsumexp(z, dim=-1)
+                logp[c] = z.gather(1, targets[c, None])[:, 0] - lse[c]
+                if topk > 0:
+                    top = z.topk(min(topk, z.shape[1]), dim=-1).values
+                    ent_k[c] = _entropy_of(top.sub_(torch.logsumexp(top, dim=-1, keepdim=True)))
+                if not (entropy or has_ref):
+                    continue
+                logq = z.sub_(lse[c, None])  # log-softmax in place: no second V-wide buffer
+                if entropy:
+                    ent[c] = _entropy_of(logq)
+                if has_ref:
+                    zr = head_logits(h_ref[c].to(r_dtype), wr, br, r_scale, r_softcap)
+                    lse_r[c] = torch.logsumexp(zr, dim=-1)
+                    logr = zr.sub_(lse_r[c, None])
+                    ref_logp[c] = logr.gather(1, targets[c, None])[:, 0]
+                    if kl == "forward":  # sum q (log q - log p)
+                        kl_out[c] = (logr.exp() * (logr - logq)).sum(-1)
+                    else:  # sum p (log p - log q)
+                        kl_out[c] = (logq.exp() * (logq - logr)).sum(-1)
+        ctx.save_for_backward(h, weight, bias, h_ref, w_ref, b_ref, targets, lse, lse_r, kl_out)
+        ctx.args = chunk_size, head, ref_head, kl
+        ctx.mark_non_differentiable(ent, ent_k, ref_logp)
+        return logp, ent, ent_k, kl_out, ref_logp
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp, _grad_ent, _grad_ent_k, grad_kl, _grad_ref_logp):
+        h_all, weight, bias, h_ref, w_ref, b_ref, targets, lse, lse_r, kl_t = ctx.saved_tensors
+        chunk_size, head, ref_head, kl = ctx.args
+        has_ref = h_ref is not None
+        grad_logp = grad_logp.float()
+        grad_kl = grad_kl.float() if has_ref else None
+        nonzero = grad_logp != 0
+        if has_ref:
+            nonzero |= grad_kl != 0
+        rows = _rows_with_gradient(nonzero, h_all.shape[0])
+        h = h_all if rows is None else h_all[rows]
+        if rows is not None:
+            targets, lse, grad_logp = targets[rows], lse[rows], grad_logp[rows]
+            if has_ref:
+                h_ref, lse_r, kl_t, grad_kl = h_ref[rows], lse_r[rows], kl_t[rows], grad_kl[rows]
+        if has_ref:
+            r_scale, r_softcap, r_dtype = ref_head
+            wr, br = w_ref.to(r_dtype), None if b_ref is None else b_ref.to(r_dtype)
+
+        def logit_grad(c: slice, z: Tensor) -> Tensor:
+            g = grad_logp[c, None]
+            if not has_ref:
                 grad = z.sub_(lse[c, None]).exp_().mul_(-g)  # d logp / d logits = onehot - softmax
-                grad.scatter_add_(1, targets[c, None], g)
-                if dcap is not None:
-                    grad.mul_(dcap)
-                if scale is not None:
-                    grad.mul_(scale)
-                if need_b:
-                    grad_b.add_(grad.sum(0))
-                grad = grad.to(dtype)
-                if need_h:
-                    grad_h[c] = grad @ w
-                if half_acc:
-                    for v in range(0, grad.shape[1], _GRAD_W_BLOCK):
-                        grad_w[v : v + _GRAD_W_BLOCK].add_(grad[:, v : v + _GRAD_W_BLOCK].t() @ hc)
-                elif need_w and grad_w is None:
-                    grad_w = grad.t() @ hc
-                elif need_w:
-                    grad_w.addmm_(grad.t(), hc)
-        if need_w:
-            grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
-        if rows is not None and need_h:
-            grad_h = torch.zeros_like(h_all).index_copy_(0, rows, grad_h)
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+                return grad.scatter_add_(1, targets[c, None], g)
+            k = grad_kl[c, None]
+            logq = z.sub_(lse[c, None])
+            zr = head_logits(h_ref[c].to(r_dtype), wr, br, r_scale, r_softcap)
+            logr = zr.sub_(lse_r[c, None])
+            if kl == "forward":
+                # d KL(q||p) / d z = p - q, so the chunk's gradient is p (k - g) - k q + onehot g.
+                grad = logq.exp_().mul_(k - g).sub_(logr.exp_().mul_(k))
+            else:
+                # d KL(p||q) / d z = p (log p - log q - KL): gradient p (k (log p - log q - KL) - g) + onehot g.
+                grad = logr.neg_().add_(logq).sub_(kl_t[c, None]).mul_(k).sub_(g).mul_(logq.exp_())
+            return grad.scatter_add_(1, targets[c, None], g)
+
+        grad_h, grad_w, grad_b = _head_backward(
+            h, weight, bias, ctx.needs_input_grad[:3], chunk_size, *head, logit_grad
+        )
+        return (_scatter_rows(grad_h, rows, h_all), grad_w, grad_b) + (None,) * 10
+
+
+def _entropy_of(logq: Tensor) -> Tensor:
+    """Entropy along dim 1 from float32 log-probabilities (a chunk's rows)."""
+    return -(logq.exp() * logq).sum(-1)
 
 
 def streamed_token_logprobs(
@@ -178,30 +315,108 @@ def streamed_token_logprobs(
         ``logp`` ``[B, T]`` float32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``, 0 where
         there is no target; ``mask`` ``[B, T]`` bool, ``labels != ignore_index``.
     """
+    mask, idx, h, targets, scale, softcap = _select_targets(
+        hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap
+    )
+    logp_sel = _StreamedTargetLogprob.apply(
+        h, weight, bias, targets, int(chunk_size), scale, softcap, _compute_dtype(hidden, weight)
+    )
+    return _scatter_targets(logp_sel, idx, mask), mask
+
+
+def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float | None, softcap: float | None,
+                what: str = "") -> tuple[float | None, float | None]:
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"{what}weight must be [V, {hidden.shape[2]}], got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"{what}bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if scale is not None and not (math.isfinite(scale) and scale != 0):
+        raise ValueError(f"{what}scale must be finite and non-zero, got {scale}")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"{what}softcap must be finite and positive, got {softcap}")
+    return (None if scale is None or scale == 1 else float(scale)), (None if softcap is None else float(softcap))
+
+
+def _select_targets(hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap):
+    """Checked arguments, and the target rows: ``(mask, idx, h [N, H], targets [N], scale, softcap)``."""
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"hidden [B, T, H] and labels [B, T] expected, got {tuple(hidden.shape)}, {tuple(labels.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"weight must be [V, {hidden.shape[2]}], got {tuple(weight.shape)}")
-    if bias is not None and bias.shape != weight.shape[:1]:
-        raise ValueError(f"bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if scale is not None and not (math.isfinite(scale) and scale != 0):
-        raise ValueError(f"scale must be finite and non-zero, got {scale}")
-    if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be finite and positive, got {softcap}")
-    scale = None if scale is None or scale == 1 else float(scale)
-    softcap = None if softcap is None else float(softcap)
-
+    scale, softcap = _check_head(hidden, weight, bias, scale, softcap)
     mask = labels != ignore_index
     idx = mask.flatten().nonzero()[:, 0]
     h = hidden.flatten(0, 1).index_select(0, idx)
     targets = labels.flatten().index_select(0, idx).long()
-    logp_sel = _StreamedTargetLogprob.apply(
-        h, weight, bias, targets, int(chunk_size), scale, softcap, _compute_dtype(hidden, weight)
+    return mask, idx, h, targets, scale, softcap
+
+
+def _scatter_targets(values: Tensor, idx: Tensor, mask: Tensor) -> Tensor:
+    """``[N]`` values of the target rows back to ``[B, T]`` float32, 0 elsewhere."""
+    out = torch.zeros(mask.numel(), dtype=torch.float32, device=mask.device)
+    return out.index_copy(0, idx, values).view(mask.shape)
+
+
+def streamed_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    *,
+    entropy: bool = False,
+    topk: int = 0,
+    reference_hidden: Tensor | None = None,
+    reference_head: StreamingHead | None = None,
+    kl: Literal["forward", "reverse"] = "forward",
+) -> TokenStats:
+    """:class:`~bnll_lightning.objectives.TokenStats` from hidden states, without ``[B, T, V]`` logits.
+
+    Arguments as :func:`streamed_token_logprobs`, plus what an objective asked for: ``entropy``
+    (of the full distribution), ``topk`` (k > 0: entropy of the top-k logits renormalised) and,
+    given the frozen reference's ``reference_hidden`` ``[B, T, H_ref]`` and ``reference_head``
+    (same vocabulary), the per-token KL in direction ``kl`` (``forward`` = KL(ref || model)) and
+    the reference's log p. All come from the chunks that give log p (the model's head matmul is
+    not repeated; the reference's head runs per chunk). Nothing requested: exactly
+    :func:`streamed_token_logprobs`. The reference gets no gradient.
+    """
+    from bnll_lightning.objectives import TokenStats
+
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0, got {topk}")
+    if kl not in ("forward", "reverse"):
+        raise ValueError(f"kl must be 'forward' or 'reverse', got {kl!r}")
+    if (reference_hidden is None) != (reference_head is None):
+        raise ValueError("reference_hidden and reference_head go together")
+    if not (entropy or topk or reference_hidden is not None):
+        return TokenStats(*streamed_token_logprobs(hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap))
+    mask, idx, h, targets, scale, softcap = _select_targets(
+        hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap
     )
-    logp = torch.zeros(mask.numel(), dtype=torch.float32, device=hidden.device).index_copy(0, idx, logp_sel)
-    return logp.view(mask.shape), mask
+    h_ref = w_ref = b_ref = ref_head = None
+    if reference_hidden is not None:
+        if reference_hidden.shape[:2] != hidden.shape[:2]:
+            raise ValueError(f"reference_hidden {tuple(reference_hidden.shape)} does not match hidden {tuple(hidden.shape)}")
+        w_ref, b_ref = reference_head.weight, reference_head.bias
+        if w_ref.shape[0] != weight.shape[0]:
+            raise ValueError(f"the reference's vocabulary ({w_ref.shape[0]}) differs from the model's ({weight.shape[0]})")
+        r_scale, r_softcap = _check_head(reference_hidden, w_ref, b_ref, reference_head.scale, reference_head.softcap,
+                                         "reference ")
+        h_ref = reference_hidden.detach().flatten(0, 1).index_select(0, idx)
+        w_ref, b_ref = w_ref.detach(), None if b_ref is None else b_ref.detach()
+        ref_head = (r_scale, r_softcap, _compute_dtype(reference_hidden, w_ref))
+    outs = _StreamedTokenStats.apply(
+        h, weight, bias, h_ref, w_ref, b_ref, targets, int(chunk_size),
+        (scale, softcap, _compute_dtype(hidden, weight)), ref_head, bool(entropy), int(topk), kl,
+    )
+    logp, ent, ent_k, kl_t, ref_logp = (
+        _scatter_targets(o, idx, mask) if wanted else None
+        for o, wanted in zip(outs, (True, entropy, topk > 0, h_ref is not None, h_ref is not None))
+    )
+    return TokenStats(logp, mask, ent, ent_k, kl_t, ref_logp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +556,9 @@ def streaming_unsupported_reason(model: nn.Module, probe: bool = True) -> str | 
     model.eval()
     try:
         reason = _probe(model, head)
-    except Exception as e:  # e.g. a model that cannot run on text alone: do not stream it
+    except (TypeError, ValueError, NotImplementedError) as e:
+        # A model that cannot run on text alone (it wants pixel values, ...): do not stream it. Anything
+        # else (out of memory, a bug) surfaces here, not as a silent fall-back and a later, misleading OOM.
         reason = f"{type(e).__name__}: {e}"
     finally:
         for m, training in modes.items():

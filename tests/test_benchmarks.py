@@ -42,14 +42,19 @@ def test_objective_overhead_quick_and_append(tmp_path):
     headers, rows = C.parse_markdown_table(text)
     assert headers[0] == "objective" and len(headers) == 4
     names = [row[0] for row in rows]
-    assert names == [name for name, _, _ in objective_overhead.objectives()]
+    expected = [name for name, _, _ in objective_overhead.objectives()]
+    at = expected.index(objective_overhead.ASFT_NAME) + 1
+    assert names == expected[:at] + [objective_overhead.REFERENCE_ROW] + expected[at:]  # the reference apart
     assert "AlphaFamily + AdaptiveAlpha" in names and names[0] == "NLL"
+    assert {"EAFT(k=20)", "TokenAlpha(1), signal entropy", "TokenAlpha + AdaptiveAlpha"} <= set(names)
     assert rows[0][1] == "1 (reference)"
     for row in rows[1:]:
         positive(row[1])
         low, high = (positive(x) for x in row[2].split(" - "))
         assert low <= high
-        assert row[3] in ("yes", "**no**")
+        assert row[3] in ("yes", "**no**", "(part of the row above)")
+    asft, reference = rows[at - 1], rows[at]
+    assert number(reference[1]) < number(asft[1])  # the reference's forward is a part of ASFT's step
     written = docs.read_text()
     assert "python benchmarks/objective_overhead.py --quick --append --docs" in written
     assert f"torch {torch.__version__}" in written and "cores" in written and "UTC" in written
@@ -82,11 +87,19 @@ def test_memory_quick():
     text = memory.main(["--quick"])
     headers, rows = C.parse_markdown_table(text)
     assert headers == ["measure", "naive (full logits)", "streamed", "streamed / naive", "target"]
-    assert len(rows) == 2 and rows[0][0].startswith("peak memory") and rows[1][0].startswith("longest sequence")
+    assert rows[0][0].startswith("peak memory") and rows[1][0].startswith("longest sequence")
     naive, streamed, ratio = (positive(c) for c in rows[0][1:4])
     assert ratio == pytest.approx(streamed / naive, rel=0.05)  # the ratio of the printed, rounded values
     for cell in rows[1][1:4]:
         positive(cell)
+    objective_rows = rows[2:]
+    for name in memory.objectives():  # one peak row per objective beyond log p, ASFT's reference weights apart
+        (row,) = [r for r in objective_rows if r[0].startswith(f"peak memory of a step, {name}")]
+        naive_o, streamed_o, ratio_o = (positive(c) for c in row[1:4])
+        assert ratio_o == pytest.approx(streamed_o / naive_o, rel=0.05)
+    (weights,) = [r for r in objective_rows if "reference's weights" in r[0]]
+    assert positive(weights[1]) == pytest.approx(positive(weights[2]))
+    assert len(objective_rows) == len(memory.objectives()) + 1
     assert "VmHWM" in text or "ru_maxrss" in text
 
 

@@ -1,6 +1,7 @@
 """Evaluation by generation: checkers, batched generation, the callback and the CLI."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,7 @@ def test_callback_logs_accuracy_and_writes_predictions(fitted):
     assert [e.step for e in logged] == [e.step for e in events.Scalars("val/nll")]  # once, with the val loss
     assert logged[0].value == pytest.approx(sum(p["correct"] for p in lines) / 5)
     assert callback.last_result.predictions == lines
+    assert callback.last_step == logged[0].step == 1  # the console names the step TensorBoard files it under
 
 
 def test_evaluate_cli_reproduces_the_checkpoint(fitted, untied_dir, tmp_path, capsys):
@@ -218,3 +220,137 @@ def test_evaluate_cli_without_rows_exits_with_a_message(untied_dir, tmp_path):
     with pytest.raises(SystemExit, match="no val rows"):
         main(["--config", DEMO, "--model.model", untied_dir, "--data.num_train", "4",
               "--data.num_val", "0", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
+# ------------------------------------------------------------------ pass@k and maj@k
+
+from bnll_lightning.evaluate import EvalResult, generation_settings, majority_index, pass_at_k  # noqa: E402
+
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (1, 0, 1, 0.0), (1, 1, 1, 1.0),
+    (4, 1, 1, 1 / 4), (4, 2, 1, 2 / 4),  # pass@1 = c / n
+    (4, 1, 2, 1 - 3 / 6),  # 1 - C(3,2)/C(4,2): 3 of the 6 pairs miss the correct one
+    (4, 2, 2, 1 - 1 / 6),  # only the pair of the two wrong answers misses
+    (5, 2, 3, 1 - 1 / 10),  # C(3,3)/C(5,3)
+    (16, 0, 16, 0.0), (16, 1, 16, 1.0), (16, 3, 14, 1.0),  # n - c < k: every draw has a correct one
+])
+def test_pass_at_k_by_hand(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-15)
+
+
+def test_pass_at_k_is_stable_for_large_n_and_matches_the_product_form():
+    # Chen et al.'s numerically stable form: 1 - prod_{i=n-c+1}^{n} (1 - k / i).
+    for n, c, k in [(200, 3, 10), (1000, 1, 1), (1000, 999, 500), (5000, 7, 100)]:
+        product = 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+        assert pass_at_k(n, c, k) == pytest.approx(product, rel=1e-12)
+    assert pass_at_k(10_000, 1, 1) == pytest.approx(1e-4, rel=1e-12)  # no cancellation for tiny values
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_majority_vote_by_hand():
+    assert majority_index(["A", "b", " a.", "B", "b"]) == 1  # "b" has 3 votes (normalized), "a" 2
+    assert majority_index(["x", "y"]) == 0  # a tie goes to the answer seen first
+    assert majority_index([]) is None
+    assert majority_index(["Paris", "paris"], "exact") == 0  # exact: the two differ, tie -> first
+    # math: equivalence classes, not strings; answers without a parsable result do not vote
+    maths = ["\\boxed{1/2}", "no idea", "\\boxed{0.5}", "\\boxed{3}", "\\boxed{3}", "\\boxed{\\frac{1}{2}}"]
+    assert majority_index(maths, "math") == 0
+    assert majority_index(["nothing here", "still nothing"], "math") is None
+
+
+def test_sample_metrics_of_a_result():
+    preds = []
+    # row 0: 1 of 4 correct, majority wrong; row 1: 3 of 4 correct, majority right
+    for index, answers, truth in [(0, ["7", "8", "8", "9"], "7"), (1, ["5", "5", "4", "5"], "5")]:
+        for s, a in enumerate(answers):
+            preds.append({"index": index, "sample": s, "prediction": a, "correct": a == truth})
+    from bnll_lightning.evaluate import _sample_metrics
+
+    pass_at, maj = _sample_metrics(preds, 4, [1, 2, 4], "normalized")
+    assert pass_at[1] == pytest.approx((1 / 4 + 3 / 4) / 2)
+    assert pass_at[2] == pytest.approx(((1 - 3 / 6) + 1.0) / 2)
+    assert pass_at[4] == 1.0 and maj == 0.5
+    result = EvalResult(0.5, 8, 4, preds, 2, pass_at, maj)
+    assert result.sample_metrics() == {"pass@1": 0.5, "pass@2": 0.75, "pass@4": 1.0, "maj@4": 0.5}
+    assert EvalResult(0.5, 2, 1, [], 2).sample_metrics() == {}  # one sample per row: nothing beyond accuracy
+
+
+def test_sampled_evaluation_reports_pass_and_maj(untied, tokenizer):
+    from bnll_lightning.data import SFTDataModule
+
+    model, tok = untied
+    data = SFTDataModule("builtin:add", num_train=2, num_val=3, tokenizer=tok)
+    rows = data.raw_rows("val")
+    check = lambda prediction, row: len(prediction) % 2 == 0  # noqa: E731 - a checker that some samples pass
+    result = evaluate_generation(model, tok, rows, data, check, max_new_tokens=3, temperature=1.0, num_samples=4,
+                                 pass_k=[1, 4])
+    assert result.rows == 3 and result.n == 12 and set(result.pass_at) == {1, 4}
+    assert result.pass_at[1] == pytest.approx(result.accuracy)  # unbiased pass@1 is the mean accuracy
+    assert result.pass_at[1] <= result.pass_at[4] <= 1 and result.maj is not None
+
+
+def test_generation_eval_validates_pass_k():
+    with pytest.raises(ValueError, match="pass_k"):
+        GenerationEval(temperature=1.0, num_samples=4, pass_k=[8])
+
+
+def test_evaluate_takes_generation_settings_from_the_configs_callback():
+    from types import SimpleNamespace
+
+    callback = GenerationEval(checker="math", temperature=1.0, num_samples=16, max_new_tokens=100, pass_k=[1, 16])
+    cli = SimpleNamespace(max_new_tokens=None, batch_size=None, checker=None, temperature=None, top_p=None,
+                          num_samples=None, pass_k=None)
+    settings = generation_settings(cli, [callback])
+    assert settings == {"max_new_tokens": 100, "batch_size": 16, "checker": "math", "temperature": 1.0,
+                        "top_p": 1.0, "num_samples": 16, "pass_k": [1, 16]}
+    cli.temperature, cli.num_samples = 0.0, 1  # the command line wins
+    assert generation_settings(cli, [callback])["num_samples"] == 1
+    assert generation_settings(cli, [])["max_new_tokens"] == 64
+
+
+def test_paper_math_protocol_config_layers_on_the_maths_job(capsys):
+    """configs/eval_math_paper.yaml: 16 samples at temperature 1, the math checker, pass@k and maj@16."""
+    import yaml
+
+    from bnll_lightning.cli import main as cli_main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(configs / "math_qwen.yaml"), "--config", str(configs / "eval_math_paper.yaml"),
+                  "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    (callback,) = [c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("GenerationEval")]
+    args = callback["init_args"]
+    assert (args["num_samples"], args["temperature"], args["top_p"], args["checker"]) == (16, 1.0, 1.0, "math")
+    assert 16 in args["pass_k"]
+    assert any(c["class_path"].endswith("ModelCheckpoint") for c in printed["trainer"]["callbacks"])
+    assert printed["model"]["model"] == "Qwen/Qwen2.5-Math-1.5B"
+
+
+def test_callback_logs_pass_and_maj_with_sampling(untied_dir, tmp_path):
+    import lightning.pytorch as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bnll_lightning.data import SFTDataModule
+    from bnll_lightning.module import SFTModule
+
+    module = SFTModule(untied_dir, histogram_every_n_steps=0)
+    data = SFTDataModule("builtin:add", num_train=4, num_val=3, batch_size=4, seed=0)
+    data.set_tokenizer(module.tokenizer)
+    callback = GenerationEval(num_rows=3, max_new_tokens=3, temperature=1.0, num_samples=2, pass_k=[1, 2])
+    trainer = L.Trainer(max_steps=1, val_check_interval=1, num_sanity_val_steps=0, accelerator="cpu",
+                        logger=TensorBoardLogger(str(tmp_path), name="run"), callbacks=[callback],
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    events = EventAccumulator(trainer.log_dir)
+    events.Reload()
+    logged = {tag: events.Scalars(tag)[-1].value for tag in ("val/accuracy", "val/pass@1", "val/pass@2", "val/maj@2")}
+    result = callback.last_result
+    assert logged["val/pass@1"] == pytest.approx(logged["val/accuracy"])
+    assert logged["val/pass@2"] == pytest.approx(result.pass_at[2]) and logged["val/maj@2"] == pytest.approx(result.maj)

@@ -220,3 +220,191 @@ def test_tags_name_runs():
     assert AlphaFamily(10).tag == "AlphaFamily-alpha10.0"
     assert NLL().tag == "NLL" and NegProb().tag == "NegProb"
     assert ThresholdedNLL().tag == "ThresholdedNLL-tau0.2"
+
+
+# ------------------------------------------------------------------ objectives beyond log p
+
+from bnll_lightning.alpha import AdaptiveAlpha  # noqa: E402
+from bnll_lightning.objectives import ASFT, EAFT, StatsRequest, TokenAlpha, token_stats  # noqa: E402
+
+
+def test_token_stats_closed_forms_on_uniform_and_one_hot_logits():
+    V, k = 10, 4
+    logits = torch.zeros(1, 3, V)
+    labels = torch.tensor([[1, -100, 2]])
+    ref = torch.zeros(1, 3, V)
+    ref[..., 0] = 3.0  # reference q = softmax([3, 0, ..., 0])
+    s = token_stats(logits, labels, StatsRequest(entropy=True, topk=k, reference=True), ref_logits=ref)
+    mask = labels != -100
+    torch.testing.assert_close(s.entropy[mask], torch.full((2,), math.log(V)))
+    torch.testing.assert_close(s.topk_entropy[mask], torch.full((2,), math.log(k)))
+    q = torch.softmax(ref[0, 0], -1)
+    forward = (q * q.log()).sum() + math.log(V)  # KL(q || uniform) = log V - H(q)
+    torch.testing.assert_close(s.kl[mask], forward.expand(2))
+    reverse = token_stats(logits, labels, StatsRequest(reference=True, kl="reverse"), ref_logits=ref).kl
+    torch.testing.assert_close(reverse[mask], (-math.log(V) - q.log().mean()).expand(2))  # KL(uniform || q)
+    torch.testing.assert_close(s.ref_logp[0, 0], q.log()[1])
+    for t in (s.entropy, s.topk_entropy, s.kl, s.ref_logp, s.logp):
+        assert t.dtype == torch.float32 and (t[~mask] == 0).all()
+    assert not (s.entropy.requires_grad or s.topk_entropy.requires_grad)
+
+
+@pytest.mark.parametrize("power, normalizer, expected_gate", [
+    (1.0, None, 1.0),  # H_k = ln k: the default gate is exactly 1 -> NLL
+    (1.0, 3.0, math.log(20) / 3.0),  # LLaMA-Factory's normalisation
+    (2.0, 1.0, math.log(20) ** 2),  # axolotl's (none)
+    (0.0, 1.0, 1.0),  # power 0 is NLL
+])
+def test_eaft_closed_form_on_uniform_logits(power, normalizer, expected_gate):
+    V = 50
+    logits = torch.zeros(2, 5, V)
+    labels = torch.randint(0, V, (2, 5))
+    out = EAFT(power, k=20, normalizer=normalizer)(logits, labels)
+    assert out.loss.item() == pytest.approx(expected_gate * math.log(V), rel=1e-6)
+
+
+def test_eaft_silences_confident_conflicts_and_its_gradient_is_gated_nll():
+    logits, labels = batch(V=30)
+    logits[0, 3] = 0.0
+    logits[0, 3, 5] = 40.0  # the model is sure of token 5...
+    labels[0, 3] = 6  # ...and the target disagrees: a confident conflict
+    objective = EAFT(1.0, k=20)
+    x = logits.clone().requires_grad_(True)
+    out = objective(x, labels)
+    out.loss_sum.backward()
+    y = logits.clone().requires_grad_(True)
+    stats = token_stats(y, labels, StatsRequest(topk=20))
+    gate = (stats.topk_entropy / math.log(20)).detach()
+    (-stats.logp * gate).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad)
+    assert gate[0, 3] < 1e-12 and x.grad[0, 3].abs().max() < 1e-9  # near-zero entropy: (almost) no gradient
+
+
+def test_asft_closed_form_and_gradient():
+    V, lam = 8, 0.5
+    logits = torch.zeros(2, 4, V, requires_grad=True)
+    labels = torch.randint(0, V, (2, 4))
+    labels[1, :2] = -100
+    ref = torch.zeros(2, 4, V)
+    ref[..., 3] = 2.0
+    q = torch.softmax(ref[0, 0], -1)
+    out = ASFT(kl_weight=lam)(logits, labels, ref_logits=ref)
+    expected = math.log(V) / V + lam * (math.log(V) + (q * q.log()).sum().item())  # DFT + lambda KL(q || uniform)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    out.loss_sum.backward()
+    # d/dz [-sg(p) log p + lam KL(q || p)] = p (p - onehot) + lam (p - q) on each counted token
+    p = torch.full((V,), 1 / V)
+    onehot = F.one_hot(labels[0, 0], V).float()
+    torch.testing.assert_close(logits.grad[0, 0], p * (p - onehot) + lam * (p - q))
+    assert (logits.grad[1, :2] == 0).all()
+    # Reference equal to the model: KL = 0, ASFT is DFT (value and gradient).
+    x, y = logits.detach().clone().requires_grad_(True), logits.detach().clone().requires_grad_(True)
+    ASFT(kl_weight=3.0)(x, labels, ref_logits=x.detach()).loss.backward()
+    DFT()(y, labels).loss.backward()
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_asft_needs_the_reference():
+    logits, labels = batch()
+    with pytest.raises(ValueError, match="ref_logits"):
+        ASFT()(logits, labels)
+    with pytest.raises(ValueError, match="KL divergence"):
+        ASFT().from_logprobs(*token_logprobs(logits, labels))
+    with pytest.raises(ValueError, match="top-k entropy"):
+        EAFT().from_logprobs(*token_logprobs(logits, labels))
+
+
+def test_token_alpha_matches_adaptive_alpha_map_and_is_monotone():
+    objective = TokenAlpha(alpha=2.0, low=0.1, high=0.55)
+    controller = AdaptiveAlpha(alpha_max=2.0, low=0.1, high=0.55)
+    p = torch.tensor([1e-4, 0.05, 0.1, 0.2, 0.235, 0.4, 0.55, 0.9, 1.0])
+    alpha_t = objective.token_alpha(p.log())
+    expected = torch.tensor([controller.target(float(x)) for x in p])
+    torch.testing.assert_close(alpha_t, expected)
+    assert (alpha_t.diff() >= 0).all() and alpha_t[0] == 0 and alpha_t[-1] == 2.0
+
+
+@pytest.mark.parametrize("V", [2, 3, 20])
+@pytest.mark.parametrize("signal", ["p", "entropy"])
+def test_token_alpha_closed_form_on_uniform_logits(V, signal):
+    # Uniform logits: p = 1/V and exp(-H) = 1/V, so both signals give alpha_t = target(1/V).
+    logits = torch.zeros(2, 3, V)
+    labels = torch.randint(0, V, (2, 3))
+    a = AdaptiveAlpha(alpha_max=1.5).target(1 / V)
+    expected = math.log(V) if a == 0 else (1 - V ** -a) / a
+    out = TokenAlpha(1.5, signal=signal)(logits, labels)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    assert (a == 0) == (V == 20)  # 1/20 is below low: NLL there
+
+
+@pytest.mark.parametrize("signal", ["p", "entropy"])
+def test_token_alpha_zero_is_nll(signal):
+    logits, labels = batch()
+    ref = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(TokenAlpha(0.0, signal=signal)(logits, labels).loss, ref, rtol=1e-6, atol=0)
+
+
+def test_token_alpha_gradient_weight_holds_alpha_t_fixed():
+    objective = TokenAlpha(1.0)
+    logits, labels = batch(B=2, T=5, V=9, ignore_last=0)
+    logits.requires_grad_(True)
+    logp, mask = token_logprobs(logits, labels)
+    objective.from_logprobs(logp, mask).loss_sum.backward()
+    grad_correct = logits.grad.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    p = logp.detach().exp()
+    torch.testing.assert_close(grad_correct[mask], -objective.gradient_weight(p)[mask], rtol=1e-4, atol=1e-6)
+
+
+NEW = [EAFT(), EAFT(2.0, k=5, normalizer=3.0), ASFT(0.1), ASFT(1.0, direction="reverse"), TokenAlpha(1.0),
+       TokenAlpha(10.0, signal="entropy")]
+
+
+@pytest.mark.parametrize("objective", NEW, ids=lambda o: o.tag + str(o.requires))
+def test_new_objectives_all_tokens_ignored_and_confident_tokens(objective):
+    logits, labels = batch()
+    labels[:] = -100
+    x = logits.clone().requires_grad_(True)
+    out = objective(x, labels, ref_logits=logits.flip(-1))
+    assert out.loss.item() == 0.0 and out.normalizer.item() == 0.0
+    out.loss.backward()
+    assert torch.isfinite(x.grad).all() and (x.grad == 0).all()
+    confident = torch.full((1, 4, 6), -1e4)
+    confident[0, torch.arange(4), torch.tensor([0, 1, 2, 3])] = 1e4
+    x = confident.requires_grad_(True)
+    out = objective(x, torch.tensor([[0, 1, 2, -100]]), ref_logits=confident.detach().roll(1, -1))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(x.grad).all()
+
+
+def test_new_objectives_validate_and_tag():
+    with pytest.raises(ValueError, match="k"):
+        EAFT(k=1)
+    with pytest.raises(ValueError, match="power"):
+        EAFT(power=-1.0)
+    with pytest.raises(ValueError, match="normalizer"):
+        EAFT(normalizer=0.0)
+    with pytest.raises(ValueError, match="kl_weight"):
+        ASFT(kl_weight=-1.0)
+    with pytest.raises(ValueError, match="low"):
+        TokenAlpha(low=0.6, high=0.5)
+    with pytest.raises(ValueError, match="signal"):
+        TokenAlpha(signal="q")
+    assert EAFT().tag == "EAFT-power1.0-k20" and ASFT().tag == "ASFT-kl0.1"
+    assert TokenAlpha(1.0).tag == "TokenAlpha-alpha1.0-signalp"
+    assert EAFT().requires == StatsRequest(topk=20) and TokenAlpha().requires == StatsRequest()
+    assert not TokenAlpha().requires.any and not NLL().requires.any
+
+
+def test_which_objectives_an_alpha_controller_can_drive():
+    assert AlphaFamily(0.0).alpha_controller_error is None and TokenAlpha().alpha_controller_error is None
+    for objective in (NLL(), NegProb(), DFT(), EAFT(), ASFT(), ThresholdedNLL()):
+        assert objective.alpha_controller_error
+
+
+def test_top_fraction_keeps_exactly_ceil_of_fraction_times_n_in_integers():
+    from bnll_lightning.objectives import TopFraction
+
+    logp = -torch.rand(1, 100)
+    mask = torch.ones(1, 100, dtype=torch.bool)
+    for fraction, k in ((0.3, 30), (0.1, 10), (0.07, 7), (0.333, 34), (1.0, 100)):
+        assert int(TopFraction(fraction).select(logp, mask).sum()) == k, fraction

@@ -319,3 +319,16 @@ def test_test_step_logs_under_test(tmp_path, tiny_model_dir):
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     (metrics,) = trainer.test(module, datamodule=data, verbose=False)
     assert set(metrics) == {"test/nll", "test/mean_p", "test/token_accuracy"}
+
+
+def test_a_value_error_from_outside_the_package_keeps_its_traceback(tmp_path, tiny_model_dir, monkeypatch):
+    """Only our own validation is a one-line "config error"; torch's or transformers' ValueErrors surface."""
+    import bnll_lightning.module as module_lib
+
+    def load_tokenizer(*args, **kwargs):  # stands in for a library raising deep inside
+        raise ValueError("something inside transformers")
+
+    monkeypatch.delenv("BNLL_DEBUG", raising=False)
+    monkeypatch.setattr(module_lib, "load_tokenizer", load_tokenizer)
+    with pytest.raises(ValueError, match="something inside transformers"):
+        main(["fit", "--model.model", tiny_model_dir, "--trainer.logger.init_args.save_dir", str(tmp_path)])

@@ -716,3 +716,208 @@ def test_sft_module_streams_gemma2_with_its_softcap(tmp_path, tokenizer):
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch, batch], batch_size=None))
     assert module.streamed and math.isfinite(module.last_step_stats["loss_sum"])
     assert not torch.equal(module.model.lm_head.weight, before)  # it trained
+
+
+# ------------------------------------------------------------------------------ statistics beyond log p
+
+from bnll_lightning.objectives import ASFT, EAFT, StatsRequest, TokenAlpha, token_stats  # noqa: E402
+from bnll_lightning.streaming import StreamingHead, streamed_token_stats  # noqa: E402
+
+
+def _ref_parts(b=3, t=11, hdim=12, seed=9, with_bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, hdim, generator=g)
+    head = StreamingHead(torch.randn(V, hdim, generator=g) * 0.5,
+                         torch.randn(V, generator=g) * 0.3 if with_bias else None, None, None)
+    return hidden, head
+
+
+def _stats_pair(hidden, weight, bias, labels, request, ref_hidden, ref_head, chunk_size, scale=None, softcap=None):
+    """Streamed and full-logits TokenStats of the same leaves, with a backward through each."""
+    out = []
+    for streamed in (True, False):
+        h, w, b = leaves(hidden, weight, bias)
+        if streamed:
+            s = streamed_token_stats(h, w, labels, IGN, chunk_size, b, scale, softcap, entropy=request.entropy,
+                                     topk=request.topk, reference_hidden=ref_hidden if request.reference else None,
+                                     reference_head=ref_head if request.reference else None, kl=request.kl)
+        else:
+            logits = F.linear(h, w, b).float()
+            if scale is not None:
+                logits = logits * scale
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            r = head_logits(ref_hidden, ref_head.weight, ref_head.bias, ref_head.scale, ref_head.softcap)
+            s = token_stats(logits, labels, request, IGN, ref_logits=r if request.reference else None)
+        g = torch.Generator().manual_seed(3)
+        loss = (s.logp * torch.randn(labels.shape, generator=g)).sum()
+        if s.kl is not None:
+            loss = loss + (s.kl * torch.rand(labels.shape, generator=g)).sum()
+        loss.backward()
+        out.append((s, [None if x is None else x.grad for x in (h, w, b)]))
+    return out
+
+
+@pytest.mark.parametrize("kl", ["forward", "reverse"])
+@pytest.mark.parametrize("chunk_size", [1, 5, 4096])
+@pytest.mark.parametrize("transform", [(None, None), (0.7, None), (None, 3.0)], ids=["plain", "scale", "softcap"])
+def test_streamed_stats_match_full_logits_values_and_grads(kl, chunk_size, transform):
+    hidden, weight, bias, labels = make_batch(with_bias=True, seed=2)
+    ref_hidden, ref_head = _ref_parts()
+    ref_head = ref_head._replace(softcap=2.5)  # the reference's own post-processing is honoured too
+    request = StatsRequest(entropy=True, topk=7, reference=True, kl=kl)
+    (s, gs), (n, gn) = _stats_pair(hidden, weight, bias, labels, request, ref_hidden, ref_head, chunk_size, *transform)
+    assert torch.equal(s.mask, n.mask)
+    for field in ("logp", "entropy", "topk_entropy", "kl", "ref_logp"):
+        a, b = getattr(s, field), getattr(n, field)
+        assert a.dtype == torch.float32 and a.shape == labels.shape, field
+        assert_close(a, b, rtol=1e-5, atol=2e-5)
+        assert (a[~s.mask] == 0).all(), field
+    assert s.kl[s.mask].abs().min() > 0 and not s.entropy.requires_grad and not s.ref_logp.requires_grad
+    for a, b in zip(gs, gn):
+        scale = b.abs().max()
+        assert scale > 0
+        assert_close(a / scale, b / scale, rtol=1e-4, atol=1e-5)
+
+
+def test_streamed_stats_without_requests_is_the_log_p_path():
+    """Objectives that need only log p keep the plain streamed function: same numbers, same node."""
+    hidden, weight, _, labels = make_batch()
+    h, w = leaves(hidden, weight)
+    s = streamed_token_stats(h, w, labels, IGN, 4)
+    logp, mask = streamed_token_logprobs(hidden, weight, labels, IGN, 4)
+    assert torch.equal(s.logp, logp) and torch.equal(s.mask, mask)
+    assert s.entropy is s.topk_entropy is s.kl is s.ref_logp is None
+    nodes, stack = set(), [s.logp.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            stack.extend(f for f, _ in node.next_functions)
+    names = {type(n).__name__ for n in nodes}
+    assert "_StreamedTargetLogprobBackward" in names and "_StreamedTokenStatsBackward" not in names
+
+
+def test_streamed_stats_all_masked_and_grad_free_reference():
+    hidden, weight, _, labels = make_batch()
+    ref_hidden, ref_head = _ref_parts()
+    labels = torch.full_like(labels, IGN)
+    h, w = leaves(hidden, weight)
+    ref_w = ref_head.weight.clone().requires_grad_(True)  # even a reference that asks for gradients gets none
+    s = streamed_token_stats(h, w, labels, entropy=True, topk=3, reference_hidden=ref_hidden,
+                             reference_head=ref_head._replace(weight=ref_w))
+    assert all((t == 0).all() for t in (s.logp, s.entropy, s.topk_entropy, s.kl, s.ref_logp))
+    (s.logp.sum() + s.kl.sum()).backward()
+    assert (h.grad == 0).all() and (w.grad == 0).all() and ref_w.grad is None
+
+
+def test_streamed_stats_keep_only_chunk_sized_tensors_with_a_reference():
+    vocab, hdim = 4000, 8
+    hidden, weight, _, labels = make_batch(b=4, t=64, vocab=vocab, hdim=hdim, seed=12)
+    ref_hidden = torch.randn(4, 64, 6)
+    ref_head = StreamingHead(torch.randn(vocab, 6), None, None, None)
+    n = int((labels != IGN).sum())
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    h, w = leaves(hidden, weight)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        s = streamed_token_stats(h, w, labels, chunk_size=16, entropy=True, topk=20, reference_hidden=ref_hidden,
+                                 reference_head=ref_head)
+    assert max(saved) <= vocab * hdim and max(saved) < n * vocab / 4  # weights at most; never logits
+    (s.logp.sum() + s.kl.sum()).backward()
+    assert torch.isfinite(w.grad).all()
+
+
+def test_streamed_stats_float32_under_bf16_autocast():
+    hidden, weight, _, labels = make_batch(seed=4)
+    ref_hidden, ref_head = _ref_parts(seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = streamed_token_stats(hidden, weight, labels, entropy=True, reference_hidden=ref_hidden,
+                                 reference_head=ref_head)
+    n = token_stats(F.linear(hidden.bfloat16(), weight.bfloat16()).float(), labels,
+                    StatsRequest(entropy=True, reference=True),
+                    ref_logits=F.linear(ref_hidden.bfloat16(), ref_head.weight.bfloat16(), ref_head.bias.bfloat16()))
+    assert s.logp.dtype == s.kl.dtype == s.entropy.dtype == torch.float32
+    for field in ("logp", "entropy", "kl"):
+        assert_close(getattr(s, field), getattr(n, field), rtol=1e-4, atol=1e-4)
+
+
+def test_streamed_stats_argument_validation():
+    hidden, weight, _, labels = make_batch()
+    ref_hidden, ref_head = _ref_parts()
+    with pytest.raises(ValueError, match="vocabulary"):
+        streamed_token_stats(hidden, weight, labels, reference_hidden=ref_hidden,
+                             reference_head=ref_head._replace(weight=ref_head.weight[:-1], bias=None))
+    with pytest.raises(ValueError, match="together"):
+        streamed_token_stats(hidden, weight, labels, reference_hidden=ref_hidden)
+    with pytest.raises(ValueError, match="topk"):
+        streamed_token_stats(hidden, weight, labels, topk=-1)
+
+
+def _new_objectives():
+    return {"eaft": EAFT(1.0), "eaft_lf": EAFT(2.0, k=5, normalizer=3.0), "asft": ASFT(0.5),
+            "asft_reverse": ASFT(0.5, direction="reverse"), "token_alpha": TokenAlpha(1.0),
+            "token_alpha_entropy": TokenAlpha(2.0, signal="entropy", low=0.01, high=0.3)}
+
+
+@pytest.mark.parametrize("chunk_size", [3, 4096])
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("name", list(_new_objectives()))
+def test_new_objectives_streamed_equal_full_logits_on_a_model(name, tie, chunk_size):
+    """Loss and every parameter's gradient, streamed vs full logits, with another tiny Llama as
+    the reference (ASFT): the KL and its gradient go through both models' heads chunk by chunk."""
+    model, reference = tiny_llama(tie, seed=5), tiny_llama(True, seed=6)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(12.0)  # sharpen: p and the entropies spread
+    reference.requires_grad_(False)
+    ids, attn, labels = lm_batch(seed=5)
+    objective = _new_objectives()[name]
+
+    def run(streamed):
+        model.zero_grad(set_to_none=True)
+        if streamed:
+            with torch.no_grad():
+                ref_hidden = forward_hidden(reference, ids, attn)
+            head = streaming_head(model)
+            request = objective.requires
+            stats = streamed_token_stats(
+                forward_hidden(model, ids, attn), head.weight, labels, chunk_size=chunk_size, entropy=request.entropy,
+                topk=request.topk, reference_hidden=ref_hidden if request.reference else None,
+                reference_head=streaming_head(reference) if request.reference else None, kl=request.kl)
+            out = objective.from_stats(stats)
+        else:
+            with torch.no_grad():
+                ref_logits = reference(input_ids=ids, attention_mask=attn).logits
+            out = objective(model(input_ids=ids, attention_mask=attn).logits, labels, ref_logits=ref_logits)
+        out.loss.backward()
+        return out, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    out_n, g_n = run(False)
+    out_s, g_s = run(True)
+    assert_close(out_s.loss, out_n.loss, rtol=1e-5, atol=1e-6)
+    assert g_s.keys() == g_n.keys() and ("lm_head.weight" in g_s) == (not tie)
+    assert all(q.grad is None for q in reference.parameters())
+    for n in g_n:
+        scale = g_n[n].abs().max()
+        assert scale > 0 or n.endswith("norm.weight"), n
+        assert_close(g_s[n] / scale.clamp_min(1e-30), g_n[n] / scale.clamp_min(1e-30), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("error, falls_back", [(TypeError("needs pixel_values"), True), (RuntimeError("bug"), False),
+                                               (torch.OutOfMemoryError("out of memory"), False)])
+def test_the_streaming_self_check_falls_back_only_for_models_that_cannot_run_on_text(error, falls_back, monkeypatch):
+    model = tiny_llama()
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(model, "forward", broken)
+    if falls_back:
+        assert "TypeError: needs pixel_values" in streaming.streaming_unsupported_reason(model)
+    else:
+        with pytest.raises(type(error)):
+            streaming.streaming_unsupported_reason(model)
