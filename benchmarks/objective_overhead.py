@@ -42,7 +42,9 @@ def objectives(model_dir: str | None = None) -> list[tuple[str, object, object]]
 
     asft = ASFT(0.1)
     if model_dir is not None:
-        asft.bind_reference(model_dir)
+        from bnll_lightning.reference import load_reference
+
+        asft.bind_reference(load_reference(asft, model_dir))
     return [
         ("NLL", NLL(), None),
         ("NLL again (noise floor)", NLL(), None),

@@ -78,7 +78,7 @@ STAT_KEYS = (
     "noisy",  # rows whose response was corrupted (train only)
 )
 # End-of-turn tokens of common chat templates (in addition to the tokenizer's eos token).
-_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 
 class DataError(ValueError):
@@ -768,7 +768,7 @@ class SFTDataModule(LightningDataModule):
         )
         self._special_prefix = list(with_special[:start])
         vocab = tok.get_vocab()
-        self._end_of_turn = {vocab[t] for t in _END_OF_TURN_TOKENS if t in vocab}
+        self._end_of_turn = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
         if tok.eos_token_id is not None:
             self._end_of_turn.add(int(tok.eos_token_id))
         self._encoder_for = tok

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from bnll_lightning.cli import SFTCLI, load_from_config
 # The end-of-turn tokens training puts in the targets: generation stops at the same ones.
-from bnll_lightning.data import _END_OF_TURN_TOKENS as END_OF_TURN_TOKENS
+from bnll_lightning.data import END_OF_TURN_TOKENS
 from bnll_lightning.tasks import TASKS
 
 __all__ = [

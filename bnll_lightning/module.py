@@ -38,13 +38,14 @@ from bnll_lightning.lora import apply_lora, export_lora, is_peft_model, load_4bi
 from bnll_lightning.objectives import (
     IGNORE_INDEX,
     NLL,
-    AlphaFamily,
     Objective,
     StatsRequest,
     TokenStats,
     token_logprobs,
     token_stats,
 )
+from bnll_lightning.reference import load_reference
+from bnll_lightning.sampling import sample_batches
 from bnll_lightning.schedules import resolve_warmup, warmup_cosine
 from bnll_lightning.strategies import is_sharded
 from bnll_lightning.streaming import (
@@ -221,7 +222,7 @@ class SFTModule(L.LightningModule):
 
         self.tokenizer, self.model = self.load_pretrained(model, dtype, trust_remote_code, load_in_4bit)
         if self.objective.requires.reference:  # ASFT: a frozen copy of the base model, unless it names another
-            self.objective.bind_reference(model, dtype=dtype, trust_remote_code=trust_remote_code)
+            self.objective.bind_reference(load_reference(self.objective, model, dtype, trust_remote_code))
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora_r:
@@ -327,8 +328,6 @@ class SFTModule(L.LightningModule):
         """Measure the controller's statistic on the model as it is (eval mode, no gradients) over
         ``probe_batches`` training batches per rank, token-weighted over all ranks, and start the
         controller there. The batches are a seeded sample drawn apart from the training order."""
-        from bnll_lightning.probe import sample_batches  # probe imports the CLI, which imports this module
-
         controller, trainer = self.alpha_controller, self.trainer
         if is_sharded(trainer.strategy):
             raise ValueError(
@@ -346,7 +345,7 @@ class SFTModule(L.LightningModule):
             for batch in batches:
                 batch = trainer.strategy.batch_to_device(batch)
                 with trainer.precision_plugin.forward_context():
-                    logp, mask, _ = self._eval_logprobs(batch)
+                    logp, mask, _ = self.eval_logprobs(batch)
                 acc += torch.stack(step_statistic(logp, mask, controller.statistic, controller.quantile))
         finally:
             for m, training in modes.items():
@@ -466,7 +465,7 @@ class SFTModule(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> None:
         """NLL, mean p and token accuracy of the batch's targets, logged as ``{prefix}/...`` per epoch."""
-        logp, mask, correct = self._eval_logprobs(batch)
+        logp, mask, correct = self.eval_logprobs(batch)
         self.val_nll.update(-logp[mask])
         self.val_mean_p.update(logp[mask].exp())
         self.val_token_accuracy.update(correct[mask].float())
@@ -475,7 +474,7 @@ class SFTModule(L.LightningModule):
         self.log(f"{prefix}/token_accuracy", self.val_token_accuracy)
 
     @torch.no_grad()
-    def _eval_logprobs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def eval_logprobs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """log p, mask, and whether the target is the argmax, chunk by chunk (no full logits)."""
         labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
         mask = labels != IGNORE_INDEX

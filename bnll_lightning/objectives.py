@@ -596,18 +596,11 @@ class ASFT(Objective):
     def reference(self) -> FrozenReference | None:
         return self._frozen
 
-    def bind_reference(self, model: str, dtype: str | None = None, trust_remote_code: bool = False) -> FrozenReference:
-        """Load the frozen reference: ``reference`` if set, else ``model`` (the policy's source),
-        in ``reference_dtype`` (else ``dtype``). Called by ``SFTModule`` at construction."""
-        from bnll_lightning.reference import FrozenReference
-
+    def bind_reference(self, reference: FrozenReference) -> FrozenReference:
+        """Attach the frozen reference (``SFTModule`` loads it with
+        :func:`bnll_lightning.reference.load_reference` at construction); the first one bound stays."""
         if self._frozen is None:
-            self._frozen = FrozenReference(
-                self.reference_name or model,
-                dtype=self.reference_dtype if self.reference_dtype is not None else dtype,
-                load_in_8bit=self.reference_load_in_8bit,
-                trust_remote_code=trust_remote_code,
-            )
+            self._frozen = reference
         return self._frozen
 
     def from_logprobs(self, logp: Tensor, mask: Tensor) -> ObjectiveOutput:

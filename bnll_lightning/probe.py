@@ -28,7 +28,6 @@ the base model's answers to the first N val rows scored by the built-in task's c
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -38,11 +37,12 @@ from typing import Any, Iterable, Iterator, Literal, Optional
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from bnll_lightning.cli import SFTCLI, load_from_config
 from bnll_lightning.evaluate import evaluate_generation, load_checkpoint_weights
+from bnll_lightning.sampling import sample_batches
 from bnll_lightning.tasks import TASKS
 
 __all__ = [
@@ -85,31 +85,6 @@ def zone(p: float, strong: float = STRONG, weak: float = WEAK) -> str:
     return "model-intermediate"
 
 
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample_batches(
-    loader: DataLoader, max_batches: int | None, *, seed: int = 0, rank: int = 0, world_size: int = 1
-) -> Iterable[dict[str, Tensor]]:
-    """Batches of a seeded random sample of ``loader``'s rows, for this rank.
-
-    Up to ``max_batches`` batches of ``loader.batch_size`` rows (None or <= 0: all rows), ranks
-    get disjoint rows. The sample is drawn with its own generator, so the training order (the
-    loader's own generator) is left untouched: a run with a probe sees the same batches as one
-    without. Loaders without a length or a fixed batch size are read as they come (first batches).
-    """
-    limit = max_batches if max_batches and max_batches > 0 else None
-    dataset = loader.dataset
-    if loader.batch_size is None or not hasattr(dataset, "__len__"):
-        return itertools.islice(loader, limit)
-    # Every rank the same number of rows (so of batches): under DDP a rank with one batch more would wait.
-    usable = len(dataset) - len(dataset) % world_size
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:usable][rank::world_size]
-    if limit is not None:
-        order = order[: limit * loader.batch_size]
-    return DataLoader(Subset(dataset, order.tolist()), batch_size=loader.batch_size, collate_fn=loader.collate_fn)
-
-
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -119,11 +94,11 @@ def target_logprobs(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """For each batch: (log p, whether the target is the argmax) of its target tokens, 1-D, on CPU.
 
-    Uses ``module._eval_logprobs`` (streamed, no full logits; the same numbers as validation)."""
+    Uses ``module.eval_logprobs`` (streamed, no full logits; the same numbers as validation)."""
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with context() if context is not None else nullcontext():
-            logp, mask, correct = module._eval_logprobs(batch)
+            logp, mask, correct = module.eval_logprobs(batch)
         yield logp[mask].float().cpu(), correct[mask].cpu()
 
 
@@ -226,9 +201,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"zone: {report['zone']}   (by mean p: model-strong >= {report['thresholds']['strong']}, "
         f"model-weak < {report['thresholds']['weak']}, intermediate in between; arXiv 2510.00526)",
         f"      {report['zone_geometric']} by the geometric mean p",
-        "note: the arithmetic mean can mislead - easy tokens (template, format, copied words) lift it. Measured:",
-        "      list sorting had mean p 0.66 while SmolLM2-135M answered 0/100 right by generation. Read the",
-        "      geometric mean and the 10 % quantile too, and check whole answers by generation (--generate N).",
+        "note: the arithmetic mean can mislead - easy tokens (template, format, copied words) lift it, and a",
+        "      model can answer well in its own words while the training targets get a low mean p (measured",
+        "      cases: docs/benchmarks.md). Read the geometric mean and the 10 % quantile too, and check whole",
+        "      answers by generation (--generate N).",
     ]
     gen = report.get("generation")
     if gen:

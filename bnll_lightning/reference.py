@@ -14,6 +14,7 @@ trained model's log p, without either model's ``[B, T, V]`` logits.
 from __future__ import annotations
 
 import os
+from typing import Any
 import torch
 from torch import Tensor, nn
 
@@ -114,3 +115,14 @@ class FrozenReference:
         """Full logits ``[B, T, V]`` (no gradient), for the non-streamed path."""
         self._to(input_ids.device)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def load_reference(objective: Any, model: str, dtype: str | None = None, trust_remote_code: bool = False) -> FrozenReference:
+    """The frozen reference an objective asks for: its ``reference_name`` if set, else ``model`` (the
+    policy's source), in its ``reference_dtype`` (else ``dtype``), int8 if ``reference_load_in_8bit``."""
+    return FrozenReference(
+        objective.reference_name or model,
+        dtype=objective.reference_dtype if objective.reference_dtype is not None else dtype,
+        load_in_8bit=objective.reference_load_in_8bit,
+        trust_remote_code=trust_remote_code,
+    )

@@ -16,12 +16,14 @@ shard per rank), so Lightning keeps it under DDP/FSDP instead of wrapping it.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-__all__ = ["ResumableDataLoader", "ResumableSampler"]
+__all__ = ["ResumableDataLoader", "ResumableSampler", "sample_batches"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -85,3 +87,25 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = (int(state["epoch"]), int(state["batches"]))
+
+
+def sample_batches(
+    loader: DataLoader, max_batches: int | None, *, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterable[dict[str, Tensor]]:
+    """Batches of a seeded random sample of ``loader``'s rows, for this rank.
+
+    Up to ``max_batches`` batches of ``loader.batch_size`` rows (None or <= 0: all rows), ranks
+    get disjoint rows. The sample is drawn with its own generator, so the training order (the
+    loader's own generator) is left untouched: a run with a probe sees the same batches as one
+    without. Loaders without a length or a fixed batch size are read as they come (first batches).
+    """
+    limit = max_batches if max_batches and max_batches > 0 else None
+    dataset = loader.dataset
+    if loader.batch_size is None or not hasattr(dataset, "__len__"):
+        return itertools.islice(loader, limit)
+    # Every rank the same number of rows (so of batches): under DDP a rank with one batch more would wait.
+    usable = len(dataset) - len(dataset) % world_size
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:usable][rank::world_size]
+    if limit is not None:
+        order = order[: limit * loader.batch_size]
+    return DataLoader(Subset(dataset, order.tolist()), batch_size=loader.batch_size, collate_fn=loader.collate_fn)

@@ -36,6 +36,7 @@ def positive(cell: str) -> float:
     return x
 
 
+@pytest.mark.slow
 def test_objective_overhead_quick_and_append(tmp_path):
     docs = tmp_path / "bench.md"
     text = objective_overhead.main(["--quick", "--append", "--docs", str(docs)])
@@ -83,6 +84,7 @@ def test_largest_fitting_search():
     assert all(n % 256 == 0 for n in calls)
 
 
+@pytest.mark.slow
 def test_memory_quick():
     text = memory.main(["--quick"])
     headers, rows = C.parse_markdown_table(text)
@@ -111,6 +113,7 @@ def test_memory_measurement_in_a_fresh_process(tiny_model_dir):
     assert out["attention"] and not out["streamed"]
 
 
+@pytest.mark.slow
 def test_throughput_quick():
     text = throughput.main(["--quick"])
     headers, rows = C.parse_markdown_table(text)
@@ -192,6 +195,7 @@ def test_default_optimizer_is_fused_where_torch_has_the_kernel():
     assert default_optimizer([meta]).param_groups[0]["fused"] is None  # no kernel there: torch's default
 
 
+@pytest.mark.slow
 def test_profile_step_quick_phases_add_up():
     from benchmarks import profile_step
 

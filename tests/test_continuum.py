@@ -82,13 +82,13 @@ def test_a_rerun_skips_finished_runs_and_an_interrupted_study_continues(quick, t
     (work / "continuum.csv").write_text("".join(lines[:-3]))  # as if stopped 3 runs before the end
     proc = _study(work)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 of " in proc.stderr and "runs to do" in proc.stderr
+    assert "3 of the 3 runs left to do" in proc.stderr
     again = list(csv.DictReader(open(work / "continuum.csv", encoding="utf-8")))
     assert len(again) == len(lines) - 1  # the 3 missing runs were run, nothing twice
     keys = [(r["task"], r["objective"], r["seed"]) for r in again]
     assert len(set(keys)) == len(keys)
     proc = _study(work)  # complete: nothing to run
-    assert proc.returncode == 0 and "0 of " in proc.stderr
+    assert proc.returncode == 0 and "0 of the 0 runs left to do" in proc.stderr
     assert len(list(csv.DictReader(open(work / "continuum.csv", encoding="utf-8")))) == len(again)
 
 

@@ -701,9 +701,9 @@ def test_sft_module_streams_gemma2_with_its_softcap(tmp_path, tokenizer):
     batch = {"input_ids": ids, "attention_mask": attn, "labels": labels}
     module.eval()
     with torch.no_grad():
-        streamed, (lp_eval, _, correct) = module.target_logprobs(batch), module._eval_logprobs(batch)
+        streamed, (lp_eval, _, correct) = module.target_logprobs(batch), module.eval_logprobs(batch)
         module.streamed = False
-        full, (lp_eval_full, _, correct_full) = module.target_logprobs(batch), module._eval_logprobs(batch)
+        full, (lp_eval_full, _, correct_full) = module.target_logprobs(batch), module.eval_logprobs(batch)
         module.streamed = True
     assert_close(streamed[0], full[0], rtol=1e-5, atol=1e-5)
     assert_close(lp_eval, lp_eval_full, rtol=1e-5, atol=1e-5)
