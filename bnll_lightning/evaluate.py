@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from bnll_lightning.cli import SFTCLI, load_from_config
 # The end-of-turn tokens training puts in the targets: generation stops at the same ones.
 from bnll_lightning.data import END_OF_TURN_TOKENS
+from bnll_lightning.strategies import is_sharded
 from bnll_lightning.tasks import TASKS
 
 __all__ = [
@@ -420,13 +421,6 @@ def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _sharded(strategy: Any) -> bool:
-    """Whether the strategy shards the weights (FSDP, DeepSpeed)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return isinstance(strategy, FSDPStrategy) or "deepspeed" in type(strategy).__name__.lower()
-
-
 def _logged_step(trainer: L.Trainer) -> int:
     """The step TensorBoard files this validation's scalars under. Lightning logs by the count of
     finished optimizer steps *before* the current one is counted (so validation after the 15th step
@@ -500,7 +494,7 @@ class GenerationEval(L.Callback):
         self.validations += 1
         if self.validations % self.every_n_val:
             return
-        if _sharded(trainer.strategy):
+        if is_sharded(trainer.strategy):
             # Sharded weights are only whole inside the wrapped forward; a generation loop outside it
             # would need every rank in lock step. Evaluate the exported model instead.
             if not self._warned_sharded:
