@@ -397,8 +397,8 @@ class SFTModule(L.LightningModule):
         params = [p for p in self.parameters() if p.grad is not None]
         # A finite loss can still give an Inf/NaN gradient (an overflow in backward): count this rank's
         # non-finite gradients in the step's sums, so every rank skips together at the one host sync.
-        bad = torch.stack([(~torch.isfinite(n)).float() for n in torch._foreach_norm([p.grad for p in params])]).sum()[None] \
-            if params else acc.new_zeros(1)  # fmt: skip
+        norms = torch.stack(torch._foreach_norm([p.grad for p in params])) if params else acc.new_zeros(1)
+        bad = (~torch.isfinite(norms)).sum()[None]
         acc = torch.cat([acc, bad.to(acc)])
         if self.trainer.world_size > 1:
             acc = self.trainer.strategy.reduce(acc, reduce_op="sum")
