@@ -17,7 +17,14 @@ the last warm-up step to the end of the last step (data loading included). Runs 
 TRL, ``--repeats`` times, the order reversed every other repeat; the ratio is reported per repeat.
 Without TRL installed only our side runs and the ratio reads n/a (the peer is an optional extra).
 
-    python benchmarks/throughput.py [--quick] [--append]
+``--packing`` measures packing instead, on rows of uneven, long-tailed lengths (log-normal, median 160
+tokens, clipped to 32 .. ``--seq-len``, default 1024): one epoch over the same tokenized rows with
+``data.packing`` off (``--batch-size`` rows per step, padded to the longest) and on (``--pack-batch-size``
+packed sequences per step, about as many real tokens), and TRL's ``packing=False`` / ``packing=True``
+(best-fit decreasing, padding-free) on the same rows, its loss on the same target tokens
+(``completion_mask``). tokens/s counts real (non-padding) tokens only.
+
+    python benchmarks/throughput.py [--quick] [--append] [--packing]
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -55,6 +64,18 @@ def write_rows(path: str, n: int, seq_len: int) -> None:
             f.write(json.dumps({"prompt": f"Count upward from {start}.", "response": response}) + "\n")
 
 
+def write_uneven_rows(path: str, n: int, max_len: int, seed: int = 0) -> None:
+    """``n`` rows of long-tailed length: log-normal around 160 tokens, clipped to [32, ``max_len``]
+    (about 40 of them template and prompt)."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "green"]
+    with open(path, "w") as f:
+        for i in range(n):
+            length = min(max_len, max(32, round(rng.lognormvariate(math.log(160), 0.8))))
+            response = " ".join(rng.choice(words) for _ in range(max(1, length - 40)))
+            f.write(json.dumps({"prompt": f"Write row {i}.", "response": response}) + "\n")
+
+
 def tokenized_rows(model: str, data_path: str, seq_len: int) -> list[dict[str, list[int]]]:
     """The rows as SFTDataModule tokenizes them (chat template, prompt masked, cut at ``seq_len``)."""
     from bnll_lightning.data import SFTDataModule
@@ -69,7 +90,8 @@ def tokenized_rows(model: str, data_path: str, seq_len: int) -> list[dict[str, l
 
 
 def run_ours(model: str, data_path: str, objective: str, batch_size: int, seq_len: int, steps: int,
-             warmup: int, work: str) -> dict:
+             warmup: int, work: str, packing: bool = False) -> dict:
+    """``steps`` <= 0: one epoch."""
     import lightning.pytorch as L
 
     from bnll_lightning import objectives
@@ -79,27 +101,32 @@ def run_ours(model: str, data_path: str, objective: str, batch_size: int, seq_le
     marks: list[tuple[float, int]] = []  # (time at the end of each step, its tokens)
     threads: list[int] = []
 
+    positions: list[int] = []
+
     class StepTimer(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             marks.append((time.perf_counter(), int(batch["attention_mask"].sum())))
+            positions.append(batch["input_ids"].numel())
             threads.append(torch.get_num_threads())
 
     module = SFTModule(
         model=model, objective=getattr(objectives, objective)(), export_dir=f"{work}/export"
     )
     data = SFTDataModule(train=data_path, val_fraction=0.0, max_length=seq_len, batch_size=batch_size,
-                         tokenizer=module.tokenizer)
+                         packing=packing, tokenizer=module.tokenizer)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision="32-true", max_steps=warmup + steps, gradient_clip_val=CLIP,
+        accelerator="cpu", devices=1, precision="32-true", max_steps=warmup + steps if steps > 0 else -1,
+        max_epochs=1 if steps <= 0 else None, gradient_clip_val=CLIP,
         logger=False, enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=[StepTimer()], default_root_dir=work,
     )
     trainer.fit(module, data)
-    return _rate(marks, warmup, threads)
+    return {**_rate(marks, warmup, threads), "padding": 1 - sum(n for _, n in marks) / sum(positions)}
 
 
 def run_trl(model: str, rows: list[dict], loss_type: str, batch_size: int, seq_len: int, steps: int,
-            warmup: int, work: str) -> dict:
+            warmup: int, work: str, packing: bool = False) -> dict:
+    """``steps`` <= 0: one epoch."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
@@ -108,25 +135,35 @@ def run_trl(model: str, rows: list[dict], loss_type: str, batch_size: int, seq_l
 
     marks: list[tuple[float, int]] = []
     threads: list[int] = []
+    sizes: list[tuple[int, int]] = []  # (real tokens, positions) of each batch, in order
 
     class StepTimer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            marks.append((time.perf_counter(), batch_size * seq_len))  # rows are all seq_len long (checked)
+            marks.append((time.perf_counter(), sizes[len(marks)][0]))
             threads.append(torch.get_num_threads())
 
     config = SFTConfig(
-        output_dir=f"{work}/trl", per_device_train_batch_size=batch_size, max_steps=warmup + steps,
+        output_dir=f"{work}/trl", per_device_train_batch_size=batch_size, max_steps=warmup + steps if steps > 0 else -1,
         learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=WEIGHT_DECAY, max_grad_norm=CLIP,
         bf16=False, fp16=False, gradient_checkpointing=False, optim="adamw_torch_fused", loss_type=loss_type,
         max_length=seq_len, use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no",
-        dataloader_num_workers=0, seed=0,
+        dataloader_num_workers=0, seed=0, packing=packing, num_train_epochs=1,
     )
     trainer = SFTTrainer(
         model=load_model(model), args=config, processing_class=load_tokenizer(model),
         train_dataset=Dataset.from_list(rows), callbacks=[StepTimer()],
     )
+    collate = trainer.data_collator
+
+    def counting_collator(features):  # real tokens: padding-free batches have no padding to mask
+        batch = collate(features)
+        real = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+        sizes.append((int(real), batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting_collator
     trainer.train()
-    return _rate(marks, warmup, threads)
+    return {**_rate(marks, warmup, threads), "padding": 1 - sum(n for n, _ in sizes) / sum(p for _, p in sizes)}
 
 
 def _rate(marks: list[tuple[float, int]], warmup: int, threads: list[int]) -> dict:
@@ -141,6 +178,7 @@ def _rate(marks: list[tuple[float, int]], warmup: int, threads: list[int]) -> di
 
 def run_one(spec: dict) -> dict:
     common = {k: spec[k] for k in ("model", "batch_size", "seq_len", "steps", "warmup", "work")}
+    common["packing"] = spec.get("packing", False)
     with C.quiet():
         if spec["side"] == "ours":
             return run_ours(data_path=spec["data_path"], objective=spec["objective"], **common)
@@ -175,10 +213,13 @@ def main(argv: list[str] | None = None) -> str:
     C.add_common_arguments(parser)
     parser.add_argument("--model", default="embedded", help="model for both sides (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, help="row length (default 256); --packing: max_length (default 1024)")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each configuration")
+    parser.add_argument("--warmup", type=int, help="untimed optimizer steps first (default 2; --packing: 1)")
+    parser.add_argument("--repeats", type=int, help="runs of each configuration (default 2; --packing: 1)")
+    parser.add_argument("--packing", action="store_true", help="measure data.packing on uneven rows (see above)")
+    parser.add_argument("--rows", type=int, default=32, help="--packing: rows of the epoch each run trains on")
+    parser.add_argument("--pack-batch-size", type=int, default=1, help="--packing: packed sequences per step")
     parser.add_argument("--objectives", default=",".join(o for _, o, _ in PAIRS),
                         help="comma-separated subset of our objectives to compare")
     parser.add_argument("--no-peer", action="store_true", help="run our side only, even with TRL installed")
@@ -190,6 +231,10 @@ def main(argv: list[str] | None = None) -> str:
     if args.child:
         print(json.dumps(run_one(json.loads(args.child))))
         return ""
+    if args.packing:
+        return packing_main(args, argv, threads)
+    args.seq_len, args.repeats = args.seq_len or 256, args.repeats or 2
+    args.warmup = 2 if args.warmup is None else args.warmup
     if args.quick:
         args.batch_size, args.seq_len, args.steps, args.warmup, args.repeats = 2, 64, 3, 1, 1
         args.in_process = True
@@ -267,6 +312,72 @@ def main(argv: list[str] | None = None) -> str:
         "Throughput: fit / TRL SFTTrainer", "throughput.py", args, argv, threads, table, conditions,
         load=(load0, load1),
     )
+
+
+def packing_main(args: argparse.Namespace, argv: list[str], threads: int) -> str:
+    """tokens/s without and with packing, ours and TRL's, one epoch over the same uneven rows per run."""
+    args.seq_len, args.repeats = args.seq_len or 1024, args.repeats or 1
+    args.warmup = 1 if args.warmup is None else args.warmup
+    if args.quick:
+        args.rows, args.seq_len, args.batch_size, args.repeats, args.in_process = 12, 256, 2, 1, True
+    peer = None if args.no_peer else trl_version()
+    load0 = C.load_average()
+    with tempfile.TemporaryDirectory(prefix="bnll_pack_") as work:
+        model = args.model
+        with C.quiet():
+            if args.quick:
+                model = f"{work}/model"
+                C.save_random_model(model, **C.TINY)
+            data_path, rows_path = f"{work}/rows.jsonl", f"{work}/rows.json"
+            write_uneven_rows(data_path, args.rows, args.seq_len)
+            rows = tokenized_rows(model, data_path, args.seq_len)
+        lengths = sorted(len(r["input_ids"]) for r in rows)
+        with open(rows_path, "w") as f:  # TRL trains on the same target tokens: completion_mask = our labels
+            json.dump([{"input_ids": r["input_ids"], "completion_mask": [int(t != -100) for t in r["labels"]]}
+                       for r in rows], f)
+        configs = [(side, packing) for side in ("ours", "trl")[: 2 if peer else 1] for packing in (False, True)]
+        results: dict[tuple[str, bool], list[dict]] = {}
+        for r in range(args.repeats):
+            for side, packing in configs if r % 2 == 0 else configs[::-1]:
+                spec = {"side": side, "model": model, "seq_len": args.seq_len, "steps": 0, "warmup": args.warmup,
+                        "batch_size": args.pack_batch_size if packing else args.batch_size, "packing": packing,
+                        "work": f"{work}/run{r}_{side}_{packing}", "data_path": data_path, "rows_path": rows_path,
+                        "objective": "NLL", "loss_type": "nll"}
+                out = run_one(spec) if args.in_process else run_isolated(spec, threads)
+                print(f"[throughput] repeat {r}: {side} packing={packing}: {out['tokens_per_s']:.1f} tokens/s",
+                      file=sys.stderr)
+                results.setdefault((side, packing), []).append(out)
+    load1 = C.load_average()
+
+    table_rows = []
+    for side, packing in configs:
+        rates = [o["tokens_per_s"] for o in results[(side, packing)]]
+        base = [o["tokens_per_s"] for o in results[(side, False)]]
+        name = ("ours, data.packing: " if side == "ours" else f"TRL {peer} SFTTrainer, packing=") + str(packing).lower()
+        table_rows.append([name, f"{C.median(rates):.0f}", ", ".join(f"{x:.0f}" for x in rates),
+                           C.fmt(C.median([a / b for a, b in zip(rates, base)]), 2),
+                           f"{C.median([o['padding'] for o in results[(side, packing)]]):.0%}",
+                           results[(side, packing)][0]["steps"]])
+    if peer:
+        ours, theirs = ([o["tokens_per_s"] for o in results[(s, True)]] for s in ("ours", "trl"))
+        table_rows.append(["ours / TRL, both packed", C.fmt(C.median([a / b for a, b in zip(ours, theirs)]), 2),
+                           "", "", "", ""])
+    table = C.markdown_table(["run", "real tokens/s (median)", "per repeat", "/ same side unpacked",
+                              "padding share of positions", "timed steps"], table_rows)
+    conditions = [
+        f"model: {'tiny random (--quick)' if args.quick else args.model}, float32, NLL, no gradient checkpointing;"
+        " ours streamed log p (module default)",
+        f"data: {len(rows)} rows, tokens per row min {lengths[0]} / median {lengths[len(lengths) // 2]} / mean"
+        f" {sum(lengths) / len(lengths):.0f} / max {lengths[-1]} ({sum(lengths)} in all; log-normal, clipped to"
+        f" 32 .. {args.seq_len}); max_length {args.seq_len}; one epoch per run, the first {args.warmup} step(s)"
+        f" untimed; unpacked: {args.batch_size} rows per step, packed: {args.pack_batch_size} sequence(s) of"
+        f" <= {args.seq_len} tokens per step",
+        f"peer: {'TRL ' + peer + ' (packing=True: best-fit decreasing, padding-free)' if peer else 'TRL not run'};"
+        f" {args.repeats} repeat(s), runs " + ("in this process" if args.in_process else "each in a fresh process"),
+        "timed on a shared, loaded machine: absolute tokens/s are indicative only; compare ratios within this run",
+    ]
+    return C.report("Throughput with packing: uneven rows, ours / TRL", "throughput.py", args, argv, threads,
+                    table, conditions, load=(load0, load1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Observation-only Lightning callbacks: they read what :class:`~bnll_lightning.module.SFTModule`
-already computed and write it to TensorBoard; they never change training.
+"""Lightning callbacks, none of which changes training: accuracy by generation, and TensorBoard observers.
 
+* :class:`GenerationEval` - ``val/accuracy`` (with sampling ``val/pass@k``, ``val/maj@n``) at validation
+  end, predictions in ``predictions/step_<N>.jsonl`` of the log directory (add it to ``trainer.callbacks``;
+  generation and checkers are :mod:`bnll_lightning.evaluate`'s).
 * :class:`ProbabilityHistogram` - the distribution of the target tokens' p, every N optimizer steps
   (TensorBoard's HISTOGRAMS / DISTRIBUTIONS tabs, tag ``train/p``).
 * :class:`StepProgressBar` - the console's training bar counts optimizer steps out of ``max_steps``.
@@ -8,19 +10,26 @@ already computed and write it to TensorBoard; they never change training.
   drives it (``train/alpha``, ``train/mean_p``, ``train/mean_p_ema`` on one chart) and the objective
   next to the NLL of the same tokens.
 
-``SFTModule.configure_callbacks`` adds both (and a ``LearningRateMonitor``) to every fit. Both act
-only on :class:`~lightning.pytorch.loggers.TensorBoardLogger` loggers and do nothing otherwise.
+``SFTModule.configure_callbacks`` adds ProbabilityHistogram and ContinuumLayout (and a ``LearningRateMonitor``)
+to every fit; both act only on :class:`~lightning.pytorch.loggers.TensorBoardLogger` loggers.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import lightning.pytorch as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["ContinuumLayout", "ProbabilityHistogram", "StepProgressBar", "CONTINUUM_LAYOUT"]
+from bnll_lightning.evaluate import EvalResult, evaluate_generation, get_checker, write_jsonl
+from bnll_lightning.strategies import is_sharded
+
+__all__ = ["ContinuumLayout", "GenerationEval", "ProbabilityHistogram", "StepProgressBar", "CONTINUUM_LAYOUT"]
 
 # Tags are regular expressions in a custom-scalars layout: anchor them, or "train/mean_p" would
 # also pick up "train/mean_p_ema".
@@ -141,3 +150,148 @@ class StepProgressBar(TQDMProgressBar):
         if not self._by_steps(trainer):
             return super().on_train_epoch_end(trainer, pl_module)
         self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+def _logged_step(trainer: L.Trainer) -> int:
+    """The step TensorBoard files this validation's scalars under. Lightning logs by the count of
+    finished optimizer steps *before* the current one is counted (so validation after the 15th step
+    is filed at 14, beside that step's training scalars); ``global_step`` already says 15."""
+    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+
+
+class GenerationEval(L.Callback):
+    def __init__(
+        self,
+        every_n_val: int = 1,
+        num_rows: int | None = None,
+        max_new_tokens: int = 64,
+        batch_size: int = 16,
+        checker: str | None = None,
+        predictions_file: bool = True,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        num_samples: int = 1,
+        seed: int = 0,
+        pass_k: list[int] | None = None,
+    ) -> None:
+        """Accuracy by generation on the validation rows, at the end of validation.
+
+        Logs ``val/accuracy`` (and writes ``predictions/step_<N>.jsonl`` in the log directory);
+        with ``num_samples > 1`` also ``val/pass@k`` for each k of ``pass_k`` and ``val/maj@n``
+        (n = num_samples), every one a mean over rows.
+        Under DDP each rank generates for its own slice of the rows and the counts are summed,
+        so the accuracy is that of all rows (sharded strategies, FSDP/DeepSpeed, are skipped with a
+        warning). Needs an ``SFTModule`` (``model``, ``tokenizer``) and an ``SFTDataModule``.
+
+        Args:
+            every_n_val: Run on every n-th validation (generation is slower than the val loss).
+            num_rows: Score the first N validation rows (None: all); the same rows every time.
+            max_new_tokens: Generation budget per answer; longer answers are cut (and usually wrong).
+            batch_size: Prompts generated together.
+            checker: Answer checker (exact, normalized, task, math); None: the built-in task's own
+                checker, else normalized.
+            predictions_file: Write per-example predictions (prompt, prediction, answer, correct).
+            temperature: 0 is greedy decoding (the paper's evaluation); > 0 samples.
+            top_p: Nucleus sampling mass (temperature > 0 only).
+            num_samples: Answers per prompt (temperature > 0); accuracy averages over all of them
+                (the paper's maths number: mean accuracy of 16 samples at temperature 1).
+            seed: Sampling seed (the global RNG is left alone).
+            pass_k: The k of the unbiased pass@k (each <= num_samples); None: num_samples alone
+                (pass@1 would equal val/accuracy).
+        """
+        if every_n_val < 1:
+            raise ValueError(f"every_n_val must be >= 1, got {every_n_val}")
+        if num_rows is not None and num_rows < 1:
+            raise ValueError(f"num_rows must be >= 1 or None, got {num_rows}")
+        get_checker(checker)  # fail at construction on an unknown name
+        if pass_k is not None and not all(1 <= int(k) <= num_samples for k in pass_k):
+            raise ValueError(f"pass_k must lie in [1, num_samples={num_samples}], got {pass_k}")
+        self.pass_k = None if pass_k is None else [int(k) for k in pass_k]
+        self.every_n_val = every_n_val
+        self.num_rows = num_rows
+        self.checker = checker
+        self.predictions_file = predictions_file
+        self.generate_kwargs = dict(
+            max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
+            top_p=top_p, num_samples=num_samples, seed=seed, pass_k=self.pass_k,
+        )
+        self.validations = 0
+        self._warned_sharded = False
+        self.last_result: EvalResult | None = None  # this rank's last result (its slice of rows)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.validations += 1
+        if self.validations % self.every_n_val:
+            return
+        if is_sharded(trainer.strategy):
+            # Sharded weights are only whole inside the wrapped forward; a generation loop outside it
+            # would need every rank in lock step. Evaluate the exported model instead.
+            if not self._warned_sharded:
+                rank_zero_warn(
+                    f"GenerationEval does not run under {type(trainer.strategy).__name__} (sharded weights); "
+                    "evaluate the exported model: "
+                    "python -m bnll_lightning evaluate --config ... --model.model <hf_model>"
+                )
+                self._warned_sharded = True
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "raw_rows"):
+            raise RuntimeError("GenerationEval needs an SFTDataModule (trainer.datamodule with raw_rows)")
+        rows = datamodule.raw_rows("val")[: self.num_rows]
+        if not rows:
+            rank_zero_warn("GenerationEval: no validation rows; skipping generation")
+            return
+        # Each rank takes every world_size-th row; indices stay global for the predictions file.
+        mine = list(range(trainer.global_rank, len(rows), trainer.world_size))
+        start = time.perf_counter()
+        with trainer.precision_plugin.forward_context():
+            result = evaluate_generation(
+                pl_module.model, pl_module.tokenizer, [rows[i] for i in mine], datamodule,
+                self.checker, **self.generate_kwargs,
+            )
+        for p in result.predictions:
+            p["index"] = mine[p["index"]]
+        self.last_result = result
+        # Sums over this rank's rows, reduced over ranks: every metric is that of all rows. The names
+        # come from the settings, not the result, so every rank reduces the same number of values.
+        samples = self.generate_kwargs["num_samples"]
+        ks = (self.pass_k or [samples]) if samples > 1 else []
+        extra = {f"pass@{k}": result.pass_at.get(k, 0.0) for k in ks}
+        if samples > 1:
+            extra[f"maj@{samples}"] = result.maj or 0.0
+        counts = torch.tensor([result.correct, result.n, result.rows, *(v * result.rows for v in extra.values())],
+                              dtype=torch.float64, device=pl_module.device)
+        correct, n, n_rows, *sums = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        accuracy = correct / max(n, 1.0)
+        # Identical on every rank already; sync_dist averages equal numbers (and keeps DDP quiet).
+        pl_module.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True)
+        for name, total in zip(extra, sums):
+            pl_module.log(f"val/{name}", total / max(n_rows, 1.0), sync_dist=True)
+        path = self._write(trainer, result.predictions) if self.predictions_file else None
+        sampled = "".join(f", {name} {total / max(n_rows, 1.0):.3f}" for name, total in zip(extra, sums))
+        self.last_step = _logged_step(trainer)
+        rank_zero_info(
+            f"[bnll] val/accuracy {accuracy:.3f} ({int(correct)}/{int(n)}){sampled} at step {self.last_step}, "
+            f"{time.perf_counter() - start:.1f} s" + (f"; predictions: {path}" if path else "")
+        )
+
+    def _write(self, trainer: L.Trainer, predictions: list[dict[str, Any]]) -> str | None:
+        """Gather every rank's predictions on rank zero and write them there, in row order."""
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * trainer.world_size if trainer.is_global_zero else None
+            torch.distributed.gather_object(predictions, gathered, dst=0)
+            if not trainer.is_global_zero:
+                return None
+            predictions = sorted((p for part in gathered for p in part), key=lambda p: (p["index"], p["sample"]))
+        if not trainer.is_global_zero:
+            return None
+        return write_jsonl(os.path.join(log_dir, "predictions", f"step_{trainer.global_step}.jsonl"), predictions)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = int(state_dict.get("validations", 0))

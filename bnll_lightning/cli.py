@@ -1,7 +1,9 @@
-"""Command line: LightningCLI for fit/validate/test, plus the project's own subcommands.
+"""Command line: LightningCLI for fit/validate/test, and every subcommand of the project (probe, evaluate).
 
     python -m bnll_lightning fit --config configs/demo.yaml
     python -m bnll_lightning fit --config configs/demo.yaml --print_config
+    python -m bnll_lightning probe --config configs/demo.yaml [--output report.json] [--max_batches N]
+    python -m bnll_lightning evaluate --config configs/demo.yaml [--ckpt_path path.ckpt] [--output preds.jsonl] ...
 """
 
 from __future__ import annotations
@@ -9,19 +11,27 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 import os
 import re
 import sys
+import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from bnll_lightning.callbacks import StepProgressBar
-from bnll_lightning.data import DataError, SFTDataModule
+from bnll_lightning.callbacks import GenerationEval, StepProgressBar
+from bnll_lightning.data import SFTDataModule
+from bnll_lightning.evaluate import CHECKERS, evaluate_generation, write_jsonl
+from bnll_lightning.models import load_checkpoint_weights
 from bnll_lightning.module import SFTModule
+from bnll_lightning.probe import REPORT_KEYS, format_report, probe
+from bnll_lightning.sources import DataError
+from bnll_lightning.tasks import TASKS
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 AUTO_NAME = "auto"
@@ -159,11 +169,187 @@ def load_from_config(argv: list[str], cli_class: type[SFTCLI] = SFTCLI) -> SFTCL
         return cli_class(args=argv, run=False)
 
 
-# Subcommands beyond Lightning's fit/validate/test/predict: name -> "module:function(argv)".
-EXTRA_COMMANDS = {
-    "probe": "bnll_lightning.probe:main",
-    "evaluate": "bnll_lightning.evaluate:main",
-}
+def _ready_module(cli: SFTCLI) -> Any:
+    """The CLI's module with the ``--ckpt_path`` weights, converted and on the device as the trainer would run it."""
+    config, module, trainer = cli.config, cli.model, cli.trainer
+    if config.get("ckpt_path"):
+        load_checkpoint_weights(module, config.ckpt_path, config.weights_only)
+    # bf16-true/16-true convert the weights (mixed precision leaves them).
+    module = trainer.precision_plugin.convert_module(module)
+    return module.to(trainer.strategy.root_device)
+
+
+# ----------------------------------------------------------------------------- probe subcommand
+class ProbeCLI(SFTCLI):
+    """The ``fit`` config plus the probe's own options (read back from ``cli.config``)."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--output", type=Optional[str], default=None, help="Write the report as JSON here.")
+        parser.add_argument(
+            "--max_batches", type=int, default=16,
+            help="Batches of the sample to run (<= 0: the whole split). 16 x 8 rows give thousands of tokens.",
+        )
+        parser.add_argument("--split", type=Literal["train", "val"], default="train", help="Which split to probe.")
+        parser.add_argument(
+            "--ckpt_path", type=Optional[str], default=None,
+            help="Probe the weights of this Lightning checkpoint (a fine-tuned model) instead of the base model.",
+        )
+        parser.add_argument(
+            "--weights_only", type=Optional[bool], default=None,
+            help="torch.load the checkpoint with weights_only (None: True, the safe loader).",
+        )
+        parser.add_argument(
+            "--generate", type=int, default=0,
+            help="Also answer the first N val rows by generation and score them with the built-in task's checker "
+            "(0: off). Token probabilities cannot tell whether whole answers are right; this can.",
+        )
+        parser.add_argument("--max_new_tokens", type=int, default=64, help="Generation budget per answer (--generate).")
+        parser.add_argument("--batch_size", type=int, default=16, help="Prompts generated together (--generate).")
+
+
+def _probe_generation(module: Any, data: Any, config: Any, context: Any) -> dict[str, Any] | None:
+    """Base accuracy by generation on the first ``config.generate`` val rows (task checker only)."""
+    rows = data.raw_rows("val")[: config.generate]
+    if not rows or any(row.get("task") not in TASKS for row in rows):
+        print("probe --generate: skipped, the val rows have no built-in task checker", flush=True)
+        return None
+    module.eval()
+    with context():
+        result = evaluate_generation(
+            module.model, module.tokenizer, rows, data, "task",
+            max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+        )  # fmt: skip
+    return {
+        "rows": result.n,
+        "correct": result.correct,
+        "accuracy": result.accuracy,
+        "checker": "task",
+        "max_new_tokens": config.max_new_tokens,
+    }
+
+
+def probe_main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m bnll_lightning probe --config X.yaml [--output report.json] [--max_batches N]``;
+    prints the report and returns its figures (the ``--output`` JSON)."""
+    cli = load_from_config(list(argv or []), ProbeCLI)
+    config, data, trainer = cli.config, cli.datamodule, cli.trainer
+    data.set_tokenizer(cli.model.tokenizer)
+    model, device = _ready_module(cli), trainer.strategy.root_device
+    context = trainer.precision_plugin.forward_context
+    figures = probe(model, data, max_batches=config.max_batches, split=config.split, device=device, context=context)
+    report = {
+        "model": config.model.model,
+        "data": data.train if config.split == "train" else data.val or data.train,
+        "checkpoint": config.get("ckpt_path"),
+        "generation": _probe_generation(model, data, config, context) if config.generate > 0 else None,
+        **figures,
+    }
+    report = {key: report.get(key) for key in REPORT_KEYS}
+    print(format_report(report), flush=True)
+    if config.output:
+        os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
+        with open(config.output, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        print(f"report written to {config.output}")
+    return report
+
+
+# ----------------------------------------------------------------------------- evaluate subcommand
+class EvaluateCLI(SFTCLI):
+    """The fit config's model and data, plus the options of ``evaluate``."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="Lightning checkpoint whose weights to evaluate (None: the config's model).")
+        parser.add_argument("--weights_only", type=Optional[bool], default=None,
+                            help="torch.load the checkpoint with weights_only (None: True, the safe loader).")
+        parser.add_argument("--split", type=Literal["train", "val"], default="val",
+                            help="Rows to answer: the data module's val or train rows.")
+        parser.add_argument("--num_rows", type=Optional[int], default=None, help="Only the first N rows (None: all).")
+        # Generation settings: None takes the config's GenerationEval callback (so the evaluation
+        # of a checkpoint follows the protocol the run validated with), else the default shown.
+        parser.add_argument("--max_new_tokens", type=Optional[int], default=None,
+                            help="Generation budget per answer (None: the config's GenerationEval, else 64).")
+        parser.add_argument("--batch_size", type=Optional[int], default=None,
+                            help="Prompts generated together (None: the config's GenerationEval, else 16).")
+        parser.add_argument("--checker", type=Optional[Literal[tuple(CHECKERS)]], default=None,
+                            help="Answer checker (None: the config's GenerationEval's, else auto = the built-in "
+                                 "task's own, else normalized).")
+        parser.add_argument("--temperature", type=Optional[float], default=None,
+                            help="0: greedy; > 0: sampling (None: the config's GenerationEval, else 0).")
+        parser.add_argument("--top_p", type=Optional[float], default=None,
+                            help="Nucleus sampling mass (None: the config's GenerationEval, else 1).")
+        parser.add_argument("--num_samples", type=Optional[int], default=None,
+                            help="Answers per prompt, temperature > 0 (None: the config's GenerationEval, else 1).")
+        parser.add_argument("--pass_k", type=Optional[list[int]], default=None,
+                            help="k of the unbiased pass@k with num_samples > 1 (None: the config's "
+                                 "GenerationEval, else num_samples); maj@num_samples is printed too.")
+        parser.add_argument("--output", type=Optional[str], default=None,
+                            help="Predictions jsonl (default: predictions_<split>.jsonl).")
+        parser.add_argument("--show", type=int, default=5, help="Examples printed.")
+
+
+def _shorten(text: str, width: int = 100) -> str:
+    """``text`` on one line, cut to ``width`` characters."""
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+_GENERATION_DEFAULTS = {"max_new_tokens": 64, "batch_size": 16, "checker": None, "temperature": 0.0, "top_p": 1.0,
+                        "num_samples": 1, "pass_k": None}
+
+
+def generation_settings(cfg: Any, callbacks: Sequence[Any]) -> dict[str, Any]:
+    """The evaluate command's generation settings: each option given on the command line, else the
+    config's :class:`GenerationEval` callback's, else the default."""
+    callback = next((c for c in callbacks if isinstance(c, GenerationEval)), None)
+    own = {} if callback is None else {**callback.generate_kwargs, "checker": callback.checker}
+    own.pop("seed", None)
+    return {key: getattr(cfg, key) if getattr(cfg, key) is not None else own.get(key, default)
+            for key, default in _GENERATION_DEFAULTS.items()}
+
+
+def evaluate_main(argv: list[str] | None = None) -> None:
+    """``python -m bnll_lightning evaluate --config X.yaml [--ckpt_path ...] [--split val] ...``"""
+    cli = load_from_config(list(argv or []), EvaluateCLI)
+    cfg, data, trainer = cli.config, cli.datamodule, cli.trainer
+    module = _ready_module(cli)
+    rows = data.raw_rows(cfg.split)[: cfg.num_rows]
+    if not rows:
+        raise SystemExit(
+            f"evaluate: the data has no {cfg.split} rows (train={data.train!r}, val={data.val!r}); nothing to "
+            "evaluate. For file data set data.val or data.val_fraction > 0, or use --split train."
+        )
+    settings = generation_settings(cfg, trainer.callbacks)
+    checker = settings.pop("checker")
+    start = time.perf_counter()
+    with trainer.precision_plugin.forward_context():
+        result = evaluate_generation(
+            module.model, module.tokenizer, rows, data, checker, **settings,
+            seed=cfg.seed_everything if isinstance(cfg.seed_everything, int) else 0,
+        )
+    seconds = time.perf_counter() - start
+    output = write_jsonl(cfg.output or f"predictions_{cfg.split}.jsonl", result.predictions)
+    weights = cfg.ckpt_path or cfg.model.model
+    print(f"model: {weights}")
+    sampling = (f"{settings['num_samples']} samples at temperature {settings['temperature']}, top_p {settings['top_p']}"
+                if settings["temperature"] > 0 else "greedy")
+    print(f"accuracy: {result.accuracy:.4f} ({result.correct}/{result.n}) on {len(rows)} {cfg.split} rows, "
+          f"checker {checker or 'auto'}, {sampling}, max_new_tokens {settings['max_new_tokens']}, {seconds:.1f} s")
+    for name, value in result.sample_metrics().items():
+        print(f"{name}: {value:.4f} (mean over {result.rows} rows)")
+    for p in result.predictions[: cfg.show]:
+        mark = "ok " if p["correct"] else "BAD"
+        print(f"  [{mark}] {_shorten(p['prompt'], 70)!s}\n        -> {_shorten(p['prediction'])!r}"
+              f"  (answer {p['answer']!r})")
+    print(f"predictions: {output}")
+
+
+# Subcommands beyond Lightning's fit/validate/test/predict: name -> function(argv).
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"probe": probe_main, "evaluate": evaluate_main}
 
 
 # Lines of a jsonargparse error that describe its structure rather than what is wrong.
@@ -208,8 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] in EXTRA_COMMANDS:
-            module_name, function = EXTRA_COMMANDS[args[0]].split(":")
-            getattr(importlib.import_module(module_name), function)(args[1:])
+            EXTRA_COMMANDS[args[0]](args[1:])
             return
         SFTCLI(args=argv)  # None: LightningCLI reads sys.argv itself
     except (DataError, ConfigError, argparse.ArgumentError) as err:

@@ -1,7 +1,8 @@
 """Evaluation by generation: greedy (or sampled) answers, scored by an answer checker.
 
 The paper's evidence is accuracy after fine-tuning, measured by generating answers; this module
-gives the pieces every evaluation here reuses:
+gives the pieces every evaluation here reuses (the ``GenerationEval`` callback in
+:mod:`bnll_lightning.callbacks`, the ``evaluate`` and ``probe`` subcommands in :mod:`bnll_lightning.cli`):
 
 * :func:`generate` - batched, left-padded ``model.generate`` on prompt token ids (KV cache on,
   eval mode, no grad), stopping at eos / the chat template's end-of-turn token;
@@ -11,13 +12,7 @@ gives the pieces every evaluation here reuses:
 * :func:`evaluate_generation` - prompts formatted exactly as in training
   (``SFTDataModule.encode_prompt``), generation, scoring -> :class:`EvalResult`;
 * :func:`pass_at_k` (unbiased, Chen et al. 2021) and :func:`majority_index` (maj@k voting) for
-  sampled evaluation, where each prompt gets ``num_samples`` answers;
-* :class:`GenerationEval` - a Lightning callback that logs ``val/accuracy`` (and with sampling
-  ``val/pass@k``, ``val/maj@n``) at validation end and writes ``predictions/step_<N>.jsonl`` in
-  the log directory (add it to ``trainer.callbacks``);
-* :func:`main` - ``python -m bnll_lightning evaluate --config configs/demo.yaml
-  [--ckpt_path path.ckpt] [--split val] [--num_rows N] [--max_new_tokens M] [--checker name]
-  [--output preds.jsonl]``.
+  sampled evaluation, where each prompt gets ``num_samples`` answers.
 """
 
 from __future__ import annotations
@@ -25,27 +20,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any
 
-import lightning.pytorch as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from bnll_lightning.cli import SFTCLI, load_from_config
 # The end-of-turn tokens training puts in the targets: generation stops at the same ones.
-from bnll_lightning.data import END_OF_TURN_TOKENS
-from bnll_lightning.strategies import is_sharded
+from bnll_lightning.formatting import END_OF_TURN_TOKENS
 from bnll_lightning.tasks import TASKS
 
 __all__ = [
     "CHECKERS",
     "EvalResult",
-    "EvaluateCLI",
-    "GenerationEval",
     "check_exact",
     "check_math",
     "check_normalized",
@@ -54,8 +42,6 @@ __all__ = [
     "generate",
     "get_checker",
     "gold_answer",
-    "load_checkpoint_weights",
-    "main",
     "majority_index",
     "normalize_answer",
     "pass_at_k",
@@ -416,260 +402,11 @@ def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> str:
     return path
 
 
-# --------------------------------------------------------------------------------------------
-# Lightning callback
-# --------------------------------------------------------------------------------------------
-
-
-def _logged_step(trainer: L.Trainer) -> int:
-    """The step TensorBoard files this validation's scalars under. Lightning logs by the count of
-    finished optimizer steps *before* the current one is counted (so validation after the 15th step
-    is filed at 14, beside that step's training scalars); ``global_step`` already says 15."""
-    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
-
-
-class GenerationEval(L.Callback):
-    def __init__(
-        self,
-        every_n_val: int = 1,
-        num_rows: int | None = None,
-        max_new_tokens: int = 64,
-        batch_size: int = 16,
-        checker: str | None = None,
-        predictions_file: bool = True,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        num_samples: int = 1,
-        seed: int = 0,
-        pass_k: list[int] | None = None,
-    ) -> None:
-        """Accuracy by generation on the validation rows, at the end of validation.
-
-        Logs ``val/accuracy`` (and writes ``predictions/step_<N>.jsonl`` in the log directory);
-        with ``num_samples > 1`` also ``val/pass@k`` for each k of ``pass_k`` and ``val/maj@n``
-        (n = num_samples), every one a mean over rows.
-        Under DDP each rank generates for its own slice of the rows and the counts are summed,
-        so the accuracy is that of all rows (sharded strategies, FSDP/DeepSpeed, are skipped with a
-        warning). Needs an ``SFTModule`` (``model``, ``tokenizer``) and an ``SFTDataModule``.
-
-        Args:
-            every_n_val: Run on every n-th validation (generation is slower than the val loss).
-            num_rows: Score the first N validation rows (None: all); the same rows every time.
-            max_new_tokens: Generation budget per answer; longer answers are cut (and usually wrong).
-            batch_size: Prompts generated together.
-            checker: Answer checker (exact, normalized, task, math); None: the built-in task's own
-                checker, else normalized.
-            predictions_file: Write per-example predictions (prompt, prediction, answer, correct).
-            temperature: 0 is greedy decoding (the paper's evaluation); > 0 samples.
-            top_p: Nucleus sampling mass (temperature > 0 only).
-            num_samples: Answers per prompt (temperature > 0); accuracy averages over all of them
-                (the paper's maths number: mean accuracy of 16 samples at temperature 1).
-            seed: Sampling seed (the global RNG is left alone).
-            pass_k: The k of the unbiased pass@k (each <= num_samples); None: num_samples alone
-                (pass@1 would equal val/accuracy).
-        """
-        if every_n_val < 1:
-            raise ValueError(f"every_n_val must be >= 1, got {every_n_val}")
-        if num_rows is not None and num_rows < 1:
-            raise ValueError(f"num_rows must be >= 1 or None, got {num_rows}")
-        get_checker(checker)  # fail at construction on an unknown name
-        if pass_k is not None and not all(1 <= int(k) <= num_samples for k in pass_k):
-            raise ValueError(f"pass_k must lie in [1, num_samples={num_samples}], got {pass_k}")
-        self.pass_k = None if pass_k is None else [int(k) for k in pass_k]
-        self.every_n_val = every_n_val
-        self.num_rows = num_rows
-        self.checker = checker
-        self.predictions_file = predictions_file
-        self.generate_kwargs = dict(
-            max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-            top_p=top_p, num_samples=num_samples, seed=seed, pass_k=self.pass_k,
-        )
-        self.validations = 0
-        self._warned_sharded = False
-        self.last_result: EvalResult | None = None  # this rank's last result (its slice of rows)
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self.validations += 1
-        if self.validations % self.every_n_val:
-            return
-        if is_sharded(trainer.strategy):
-            # Sharded weights are only whole inside the wrapped forward; a generation loop outside it
-            # would need every rank in lock step. Evaluate the exported model instead.
-            if not self._warned_sharded:
-                rank_zero_warn(
-                    f"GenerationEval does not run under {type(trainer.strategy).__name__} (sharded weights); "
-                    "evaluate the exported model: "
-                    "python -m bnll_lightning evaluate --config ... --model.model <hf_model>"
-                )
-                self._warned_sharded = True
-            return
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "raw_rows"):
-            raise RuntimeError("GenerationEval needs an SFTDataModule (trainer.datamodule with raw_rows)")
-        rows = datamodule.raw_rows("val")[: self.num_rows]
-        if not rows:
-            rank_zero_warn("GenerationEval: no validation rows; skipping generation")
-            return
-        # Each rank takes every world_size-th row; indices stay global for the predictions file.
-        mine = list(range(trainer.global_rank, len(rows), trainer.world_size))
-        start = time.perf_counter()
-        with trainer.precision_plugin.forward_context():
-            result = evaluate_generation(
-                pl_module.model, pl_module.tokenizer, [rows[i] for i in mine], datamodule,
-                self.checker, **self.generate_kwargs,
-            )
-        for p in result.predictions:
-            p["index"] = mine[p["index"]]
-        self.last_result = result
-        # Sums over this rank's rows, reduced over ranks: every metric is that of all rows. The names
-        # come from the settings, not the result, so every rank reduces the same number of values.
-        samples = self.generate_kwargs["num_samples"]
-        ks = (self.pass_k or [samples]) if samples > 1 else []
-        extra = {f"pass@{k}": result.pass_at.get(k, 0.0) for k in ks}
-        if samples > 1:
-            extra[f"maj@{samples}"] = result.maj or 0.0
-        counts = torch.tensor([result.correct, result.n, result.rows, *(v * result.rows for v in extra.values())],
-                              dtype=torch.float64, device=pl_module.device)
-        correct, n, n_rows, *sums = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
-        accuracy = correct / max(n, 1.0)
-        # Identical on every rank already; sync_dist averages equal numbers (and keeps DDP quiet).
-        pl_module.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True)
-        for name, total in zip(extra, sums):
-            pl_module.log(f"val/{name}", total / max(n_rows, 1.0), sync_dist=True)
-        path = self._write(trainer, result.predictions) if self.predictions_file else None
-        sampled = "".join(f", {name} {total / max(n_rows, 1.0):.3f}" for name, total in zip(extra, sums))
-        self.last_step = _logged_step(trainer)
-        rank_zero_info(
-            f"[bnll] val/accuracy {accuracy:.3f} ({int(correct)}/{int(n)}){sampled} at step {self.last_step}, "
-            f"{time.perf_counter() - start:.1f} s" + (f"; predictions: {path}" if path else "")
-        )
-
-    def _write(self, trainer: L.Trainer, predictions: list[dict[str, Any]]) -> str | None:
-        """Gather every rank's predictions on rank zero and write them there, in row order."""
-        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered = [None] * trainer.world_size if trainer.is_global_zero else None
-            torch.distributed.gather_object(predictions, gathered, dst=0)
-            if not trainer.is_global_zero:
-                return None
-            predictions = sorted((p for part in gathered for p in part), key=lambda p: (p["index"], p["sample"]))
-        if not trainer.is_global_zero:
-            return None
-        return write_jsonl(os.path.join(log_dir, "predictions", f"step_{trainer.global_step}.jsonl"), predictions)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"validations": self.validations}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.validations = int(state_dict.get("validations", 0))
-
-
-# --------------------------------------------------------------------------------------------
-# Command line: python -m bnll_lightning evaluate --config configs/X.yaml ...
-# --------------------------------------------------------------------------------------------
-
-
-class EvaluateCLI(SFTCLI):
-    """The fit config's model and data, plus the options of ``evaluate``."""
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        super().add_arguments_to_parser(parser)
-        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
-                            help="Lightning checkpoint whose weights to evaluate (None: the config's model).")
-        parser.add_argument("--weights_only", type=Optional[bool], default=None,
-                            help="torch.load the checkpoint with weights_only (None: True, the safe loader).")
-        parser.add_argument("--split", type=Literal["train", "val"], default="val",
-                            help="Rows to answer: the data module's val or train rows.")
-        parser.add_argument("--num_rows", type=Optional[int], default=None, help="Only the first N rows (None: all).")
-        # Generation settings: None takes the config's GenerationEval callback (so the evaluation
-        # of a checkpoint follows the protocol the run validated with), else the default shown.
-        parser.add_argument("--max_new_tokens", type=Optional[int], default=None,
-                            help="Generation budget per answer (None: the config's GenerationEval, else 64).")
-        parser.add_argument("--batch_size", type=Optional[int], default=None,
-                            help="Prompts generated together (None: the config's GenerationEval, else 16).")
-        parser.add_argument("--checker", type=Optional[Literal[tuple(CHECKERS)]], default=None,
-                            help="Answer checker (None: the config's GenerationEval's, else auto = the built-in "
-                                 "task's own, else normalized).")
-        parser.add_argument("--temperature", type=Optional[float], default=None,
-                            help="0: greedy; > 0: sampling (None: the config's GenerationEval, else 0).")
-        parser.add_argument("--top_p", type=Optional[float], default=None,
-                            help="Nucleus sampling mass (None: the config's GenerationEval, else 1).")
-        parser.add_argument("--num_samples", type=Optional[int], default=None,
-                            help="Answers per prompt, temperature > 0 (None: the config's GenerationEval, else 1).")
-        parser.add_argument("--pass_k", type=Optional[list[int]], default=None,
-                            help="k of the unbiased pass@k with num_samples > 1 (None: the config's "
-                                 "GenerationEval, else num_samples); maj@num_samples is printed too.")
-        parser.add_argument("--output", type=Optional[str], default=None,
-                            help="Predictions jsonl (default: predictions_<split>.jsonl).")
-        parser.add_argument("--show", type=int, default=5, help="Examples printed.")
-
-
-def load_checkpoint_weights(module: torch.nn.Module, path: str, weights_only: bool | None = None) -> None:
-    """Load a Lightning checkpoint's ``state_dict`` into ``module`` (strict).
-
-    ``weights_only`` (None: True) uses torch's safe loader; False unpickles arbitrary objects
-    (only for checkpoints you trust, e.g. with custom classes in their hyper-parameters).
-    """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True if weights_only is None else weights_only)
-    module.load_state_dict(checkpoint.get("state_dict", checkpoint))
-
-
-def _one_line(text: str, width: int = 100) -> str:
-    text = re.sub(r"\s+", " ", text).strip()
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-_GENERATION_DEFAULTS = {"max_new_tokens": 64, "batch_size": 16, "checker": None, "temperature": 0.0, "top_p": 1.0,
-                        "num_samples": 1, "pass_k": None}
-
-
-def generation_settings(cfg: Any, callbacks: Sequence[Any]) -> dict[str, Any]:
-    """The evaluate command's generation settings: each option given on the command line, else the
-    config's :class:`GenerationEval` callback's, else the default."""
-    callback = next((c for c in callbacks if isinstance(c, GenerationEval)), None)
-    own = {} if callback is None else {**callback.generate_kwargs, "checker": callback.checker}
-    own.pop("seed", None)
-    return {key: getattr(cfg, key) if getattr(cfg, key) is not None else own.get(key, default)
-            for key, default in _GENERATION_DEFAULTS.items()}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m bnll_lightning evaluate --config X.yaml [--ckpt_path ...] [--split val] ...``"""
-    cli = load_from_config(list(argv or []), EvaluateCLI)
-    cfg, module, data, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
-    if cfg.ckpt_path:
-        load_checkpoint_weights(module, cfg.ckpt_path, cfg.weights_only)
-    rows = data.raw_rows(cfg.split)[: cfg.num_rows]
-    if not rows:
-        raise SystemExit(
-            f"evaluate: the data has no {cfg.split} rows (train={data.train!r}, val={data.val!r}); nothing to "
-            "evaluate. For file data set data.val or data.val_fraction > 0, or use --split train."
-        )
-    # As the trainer would run it: bf16-true/16-true convert the weights (mixed precision leaves them).
-    module = trainer.precision_plugin.convert_module(module)
-    module.to(trainer.strategy.root_device)
-    settings = generation_settings(cfg, trainer.callbacks)
-    checker = settings.pop("checker")
-    start = time.perf_counter()
-    with trainer.precision_plugin.forward_context():
-        result = evaluate_generation(
-            module.model, module.tokenizer, rows, data, checker, **settings,
-            seed=cfg.seed_everything if isinstance(cfg.seed_everything, int) else 0,
-        )
-    seconds = time.perf_counter() - start
-    output = write_jsonl(cfg.output or f"predictions_{cfg.split}.jsonl", result.predictions)
-    weights = cfg.ckpt_path or cfg.model.model
-    print(f"model: {weights}")
-    sampling = (f"{settings['num_samples']} samples at temperature {settings['temperature']}, top_p {settings['top_p']}"
-                if settings["temperature"] > 0 else "greedy")
-    print(f"accuracy: {result.accuracy:.4f} ({result.correct}/{result.n}) on {len(rows)} {cfg.split} rows, "
-          f"checker {checker or 'auto'}, {sampling}, max_new_tokens {settings['max_new_tokens']}, {seconds:.1f} s")
-    for name, value in result.sample_metrics().items():
-        print(f"{name}: {value:.4f} (mean over {result.rows} rows)")
-    for p in result.predictions[: cfg.show]:
-        mark = "ok " if p["correct"] else "BAD"
-        print(f"  [{mark}] {_one_line(p['prompt'], 70)!s}\n        -> {_one_line(p['prediction'])!r}"
-              f"  (answer {p['answer']!r})")
-    print(f"predictions: {output}")
+def __getattr__(name: str) -> Any:
+    """The moved ``GenerationEval`` (now in :mod:`bnll_lightning.callbacks`), with a warning, for one release."""
+    if name == "GenerationEval":
+        warnings.warn("bnll_lightning.evaluate.GenerationEval is deprecated and goes in the next release; "
+                      "use bnll_lightning.callbacks.GenerationEval", DeprecationWarning, stacklevel=2)
+        from bnll_lightning.callbacks import GenerationEval  # lazy: callbacks imports this module
+        return GenerationEval
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

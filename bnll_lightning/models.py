@@ -1,4 +1,4 @@
-"""Model and tokenizer loading.
+"""Model and tokenizer loading (and a Lightning checkpoint's weights into a module).
 
 Any Hugging Face hub id or local directory works as a model. In addition the alias
 ``embedded`` (or ``embedded:smollm2-135m-instruct``) names SmolLM2-135M-Instruct, which
@@ -318,3 +318,13 @@ def make_tiny_model(
 def count_parameters(model, trainable_only: bool = False) -> int:
     """Number of (unique) parameters; tied weights count once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def load_checkpoint_weights(module: torch.nn.Module, path: str, weights_only: bool | None = None) -> None:
+    """Load a Lightning checkpoint's ``state_dict`` into ``module`` (strict).
+
+    ``weights_only`` (None: True) uses torch's safe loader; False unpickles arbitrary objects
+    (only for checkpoints you trust, e.g. with custom classes in their hyper-parameters).
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True if weights_only is None else weights_only)
+    module.load_state_dict(checkpoint.get("state_dict", checkpoint))

@@ -6,10 +6,10 @@ One forward pass gives each target token's float32 log p (streamed by default, s
 Token-exact normalisation: each micro-batch returns the *sum* of its per-token losses. Once a
 whole optimizer step has been accumulated (all micro-batches, all ranks), the gradients are
 rescaled in ``on_before_optimizer_step`` so that they equal the gradient of
-``sum of f(p) over the step's tokens / number of those tokens`` -- exactly what one big batch
-would give, whatever the accumulation and the number of ranks. (Lightning divides every
-micro-batch loss by ``accumulate_grad_batches`` and DDP averages over ranks; both factors are
-undone here.) Clipping runs after this hook, so it sees the final gradient.
+``sum of f(p) over the step's tokens / number of those tokens`` (with row weights, ``sum of
+w f(p) / sum of w``) -- exactly what one big batch would give, whatever the accumulation and the
+number of ranks. (Lightning divides every micro-batch loss by ``accumulate_grad_batches`` and DDP
+averages over ranks; both factors are undone here.) Clipping runs after this hook, so it sees the final gradient.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Literal
 
@@ -28,10 +29,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from bnll_lightning.alpha import AdaptiveAlpha, AlphaController, finalize_statistic, step_statistic
 from bnll_lightning.callbacks import ContinuumLayout, ProbabilityHistogram
+from bnll_lightning.export import HFExport
 from bnll_lightning.models import EMBEDDED, load_model, load_tokenizer
 from bnll_lightning.constraints import NonNegativeInt, PositiveFloat, UnitIntervalClosedOpen
 from bnll_lightning.lora import apply_lora, export_lora, is_peft_model, load_4bit_model
@@ -47,7 +50,7 @@ from bnll_lightning.objectives import (
 from bnll_lightning.reference import load_reference
 from bnll_lightning.sampling import sample_batches
 from bnll_lightning.schedules import resolve_warmup, warmup_cosine
-from bnll_lightning.strategies import is_sharded
+from bnll_lightning.strategies import FSDP2Strategy, is_sharded
 from bnll_lightning.streaming import (
     forward_hidden,
     head_logits,
@@ -58,8 +61,65 @@ from bnll_lightning.streaming import (
     streaming_unsupported_reason,
 )
 
-# Order of the per-step statistics accumulated over micro-batches and reduced over ranks.
-_STATS = ("loss_sum", "normalizer", "nll_sum", "p_sum", "tokens", "selected", "stat_num", "stat_den")
+# Order of the per-step statistics accumulated over micro-batches and reduced over ranks
+# ("weight": the target tokens' summed row weights, = "tokens" for unweighted data).
+_STATS = ("loss_sum", "normalizer", "nll_sum", "p_sum", "tokens", "selected", "stat_num", "stat_den", "weight")
+
+
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
+    """The model's inputs for ``batch``. A packed batch (``position_ids``) goes without attention mask:
+    transformers then builds a block-diagonal causal mask from the position ids (a new row wherever
+    they do not count up by one), so no token attends to another row (``packing_unsupported_reason``)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": None, "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def target_weights(batch: dict[str, Tensor]) -> Tensor | None:
+    """Each target's row weight, aligned with the shifted labels (None when the data has no weights)."""
+    return None if "weights" not in batch else F.pad(batch["weights"][:, 1:], (0, 1))
+
+
+def weighted_statistic(
+    logp: Tensor, mask: Tensor, weights: Tensor | None, statistic: str = "mean", quantile: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """:func:`~bnll_lightning.alpha.step_statistic` with each token counted by its row's weight: exact for
+    the mean and the geometric mean; ``quantile`` takes the tokens of weight > 0 and weighs the
+    micro-batch's quantile by its summed weight (like the token count it stands for without weights)."""
+    if weights is None:
+        return step_statistic(logp, mask, statistic, quantile)
+    w = torch.where(mask, weights, 0.0)
+    if statistic == "quantile":
+        num, den = step_statistic(logp, w > 0, statistic, quantile)
+        return num / den.clamp_min(1.0) * w.sum(), w.sum()
+    x = logp.detach().float()
+    return (torch.where(mask, x.exp() if statistic == "mean" else x, 0.0) * w).sum(), w.sum()
+
+
+@torch.no_grad()
+def packing_unsupported_reason(model: torch.nn.Module) -> str | None:
+    """None if ``model`` keeps packed rows apart (position ids restarting at a row, no attention mask):
+    the hidden states of a row packed after another equal those of the row alone; else why not."""
+    emb = model.get_input_embeddings()
+    ids = torch.randint(0, emb.num_embeddings, (1, 8), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(emb.weight.device)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        packed = forward_hidden(model, ids, None, position_ids=torch.arange(8, device=ids.device)[None] % 5)
+        alone = forward_hidden(model, ids[:, 5:], torch.ones_like(ids[:, 5:]))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    err = (packed[:, 5:].float() - alone.float()).abs().max().item()
+    tol = 1e-4 if packed.dtype == torch.float32 else 2**-5
+    return None if err <= tol * (1 + alone.float().abs().max().item()) else (
+        f"a row packed after another differs from the row alone by {err:.3g}: attention crosses rows")
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """A DTensor's local shard (a view: in-place ops reach the DTensor), any other tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def rng_state() -> dict[str, Any]:
@@ -118,6 +178,7 @@ class SFTModule(L.LightningModule):
         dtype: str | None = None,
         streamed: bool = True,
         chunk_size: int = 1024,
+        head_float32: bool = False,
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         max_nonfinite_steps: int = 5,
@@ -153,6 +214,10 @@ class SFTModule(L.LightningModule):
                 few tokens; a model it cannot reproduce falls back to full logits, with a warning.
             chunk_size: Target tokens per chunk of the streamed path: peak logits memory is
                 chunk_size x vocab floats.
+            head_float32: Run the streamed output head's matmul in float32 even under bf16/fp16
+                autocast. A bf16 head rounds each logit by about |z|·2⁻⁸, which the gradient
+                weight p^α multiplies by α (docs/benchmarks.md: 3 % at α = 10); float32 removes
+                that at the cost of a float32 matmul over the vocabulary.
             gradient_checkpointing: Recompute decoder activations in backward to save memory.
             trust_remote_code: Allow model code from the hub repository to run (off: it is code
                 execution).
@@ -198,6 +263,7 @@ class SFTModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.warmup, self.min_lr_ratio = warmup, min_lr_ratio
         self.chunk_size = chunk_size
+        self._head_dtype = torch.float32 if head_float32 else None  # None: the autocast / model dtype
         self.max_nonfinite_steps = max_nonfinite_steps
         self.export_dir = export_dir
         if histogram_every_n_steps < 0:
@@ -242,6 +308,8 @@ class SFTModule(L.LightningModule):
             self._logit_transform = {"scale": head.scale, "softcap": head.softcap}
 
         self.val_nll, self.val_mean_p, self.val_token_accuracy = MeanMetric(), MeanMetric(), MeanMetric()
+        # Per validation source (nll, mean p, token accuracy), made in setup() once the data module is known.
+        self.val_source_metrics = torch.nn.ModuleDict()
         self._acc: Tensor | None = None  # per-step sums, see _STATS
         self._nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
@@ -265,12 +333,13 @@ class SFTModule(L.LightningModule):
         # Shift once: position t predicts token t + 1; the last position has no target.
         labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
         if self.streamed:
-            hidden = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"])
+            hidden = forward_hidden(self.model, **model_inputs(batch))
             weight, bias = output_head(self.model)
             return streamed_token_logprobs(
-                hidden, weight, labels, chunk_size=self.chunk_size, bias=bias, **self._logit_transform
+                hidden, weight, labels, chunk_size=self.chunk_size, bias=bias, head_dtype=self._head_dtype,
+                **self._logit_transform,
             )
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(**model_inputs(batch)).logits
         return token_logprobs(logits, labels)
 
     def target_stats(self, batch: dict[str, Tensor], request: StatsRequest | None = None) -> TokenStats:
@@ -280,21 +349,22 @@ class SFTModule(L.LightningModule):
         if not request.any:
             return TokenStats(*self.target_logprobs(batch))
         labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-        ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        inputs = model_inputs(batch)
         reference = self.objective.reference if request.reference else None
         if request.reference and reference is None:
             raise ValueError(f"{type(self.objective).__name__} needs a reference model and has none bound")
         if self.streamed:
-            hidden = forward_hidden(self.model, ids, attention_mask)
+            hidden = forward_hidden(self.model, **inputs)
             weight, bias = output_head(self.model)
-            ref_hidden, ref_head = reference.hidden_and_head(ids, attention_mask) if reference else (None, None)
+            ref_hidden, ref_head = reference.hidden_and_head(**inputs) if reference else (None, None)
             return streamed_token_stats(
-                hidden, weight, labels, chunk_size=self.chunk_size, bias=bias, **self._logit_transform,
+                hidden, weight, labels, chunk_size=self.chunk_size, bias=bias, head_dtype=self._head_dtype,
+                **self._logit_transform,
                 entropy=request.entropy, topk=request.topk, reference_hidden=ref_hidden, reference_head=ref_head,
                 kl=request.kl,
             )
-        logits = self.model(input_ids=ids, attention_mask=attention_mask).logits
-        ref_logits = reference.logits(ids, attention_mask) if reference else None
+        logits = self.model(**inputs).logits
+        ref_logits = reference.logits(**inputs) if reference else None
         return token_stats(logits, labels, request, ref_logits=ref_logits)
 
     @property
@@ -305,16 +375,39 @@ class SFTModule(L.LightningModule):
         logp, mask = self._last_logp
         return logp[mask]
 
+    def configure_model(self) -> None:
+        """Under :class:`~bnll_lightning.strategies.FSDP2Strategy`: shard the model (each decoder
+        layer, then the rest); other strategies wrap it themselves."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.shard(self.model)
+
     # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        # Here, before the strategy moves or wraps the model: the metrics follow it to its device,
+        # and the packing check runs the bare model.
+        data = getattr(self.trainer, "datamodule", None)
+        names = getattr(data, "val_sources", None) or []
+        if list(self.val_source_metrics) != names:
+            self.val_source_metrics = torch.nn.ModuleDict(
+                {n: torch.nn.ModuleList([MeanMetric(), MeanMetric(), MeanMetric()]) for n in names})
+            self._metric_attributes = None  # Lightning's cache of where logged metrics live
+        if stage == "fit" and getattr(data, "packing", False):
+            if (reason := packing_unsupported_reason(self.model)) is not None:
+                raise ValueError(f"data.packing: {reason}; set data.packing: false for this model")
+
     def on_fit_start(self) -> None:
-        # Rows the data module dropped (empty or fully truncated responses, ...): the warning
-        # scrolls away, the scalar stays next to the run.
-        stats = getattr(self.trainer.datamodule, "stats", None) or {}
-        train = stats.get("train", {})
+        # Rows the data module dropped (empty or fully truncated responses, ...) and rows per source:
+        # the warning scrolls away, the scalar stays next to the run.
+        data = self.trainer.datamodule
+        train = (getattr(data, "stats", None) or {}).get("train", {})
         skipped = {k: v for k, v in train.items() if k.startswith("skipped_")}
+        metrics = {f"data/rows/{name}": float(n) for name, n in (getattr(data, "source_rows", None) or {}).items()}
         if skipped:
-            metrics = {"data/skipped": float(sum(skipped.values())), "data/truncated": float(train.get("truncated", 0))}
+            metrics["data/skipped"] = float(sum(skipped.values()))
+            metrics["data/truncated"] = float(train.get("truncated", 0))
             metrics.update({f"data/{k}": float(v) for k, v in skipped.items()})
+        if metrics:
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=0)
 
@@ -346,7 +439,8 @@ class SFTModule(L.LightningModule):
                 batch = trainer.strategy.batch_to_device(batch)
                 with trainer.precision_plugin.forward_context():
                     logp, mask, _ = self.eval_logprobs(batch)
-                acc += torch.stack(step_statistic(logp, mask, controller.statistic, controller.quantile))
+                weights = target_weights(batch)
+                acc += torch.stack(weighted_statistic(logp, mask, weights, controller.statistic, controller.quantile))
         finally:
             for m, training in modes.items():
                 m.training = training
@@ -367,23 +461,26 @@ class SFTModule(L.LightningModule):
             logger.log_metrics(metrics, step=0)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        stats = self.target_stats(batch)
+        weights = target_weights(batch)
+        stats = self.target_stats(batch)._replace(weights=weights)
         logp, mask = stats.logp, stats.mask
         out = self.objective.from_stats(stats)
         with torch.no_grad():
             statistic = self.alpha_controller.statistic if self.alpha_controller is not None else "mean"
             quantile = getattr(self.alpha_controller, "quantile", 0.1)
-            stat_num, stat_den = step_statistic(logp, mask, statistic, quantile)
+            stat_num, stat_den = weighted_statistic(logp, mask, weights, statistic, quantile)
+            w = mask.float() if weights is None else torch.where(mask, weights, 0.0)
             stats = torch.stack(
                 [
                     out.loss_sum.detach().float(),
                     out.normalizer,
-                    -logp.sum(),  # logp is 0 off the mask
-                    torch.where(mask, logp.exp(), 0.0).sum(),
+                    -logp.sum() if weights is None else -(logp * w).sum(),  # logp is 0 off the mask
+                    torch.where(mask, logp.exp(), 0.0).sum() if weights is None else (logp.exp() * w).sum(),
                     mask.sum().float(),
                     out.selected.sum().float(),
                     stat_num.float(),
                     stat_den.float(),
+                    w.sum(),
                 ]
             )
             self._acc = stats if self._acc is None else self._acc + stats
@@ -394,10 +491,12 @@ class SFTModule(L.LightningModule):
         acc, self._acc = self._acc, None
         if acc is None:
             return
+        # This rank's part of each gradient (a DTensor's local shard under FSDP2), for plain kernels.
         params = [p for p in self.parameters() if p.grad is not None]
+        grads = [_local(p.grad) for p in params]
         # A finite loss can still give an Inf/NaN gradient (an overflow in backward): count this rank's
         # non-finite gradients in the step's sums, so every rank skips together at the one host sync.
-        norms = torch.stack(torch._foreach_norm([p.grad for p in params])) if params else acc.new_zeros(1)
+        norms = torch.stack(torch._foreach_norm(grads)) if grads else acc.new_zeros(1)
         bad = (~torch.isfinite(norms)).sum()[None]
         acc = torch.cat([acc, bad.to(acc)])
         if self.trainer.world_size > 1:
@@ -408,15 +507,17 @@ class SFTModule(L.LightningModule):
             self._skip_step(params, "loss" if not math.isfinite(s["loss_sum"]) else "gradient")
             return
         self._nonfinite_in_a_row = 0
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(s["normalizer"], 1.0)
-        if params:
-            torch._foreach_mul_([p.grad for p in params], scale)
+        # Row weights make the normaliser a sum of weights: it may be fractional, and 0 only without gradient.
+        normalizer = s["normalizer"] if s["normalizer"] > 0 else 1.0
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / normalizer
+        if grads:
+            torch._foreach_mul_(grads, scale)
 
-        tokens = max(s["tokens"], 1.0)
+        tokens, weight = max(s["tokens"], 1.0), s["weight"] if s["weight"] > 0 else 1.0
         metrics = {
-            "train/loss": s["loss_sum"] / max(s["normalizer"], 1.0),
-            "train/nll": s["nll_sum"] / tokens,
-            "train/mean_p": s["p_sum"] / tokens,
+            "train/loss": s["loss_sum"] / normalizer,
+            "train/nll": s["nll_sum"] / weight,
+            "train/mean_p": s["p_sum"] / weight,
             "train/tokens": s["tokens"],
         }
         if type(self.objective).select is not Objective.select:
@@ -464,7 +565,8 @@ class SFTModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> None:
-        """NLL, mean p and token accuracy of the batch's targets, logged as ``{prefix}/...`` per epoch."""
+        """NLL, mean p and token accuracy of the batch's targets, logged as ``{prefix}/...`` per epoch,
+        and as ``{prefix}/<source>/...`` per source when the data module has several (``batch["source"]``)."""
         logp, mask, correct = self.eval_logprobs(batch)
         self.val_nll.update(-logp[mask])
         self.val_mean_p.update(logp[mask].exp())
@@ -472,6 +574,15 @@ class SFTModule(L.LightningModule):
         self.log(f"{prefix}/nll", self.val_nll, prog_bar=True)
         self.log(f"{prefix}/mean_p", self.val_mean_p)
         self.log(f"{prefix}/token_accuracy", self.val_token_accuracy)
+        if "source" not in batch:
+            return
+        # Every source's metrics every batch, weighted 0 off the source: the same logged keys on every rank.
+        for k, (name, metrics) in enumerate(self.val_source_metrics.items()):
+            weight = (mask & (batch["source"] == k)[:, None]).float()
+            values = (-logp, logp.exp(), correct.float())
+            for metric, what, value in zip(metrics, ("nll", "mean_p", "token_accuracy"), values):
+                metric.update(value, weight)
+                self.log(f"{prefix}/{name}/{what}", metric)
 
     @torch.no_grad()
     def eval_logprobs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -479,12 +590,19 @@ class SFTModule(L.LightningModule):
         labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
         mask = labels != IGNORE_INDEX
         if self.streamed:
-            hidden = forward_hidden(self.model, batch["input_ids"], batch["attention_mask"])[mask]
+            hidden = forward_hidden(self.model, **model_inputs(batch))[mask]
             weight, bias = output_head(self.model)
             targets = labels[mask]
             logp_sel, correct_sel = [], []
+            context = nullcontext()
+            if self._head_dtype is not None:  # as in training: the head's matmul outside autocast
+                hidden, weight = hidden.to(self._head_dtype), weight.to(self._head_dtype)
+                bias = None if bias is None else bias.to(self._head_dtype)
+                context = torch.autocast(hidden.device.type, enabled=False)
             for start in range(0, targets.numel(), self.chunk_size):
-                logits = head_logits(hidden[start : start + self.chunk_size], weight, bias, **self._logit_transform)
+                with context:
+                    logits = head_logits(hidden[start : start + self.chunk_size], weight, bias,
+                                         **self._logit_transform)
                 t = targets[start : start + self.chunk_size]
                 logp_sel.append(logits.gather(-1, t[:, None])[:, 0] - torch.logsumexp(logits, -1))
                 correct_sel.append(logits.argmax(-1) == t)
@@ -494,7 +612,7 @@ class SFTModule(L.LightningModule):
             if logp_sel:
                 logp[mask], correct[mask] = torch.cat(logp_sel), torch.cat(correct_sel)
             return logp, mask, correct
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(**model_inputs(batch)).logits
         logp, mask = token_logprobs(logits, labels)
         return logp, mask, logits.argmax(-1) == labels
 
@@ -513,10 +631,11 @@ class SFTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Observation callbacks every fit gets without config: the CUSTOM SCALARS layout (alpha
-        next to the confidence that drives it), p histograms and the learning rate per step.
-        One the trainer already has (e.g. a configured ``LearningRateMonitor``) is not added."""
-        callbacks: list[L.Callback] = [ContinuumLayout()]
+        """Callbacks every fit gets without config: the export at the end of fit (``HFExport``), the
+        CUSTOM SCALARS layout (alpha next to the confidence that drives it), p histograms and the
+        learning rate per step. One the trainer already has (e.g. a configured ``HFExport`` or
+        ``LearningRateMonitor``) is not added."""
+        callbacks: list[L.Callback] = [HFExport(), ContinuumLayout()]
         if self.histogram_every_n_steps:
             callbacks.append(ProbabilityHistogram(self.histogram_every_n_steps))
         trainer = self._trainer
@@ -600,27 +719,14 @@ class SFTModule(L.LightningModule):
         return directory
 
     def gathered_state_dict(self) -> dict[str, Tensor] | None:
-        """Under FSDP: the full weights of ``self.model`` gathered on rank 0 (CPU; empty on the
-        other ranks). Every rank must call it. None when the model is not sharded."""
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        """Under FSDP or FSDP2: the full weights of ``self.model`` gathered on rank 0 (CPU; empty on
+        the other ranks). Every rank must call it. None when the model is not sharded."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        root = self.trainer.strategy.model if self._trainer is not None else None
-        if not isinstance(root, FSDP):
+        if self._trainer is None or not is_sharded(self.trainer.strategy):
             return None
-        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-        with FSDP.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
-            full = root.state_dict()  # keys of this LightningModule: "model.<transformers key>"
+        # FSDP: the wrapped LightningModule; FSDP2: this module. Keys "model.<transformers key>".
+        full = get_model_state_dict(self.trainer.strategy.model,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
 
-    def on_train_end(self) -> None:
-        # Every rank runs this: trainer.log_dir broadcasts from rank 0 and the FSDP gather is a
-        # collective, so both happen on all ranks; only rank 0 writes.
-        log_dir = self.trainer.log_dir
-        directory = self.resolved_export_dir()
-        state_dict = self.gathered_state_dict()
-        if self.trainer.is_global_zero:
-            self.export(directory, state_dict=state_dict)
-            root = getattr(self.logger, "save_dir", None) or os.path.dirname(log_dir or ".")
-            rank_zero_info(f"[bnll] TensorBoard logs: {log_dir}  (tensorboard --logdir {root})")
-            rank_zero_info(f"[bnll] exported model: {directory}")

@@ -22,10 +22,12 @@ head matmul for the policy), and only when asked, so log-p-only objectives cost 
 ``token_stats`` is the full-logits reference for the same numbers.
 
 Normalisation: the loss of a batch is the sum of f(p) over the counted tokens divided by their
-number (all target tokens, or the selected ones for selecting objectives). ``ObjectiveOutput``
-also carries the sum and the count, so a trainer can normalise exactly over a whole optimizer
-step (gradient accumulation, several ranks). A batch with no counted token has loss 0 and a
-zero gradient, never NaN.
+number (all target tokens, or the selected ones for selecting objectives). With per-token
+``weights`` (a row's weight on each of its tokens) it is sum(w f(p)) / sum(w) over the same
+tokens, so weight 2 counts a token twice. ``ObjectiveOutput`` also carries the sum and the
+count, so a trainer can normalise exactly over a whole optimizer step (gradient accumulation,
+several ranks). A batch with no counted token (or only weights 0) has loss 0 and a zero
+gradient, never NaN.
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ class TokenStats(NamedTuple):
     vocabulary, in the requested direction (differentiable w.r.t. the model only)."""
     ref_logp: Tensor | None = None
     """The reference model's log p of the target token (detached)."""
+    weights: Tensor | None = None
+    """Float32 weight of each target token (its row's weight, >= 0); None: every token weighs 1."""
 
 
 def _entropy(logq: Tensor) -> Tensor:
@@ -185,7 +189,7 @@ class ObjectiveOutput(NamedTuple):
     loss_sum: Tensor
     """Sum of f(p) over the counted tokens."""
     normalizer: Tensor
-    """Number of tokens the sum is divided by (float32, 0-dim)."""
+    """Number of tokens (with weights: their summed weight) the sum is divided by (float32, 0-dim)."""
     selected: Tensor
     """Bool ``[B, T]``: the tokens that carry loss and gradient."""
 
@@ -234,26 +238,27 @@ class Objective(nn.Module):
         """W_f(p) = -f'(p) p (1 - p): the weight on the correct logit's gradient."""
         raise NotImplementedError
 
-    def from_logprobs(self, logp: Tensor, mask: Tensor) -> ObjectiveOutput:
-        """The loss from float32 ``logp`` ``[B, T]`` and the bool target ``mask``."""
+    def from_logprobs(self, logp: Tensor, mask: Tensor, weights: Tensor | None = None) -> ObjectiveOutput:
+        """The loss from float32 ``logp`` ``[B, T]``, the bool target ``mask`` and optional per-token ``weights``."""
         selected = self.select(logp, mask)
         # Unselected positions are evaluated at a harmless log p (-1) and dropped with where(),
         # so neither their value nor a 0 * inf in their backward can reach the gradient.
         per_token = self.per_token(logp.masked_fill(~selected, -1.0))
-        loss_sum = torch.where(selected, per_token, 0.0).sum()
-        normalizer = (selected if self.normalize == "selected" else mask).sum().float()
-        return ObjectiveOutput(loss_sum / normalizer.clamp_min(1.0), loss_sum, normalizer, selected)
+        return self._sum(per_token, selected, selected if self.normalize == "selected" else mask, weights)
 
     def from_stats(self, stats: TokenStats) -> ObjectiveOutput:
         """The loss from :class:`TokenStats` (what the trainer calls). Objectives that need only
         log p use ``from_logprobs``; the others override this and read their extra fields."""
-        return self.from_logprobs(stats.logp, stats.mask)
+        return self.from_logprobs(stats.logp, stats.mask, stats.weights)
 
     def forward(
-        self, logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, ref_logits: Tensor | None = None
+        self, logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, ref_logits: Tensor | None = None,
+        weights: Tensor | None = None,
     ) -> ObjectiveOutput:
-        """The loss from full logits (``ref_logits``: the frozen reference's, when ``requires.reference``)."""
-        return self.from_stats(token_stats(logits, labels, self.requires, ignore_index, ref_logits))
+        """The loss from full logits (``ref_logits``: the frozen reference's, when ``requires.reference``;
+        ``weights``: per-token weights aligned with ``labels``)."""
+        stats = token_stats(logits, labels, self.requires, ignore_index, ref_logits)
+        return self.from_stats(stats._replace(weights=weights))
 
     def _missing(self, name: str) -> ValueError:
         return ValueError(
@@ -263,11 +268,20 @@ class Objective(nn.Module):
         )
 
     @staticmethod
-    def _reduce(per_token: Tensor, mask: Tensor) -> ObjectiveOutput:
-        """Sum of ``per_token`` over ``mask`` divided by the number of target tokens (0 if none)."""
-        loss_sum = torch.where(mask, per_token, 0.0).sum()
-        normalizer = mask.sum().float()
-        return ObjectiveOutput(loss_sum / normalizer.clamp_min(1.0), loss_sum, normalizer, mask)
+    def _sum(per_token: Tensor, selected: Tensor, counted: Tensor, weights: Tensor | None) -> ObjectiveOutput:
+        """Sum of ``per_token`` (times ``weights``) over ``selected``, divided by the number (the summed
+        weight) of the ``counted`` tokens; 0 if that is 0."""
+        if weights is None:
+            loss_sum, normalizer = torch.where(selected, per_token, 0.0).sum(), counted.sum().float()
+        else:
+            loss_sum = torch.where(selected, per_token * weights, 0.0).sum()
+            normalizer = torch.where(counted, weights, 0.0).sum()
+        return ObjectiveOutput(loss_sum / torch.where(normalizer > 0, normalizer, 1.0), loss_sum, normalizer, selected)
+
+    @classmethod
+    def _reduce(cls, per_token: Tensor, mask: Tensor, weights: Tensor | None = None) -> ObjectiveOutput:
+        """Sum of ``per_token`` over ``mask`` divided by the number of target tokens (their summed weight)."""
+        return cls._sum(per_token, mask, mask, weights)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.tag_args().items())
@@ -524,13 +538,13 @@ class EAFT(Objective):
         """(H_k / c)^power: the weight on each token's -log p."""
         return (topk_entropy.detach() / self.normalizer).pow(self.power)
 
-    def from_logprobs(self, logp: Tensor, mask: Tensor) -> ObjectiveOutput:
+    def from_logprobs(self, logp: Tensor, mask: Tensor, weights: Tensor | None = None) -> ObjectiveOutput:
         raise self._missing("top-k entropy")
 
     def from_stats(self, stats: TokenStats) -> ObjectiveOutput:
         if stats.topk_entropy is None:
             raise self._missing("top-k entropy")
-        return self._reduce(-stats.logp * self.gate(stats.topk_entropy), stats.mask)
+        return self._reduce(-stats.logp * self.gate(stats.topk_entropy), stats.mask, stats.weights)
 
     def tag_args(self) -> dict[str, object]:
         return {"power": self.power, "k": self.k}
@@ -603,7 +617,7 @@ class ASFT(Objective):
             self._frozen = reference
         return self._frozen
 
-    def from_logprobs(self, logp: Tensor, mask: Tensor) -> ObjectiveOutput:
+    def from_logprobs(self, logp: Tensor, mask: Tensor, weights: Tensor | None = None) -> ObjectiveOutput:
         raise self._missing("KL divergence to the reference model")
 
     def from_stats(self, stats: TokenStats) -> ObjectiveOutput:
@@ -611,7 +625,7 @@ class ASFT(Objective):
             raise self._missing("KL divergence to the reference model")
         logp = stats.logp.masked_fill(~stats.mask, -1.0)
         dft = -logp.detach().exp() * logp
-        return self._reduce(dft + self.kl_weight * stats.kl, stats.mask)
+        return self._reduce(dft + self.kl_weight * stats.kl, stats.mask, stats.weights)
 
     def tag_args(self) -> dict[str, object]:
         return {"kl": self.kl_weight}
@@ -680,11 +694,11 @@ class TokenAlpha(AlphaFamily):
 
     def from_stats(self, stats: TokenStats) -> ObjectiveOutput:
         if self.signal == "p":
-            return self.from_logprobs(stats.logp, stats.mask)
+            return self.from_logprobs(stats.logp, stats.mask, stats.weights)
         if stats.entropy is None:
             raise self._missing("entropy")
         logp = stats.logp.masked_fill(~stats.mask, -1.0)
-        return self._reduce(self._f(logp, self.token_alpha(-stats.entropy)), stats.mask)
+        return self._reduce(self._f(logp, self.token_alpha(-stats.entropy)), stats.mask, stats.weights)
 
     def f(self, p: Tensor) -> Tensor:
         return self.per_token(torch.log(p))

@@ -1,11 +1,11 @@
-"""``probe``: where does the base model sit on the model-capability continuum for this data?
+"""The capability diagnosis: where the base model sits on the model-capability continuum for this data.
+
+Runs the model over a seeded sample of the training rows without training (eval mode, no gradients,
+log p streamed chunk by chunk exactly as in validation) and summarizes the distribution of the target
+tokens' probability p: the zone, the recommended objective and ready-to-paste YAML. The ``probe``
+subcommand (:func:`bnll_lightning.cli.probe_main`) runs it from a ``fit`` config:
 
     python -m bnll_lightning probe --config configs/demo.yaml [--output report.json] [--max_batches N]
-
-Reads the same config as ``fit``, runs the model over a seeded sample of the training rows
-without training (eval mode, no gradients, log p streamed chunk by chunk exactly as in
-validation) and prints the distribution of the target tokens' probability p, the zone, the
-recommended objective and ready-to-paste YAML. Nothing is written except ``--output``.
 
 Zones (arXiv 2510.00526, by the arithmetic mean p): **model-strong** at mean p >= 0.5 (prior-leaning
 objectives such as −p win), **model-weak** below 0.1 (NLL wins), **model-intermediate** in between
@@ -17,22 +17,20 @@ gives the targets a mean p of 0.66 (model-strong by the rule) while it answers 0
 by generation. The geometric mean (exp of the mean log p) and the low quantiles expose the hard
 tokens that decide the answer, so the report prints them and flags a disagreement.
 
-``--output`` JSON keys: ``model``, ``data``, ``split``, ``checkpoint``, ``batches``, ``rows``,
-``tokens``, ``mean_p``, ``geometric_mean_p``, ``median_p``, ``quantiles`` (``{"0.1", "0.25",
-"0.75", "0.9"}``: quantiles of p), ``tau``, ``fraction_below_tau``, ``nll``, ``token_accuracy``,
-``thresholds`` (``{"strong": 0.5, "weak": 0.1}``), ``zone``, ``zone_geometric``, ``caution``
-(a sentence or null), ``recommended`` (objective name), ``recommended_yaml``, ``adaptive_yaml``,
+Report keys (:data:`REPORT_KEYS`, the ``--output`` JSON): ``model``, ``data``, ``split``, ``checkpoint``,
+``batches``, ``rows``, ``tokens``, ``mean_p``, ``geometric_mean_p``, ``median_p``, ``quantiles``
+(``{"0.1", "0.25", "0.75", "0.9"}``: quantiles of p), ``tau``, ``fraction_below_tau``, ``nll``,
+``token_accuracy``, ``thresholds`` (``{"strong": 0.5, "weak": 0.1}``), ``zone``, ``zone_geometric``,
+``caution`` (a sentence or null), ``recommended`` (objective name), ``recommended_yaml``, ``adaptive_yaml``,
 ``generation`` (with ``--generate N``: ``{"rows", "correct", "accuracy", "checker", "max_new_tokens"}``,
 the base model's answers to the first N val rows scored by the built-in task's checker; else null).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from contextlib import nullcontext
-from typing import Any, Iterable, Iterator, Literal, Optional
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -40,23 +38,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from bnll_lightning.cli import SFTCLI, load_from_config
-from bnll_lightning.evaluate import evaluate_generation, load_checkpoint_weights
 from bnll_lightning.sampling import sample_batches
-from bnll_lightning.tasks import TASKS
 
 __all__ = [
     "REPORT_KEYS",
     "STRONG",
     "TAU",
     "WEAK",
-    "ProbeCLI",
     "format_report",
-    "main",
     "probe",
     "recommend",
     "sample_batches",
     "summarize",
+    "target_logprobs",
     "zone",
 ]
 
@@ -265,83 +259,3 @@ def probe(
     rows = len(batches.dataset) if isinstance(batches, DataLoader) else None
     figures = summarize(torch.cat(logps), torch.cat(hits))
     return {"batches": n_batches, "rows": rows, "split": split, **figures, **recommend(figures)}
-
-
-class ProbeCLI(SFTCLI):
-    """The ``fit`` config plus the probe's own options (read back from ``cli.config``)."""
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        super().add_arguments_to_parser(parser)
-        parser.add_argument("--output", type=Optional[str], default=None, help="Write the report as JSON here.")
-        parser.add_argument(
-            "--max_batches", type=int, default=16,
-            help="Batches of the sample to run (<= 0: the whole split). 16 x 8 rows give thousands of tokens.",
-        )
-        parser.add_argument("--split", type=Literal["train", "val"], default="train", help="Which split to probe.")
-        parser.add_argument(
-            "--ckpt_path", type=Optional[str], default=None,
-            help="Probe the weights of this Lightning checkpoint (a fine-tuned model) instead of the base model.",
-        )
-        parser.add_argument(
-            "--weights_only", type=Optional[bool], default=None,
-            help="torch.load the checkpoint with weights_only (None: True, the safe loader).",
-        )
-        parser.add_argument(
-            "--generate", type=int, default=0,
-            help="Also answer the first N val rows by generation and score them with the built-in task's checker "
-            "(0: off). Token probabilities cannot tell whether whole answers are right; this can.",
-        )
-        parser.add_argument("--max_new_tokens", type=int, default=64, help="Generation budget per answer (--generate).")
-        parser.add_argument("--batch_size", type=int, default=16, help="Prompts generated together (--generate).")
-
-
-def _generation(module: Any, data: Any, config: Any, context: Any) -> dict[str, Any] | None:
-    """Base accuracy by generation on the first ``config.generate`` val rows (task checker only)."""
-    rows = data.raw_rows("val")[: config.generate]
-    if not rows or any(row.get("task") not in TASKS for row in rows):
-        print("probe --generate: skipped, the val rows have no built-in task checker", flush=True)
-        return None
-    module.eval()
-    with context():
-        result = evaluate_generation(
-            module.model, module.tokenizer, rows, data, "task",
-            max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-        )  # fmt: skip
-    return {
-        "rows": result.n,
-        "correct": result.correct,
-        "accuracy": result.accuracy,
-        "checker": "task",
-        "max_new_tokens": config.max_new_tokens,
-    }
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m bnll_lightning probe --config X.yaml [--output report.json] [--max_batches N]``;
-    prints the report and returns its figures (the ``--output`` JSON)."""
-    cli = load_from_config(list(argv or []), ProbeCLI)
-    config, model, data, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
-    if config.get("ckpt_path"):
-        load_checkpoint_weights(model, config.ckpt_path, config.weights_only)
-    data.set_tokenizer(model.tokenizer)
-    model = trainer.precision_plugin.convert_module(model)
-    device = trainer.strategy.root_device
-    model.to(device)
-    context = trainer.precision_plugin.forward_context
-    figures = probe(model, data, max_batches=config.max_batches, split=config.split, device=device, context=context)
-    report = {
-        "model": config.model.model,
-        "data": data.train if config.split == "train" else data.val or data.train,
-        "checkpoint": config.get("ckpt_path"),
-        "generation": _generation(model, data, config, context) if config.generate > 0 else None,
-        **figures,
-    }
-    report = {key: report.get(key) for key in REPORT_KEYS}
-    print(format_report(report), flush=True)
-    if config.output:
-        os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
-        with open(config.output, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        print(f"report written to {config.output}")
-    return report

@@ -98,8 +98,11 @@ class FrozenReference:
             self.model.to(device)
 
     @torch.no_grad()
-    def hidden_and_head(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, StreamingHead]:
-        """Final hidden states ``[B, T, H_ref]`` (no gradient) and the head to stream them through."""
+    def hidden_and_head(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
+    ) -> tuple[Tensor, StreamingHead]:
+        """Final hidden states ``[B, T, H_ref]`` (no gradient) and the head to stream them through
+        (``kwargs``, e.g. a packed batch's ``position_ids``, go to the model)."""
         self._to(input_ids.device)
         if not self._stream_checked:
             reason = streaming_unsupported_reason(self.model, probe=not self.quantized)
@@ -107,14 +110,14 @@ class FrozenReference:
                 raise ValueError(f"the reference model {self.name} cannot be streamed ({reason}); "
                                  "set model.streamed: false to use its full logits")
             self._stream_checked = True
-        hidden = forward_hidden(self.model, input_ids, attention_mask)
+        hidden = forward_hidden(self.model, input_ids, attention_mask, **kwargs)
         return hidden, streaming_head(self.model)
 
     @torch.no_grad()
-    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         """Full logits ``[B, T, V]`` (no gradient), for the non-streamed path."""
         self._to(input_ids.device)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
 
 
 def load_reference(objective: Any, model: str, dtype: str | None = None, trust_remote_code: bool = False) -> FrozenReference:

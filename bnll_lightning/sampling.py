@@ -8,6 +8,10 @@ that has ``state_dict``/``load_state_dict`` (its "stateful" loaders) and hands i
 handed out) and, on resume, skips the consumed batches *in the sampler*, so no skipped batch
 is loaded or collated.
 
+Kept instead of torchdata's ``StatefulDataLoader`` (which Lightning also checkpoints): torchdata is not
+a dependency of this project, and this loader's whole state is two integers (epoch, batches), which the
+resume tests check batch for batch; switching would add a package to replace about 60 lines.
+
 The order of an epoch is a pure function of (seed, epoch): :class:`ResumableSampler` is a
 ``DistributedSampler`` (seeded shuffle, ``set_epoch`` called by Lightning every epoch, one
 shard per rank), so Lightning keeps it under DDP/FSDP instead of wrapping it.

@@ -8,7 +8,9 @@ import math
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
     """LR multiplier: linear warm-up from 1/(warmup+1) to 1, then cosine decay to ``min_ratio`` at ``total_steps``.
 
-    Warm-up starts above zero so the very first optimizer step already moves the weights.
+    Warm-up starts above zero so the very first optimizer step already moves the weights. Kept instead
+    of transformers' ``get_cosine_with_min_lr_schedule_with_warmup``, whose warm-up starts at 0: its
+    first optimizer step does nothing, which short runs (and the one-step exactness tests) would feel.
     """
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.distributed.fsdp import FSDPModule
 
 if TYPE_CHECKING:
     from bnll_lightning.objectives import TokenStats
@@ -296,6 +297,7 @@ def streamed_token_logprobs(
     bias: Tensor | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    head_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(logp, mask)`` from hidden states and the output head, without ``[B, T, V]`` logits.
 
@@ -308,8 +310,9 @@ def streamed_token_logprobs(
         scale: Optional factor on the logits (Cohere ``logit_scale``, Granite ``1 / logits_scaling``).
         softcap: Optional ``c``: logits become ``c * tanh(logits / c)`` after ``scale`` (Gemma 2/3).
 
-    The head matmul runs in the autocast dtype under autocast, else in the common dtype of
-    ``hidden`` and ``weight``; everything after it is float32.
+    The head matmul runs in ``head_dtype`` if given (``torch.float32``: no bf16 rounding of the
+    logits under bf16 autocast), else in the autocast dtype under autocast, else in the common dtype
+    of ``hidden`` and ``weight``; everything after it is float32.
 
     Returns:
         ``logp`` ``[B, T]`` float32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``, 0 where
@@ -319,7 +322,7 @@ def streamed_token_logprobs(
         hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap
     )
     logp_sel = _StreamedTargetLogprob.apply(
-        h, weight, bias, targets, int(chunk_size), scale, softcap, _compute_dtype(hidden, weight)
+        h, weight, bias, targets, int(chunk_size), scale, softcap, head_dtype or _compute_dtype(hidden, weight)
     )
     return _scatter_targets(logp_sel, idx, mask), mask
 
@@ -366,6 +369,7 @@ def streamed_token_stats(
     bias: Tensor | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    head_dtype: torch.dtype | None = None,
     *,
     entropy: bool = False,
     topk: int = 0,
@@ -392,7 +396,8 @@ def streamed_token_stats(
     if (reference_hidden is None) != (reference_head is None):
         raise ValueError("reference_hidden and reference_head go together")
     if not (entropy or topk or reference_hidden is not None):
-        return TokenStats(*streamed_token_logprobs(hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap))
+        return TokenStats(*streamed_token_logprobs(hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap,
+                                                   head_dtype))
     mask, idx, h, targets, scale, softcap = _select_targets(
         hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap
     )
@@ -410,7 +415,7 @@ def streamed_token_stats(
         ref_head = (r_scale, r_softcap, _compute_dtype(reference_hidden, w_ref))
     outs = _StreamedTokenStats.apply(
         h, weight, bias, h_ref, w_ref, b_ref, targets, int(chunk_size),
-        (scale, softcap, _compute_dtype(hidden, weight)), ref_head, bool(entropy), int(topk), kl,
+        (scale, softcap, head_dtype or _compute_dtype(hidden, weight)), ref_head, bool(entropy), int(topk), kl,
     )
     logp, ent, ent_k, kl_t, ref_logp = (
         _scatter_targets(o, idx, mask) if wanted else None
@@ -464,7 +469,9 @@ def _head(model: nn.Module) -> tuple[nn.Linear | None, str | None]:
         return None, f"output head is {type(head).__name__}, not a plain nn.Linear (adapter, quantised or custom)"
     if type(head.weight) not in (Tensor, nn.Parameter) or head.weight.is_meta:
         return None, "output head weight is on the meta device or sharded/subclassed"
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (model, base, wrapper, head)):
+    # FSDP2's own hooks gather the root's weights; its steps run inside the root's forward (strategies.py).
+    hooked = [m for m in (model, base, wrapper, head) if not isinstance(m, FSDPModule)]
+    if any(m._forward_hooks or m._forward_pre_hooks for m in hooked):
         return None, "the model or its head has forward hooks, which streaming would bypass"
     return head, None
 

@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under ``torchrun --nproc_per_node 2``: one-step fits on 2 CPU ranks.
 
-Each fit is built by the CLI from ``configs/nll.yaml`` + ``configs/ddp.yaml`` (the documented
+Each fit is built by the CLI from ``configs/demo.yaml`` + ``configs/objectives/nll.yaml`` + ``configs/ddp.yaml`` (the documented
 launch: torchrun starts the processes, Lightning joins them), with SGD at lr = 1 so that the
 exported weights are theta_0 - gradient. Rank 0 writes ``<out>/<name>.pt`` with every rank's
 micro-batch target counts, the module's reduced step statistics and the run's log directory.
@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 
 def cli_args(out: str, model_dir: str, name: str, objective: dict, controller: dict | None) -> list[str]:
     args = [
-        "--config", str(CONFIGS / "nll.yaml"), "--config", str(CONFIGS / "ddp.yaml"),
+        "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "objectives" / "nll.yaml"), "--config", str(CONFIGS / "ddp.yaml"),
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
         # 12 rows = 2 ranks x accumulate 2 x batch 3: the one optimizer step consumes every row.
         "--trainer.max_steps", "1", "--trainer.accumulate_grad_batches", "2", "--trainer.gradient_clip_val", "null",
@@ -47,7 +47,7 @@ def cli_args(out: str, model_dir: str, name: str, objective: dict, controller: d
 def main(out: str, model_dir: str, tau: float) -> None:
     runs = {
         "alpha": ({"class_path": "bnll_lightning.objectives.AlphaFamily", "init_args": {"alpha": 0.0}},
-                  {"class_path": "bnll_lightning.alpha.AdaptiveAlpha", "init_args": {"initial": 0.5, "ema": 0.0}}),
+                  {"class_path": "bnll_lightning.alpha.AdaptiveAlpha", "init_args": {"initial": 0.5, "ema": 0.0, "low": 0.1, "high": 0.55}}),
         "thresholded": ({"class_path": "bnll_lightning.objectives.ThresholdedNLL", "init_args": {"tau": tau}}, None),
     }
     for name, (objective, controller) in runs.items():

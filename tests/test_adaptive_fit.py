@@ -1,4 +1,5 @@
-"""The adaptive-α training path end to end: a tiny-model fit through the CLI with configs/adaptive.yaml.
+"""The adaptive-α training path end to end: a tiny-model fit through the CLI with configs/demo.yaml +
+configs/objectives/adaptive.yaml.
 
 What TensorBoard shows must be what the controller did: replaying a fresh AdaptiveAlpha with the
 logged statistic reproduces the logged α; a run resumed from a mid-way checkpoint continues the
@@ -15,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bnll_lightning.alpha import AdaptiveAlpha
 from bnll_lightning.cli import main
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "adaptive.yaml")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STEPS = 8
 # Thresholds that fit a tiny random model (mean p ~ 2e-5 at start, ~1e-2 after a few steps at lr 3e-2),
 # so that α really moves and the probe starts it above 0.
@@ -29,7 +30,7 @@ def _fit(tiny_model_dir: str, root: Path, *extra: str) -> Path:
         f'{{"dirpath": "{ckpt}", "filename": "{{step}}", "every_n_train_steps": 4, "save_top_k": -1}}}}]'
     )
     args = [
-        "fit", "--config", CONFIG,
+        "fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "objectives" / "adaptive.yaml"),
         "--model.model", tiny_model_dir,
         "--model.export_dir", str(root / "export"),
         "--model.histogram_every_n_steps", "2",

@@ -261,7 +261,7 @@ def test_adaptive_ema_bias_corrected_and_initial():
     c.update(0.2)
     assert c.ema == pytest.approx((0.9 * 0.1 * 0.4 + 0.1 * 0.2) / (0.9 * 0.1 + 0.1))
 
-    probe = AdaptiveAlpha(ema=0.9, initial=0.8, alpha_max=3.0)
+    probe = AdaptiveAlpha(ema=0.9, initial=0.8, alpha_max=3.0, low=0.1, high=0.55)
     assert probe.ema == 0.8 and probe.alpha == 3.0
     probe.update(0.0)
     assert probe.ema == pytest.approx(0.72)  # the probe counts as a full estimate

@@ -8,7 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bnll_lightning.cli import main, run_name
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS_DIR = Path(__file__).parents[1] / "configs"
+CONFIGS = sorted(CONFIGS_DIR.glob("*.yaml"))
 
 
 def scalars(log_dir: Path) -> dict[str, list[float]]:
@@ -19,7 +20,9 @@ def scalars(log_dir: Path) -> dict[str, list[float]]:
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"demo.yaml", "nll.yaml", "negprob.yaml", "alpha10.yaml", "thresholded.yaml", "math_qwen.yaml"} <= names
+    assert {"demo.yaml", "math_qwen.yaml"} <= names
+    overlays = {p.name for p in (CONFIGS_DIR / "objectives").glob("*.yaml")}
+    assert {"nll.yaml", "negprob.yaml", "alpha10.yaml", "thresholded.yaml", "dft.yaml", "adaptive.yaml"} <= overlays
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -46,7 +49,7 @@ def test_run_name_tells_objectives_apart():
 def fit(tmp_path, tiny_model_dir, *extra):
     save_dir = tmp_path / "runs"
     main([
-        "fit", "--config", str(Path(__file__).parents[1] / "configs" / "nll.yaml"),
+        "fit", "--config", str(CONFIGS_DIR / "demo.yaml"), "--config", str(CONFIGS_DIR / "objectives" / "nll.yaml"),
         "--model.model", tiny_model_dir,
         "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
         "--trainer.logger.init_args.save_dir", str(save_dir),

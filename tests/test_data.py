@@ -24,13 +24,10 @@ def tokenizer():
         return AutoTokenizer.from_pretrained(loc, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-from bnll_lightning.data import (  # noqa: E402
-    IGNORE_INDEX,
-    Collator,
-    DataError,
-    SFTDataModule,
-    resolve_sources,
-)
+from bnll_lightning.data import SFTDataModule  # noqa: E402
+from bnll_lightning.objectives import IGNORE_INDEX  # noqa: E402
+from bnll_lightning.packing import Collator  # noqa: E402
+from bnll_lightning.sources import DataError, resolve_sources  # noqa: E402
 from bnll_lightning.tasks import get_task  # noqa: E402
 
 EOT = "<|im_end|>"

@@ -7,14 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnll_lightning.evaluate import (
-    GenerationEval,
-    evaluate_generation,
-    generate,
-    get_checker,
-    main,
-    stop_token_ids,
-)
+from bnll_lightning.callbacks import GenerationEval
+from bnll_lightning.cli import evaluate_main
+from bnll_lightning.evaluate import evaluate_generation, generate, get_checker, stop_token_ids
 from bnll_lightning.tasks import get_task
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
@@ -206,25 +201,26 @@ def test_evaluate_cli_reproduces_the_checkpoint(fitted, untied_dir, tmp_path, ca
         "--data.num_train", "8", "--data.num_val", "6", "--trainer.logger.init_args.save_dir", str(tmp_path),
         "--num_rows", "5", "--max_new_tokens", "6", "--batch_size", "4",
     ]
-    main([*common, "--ckpt_path", str(ckpt), "--output", str(tmp_path / "ckpt.jsonl")])
+    evaluate_main([*common, "--ckpt_path", str(ckpt), "--output", str(tmp_path / "ckpt.jsonl")])
     assert "accuracy:" in capsys.readouterr().out
     from_ckpt = [json.loads(line) for line in open(tmp_path / "ckpt.jsonl")]
     # The checkpoint's weights, the callback's rows and settings: the callback's own predictions.
     assert [p["prediction"] for p in from_ckpt] == [p["prediction"] for p in callback.last_result.predictions]
-    main([*common, "--output", str(tmp_path / "base.jsonl")])
+    evaluate_main([*common, "--output", str(tmp_path / "base.jsonl")])
     base = [json.loads(line) for line in open(tmp_path / "base.jsonl")]
     assert [p["prediction"] for p in base] != [p["prediction"] for p in from_ckpt]  # the weights were loaded
 
 
 def test_evaluate_cli_without_rows_exits_with_a_message(untied_dir, tmp_path):
     with pytest.raises(SystemExit, match="no val rows"):
-        main(["--config", DEMO, "--model.model", untied_dir, "--data.num_train", "4",
-              "--data.num_val", "0", "--trainer.logger.init_args.save_dir", str(tmp_path)])
+        evaluate_main(["--config", DEMO, "--model.model", untied_dir, "--data.num_train", "4",
+                       "--data.num_val", "0", "--trainer.logger.init_args.save_dir", str(tmp_path)])
 
 
 # ------------------------------------------------------------------ pass@k and maj@k
 
-from bnll_lightning.evaluate import EvalResult, generation_settings, majority_index, pass_at_k  # noqa: E402
+from bnll_lightning.cli import generation_settings  # noqa: E402
+from bnll_lightning.evaluate import EvalResult, majority_index, pass_at_k  # noqa: E402
 
 
 @pytest.mark.parametrize("n, c, k, expected", [
@@ -291,6 +287,15 @@ def test_sampled_evaluation_reports_pass_and_maj(untied, tokenizer):
     assert result.rows == 3 and result.n == 12 and set(result.pass_at) == {1, 4}
     assert result.pass_at[1] == pytest.approx(result.accuracy)  # unbiased pass@1 is the mean accuracy
     assert result.pass_at[1] <= result.pass_at[4] <= 1 and result.maj is not None
+
+
+def test_old_generation_eval_path_still_works_and_warns():
+    import bnll_lightning.evaluate as evaluate
+
+    with pytest.warns(DeprecationWarning, match="bnll_lightning.callbacks.GenerationEval"):
+        assert evaluate.GenerationEval is GenerationEval
+    with pytest.raises(AttributeError):
+        evaluate.NoSuchName
 
 
 def test_generation_eval_validates_pass_k():

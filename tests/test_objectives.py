@@ -330,7 +330,7 @@ def test_token_alpha_closed_form_on_uniform_logits(V, signal):
     # Uniform logits: p = 1/V and exp(-H) = 1/V, so both signals give alpha_t = target(1/V).
     logits = torch.zeros(2, 3, V)
     labels = torch.randint(0, V, (2, 3))
-    a = AdaptiveAlpha(alpha_max=1.5).target(1 / V)
+    a = AdaptiveAlpha(alpha_max=1.5, low=0.1, high=0.55).target(1 / V)  # TokenAlpha's own defaults
     expected = math.log(V) if a == 0 else (1 - V ** -a) / a
     out = TokenAlpha(1.5, signal=signal)(logits, labels)
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)

@@ -11,9 +11,10 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnll_lightning import probe
-from bnll_lightning.cli import load_from_config, main as cli_main
+from bnll_lightning.cli import load_from_config, main as cli_main, probe_main
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "adaptive.yaml")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIG = [str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "objectives" / "adaptive.yaml")]
 KEYS = {
     "model", "data", "split", "checkpoint", "batches", "rows", "tokens", "mean_p", "geometric_mean_p", "median_p",
     "quantiles", "tau", "fraction_below_tau", "nll", "token_accuracy", "thresholds", "zone", "zone_geometric",
@@ -71,7 +72,7 @@ def trained_and_files(tiny_model_dir, tmp_path_factory):
         f'"init_args": {{"dirpath": "{root / "ckpt"}", "every_n_train_steps": 12}}}}]'
     )
     cli_main([
-        "fit", "--config", CONFIG, "--model.model", tiny_model_dir, "--model.export_dir", str(root / "trained"),
+        "fit", "--config", *CONFIG, "--model.model", tiny_model_dir, "--model.export_dir", str(root / "trained"),
         "--model.objective", "bnll_lightning.objectives.NLL", "--model.alpha_controller", "null",
         "--model.probe_batches", "0", "--model.optimizer.init_args.lr", "3e-2", "--trainer.max_steps", "12",
         "--trainer.limit_val_batches", "0", f"--trainer.callbacks={checkpoint}",
@@ -88,7 +89,7 @@ def trained_and_files(tiny_model_dir, tmp_path_factory):
 
 def _probe(model, root, name, *extra):
     output = root / f"{name}.json"
-    probe.main(["--config", CONFIG, "--model.model", model, "--data.num_train", "32", "--data.num_val", "4",
+    probe_main(["--config", *CONFIG, "--model.model", model, "--data.num_train", "32", "--data.num_val", "4",
                 "--max_batches", "3", "--output", str(output), *extra])  # fmt: skip
     return json.loads(output.read_text())
 
@@ -129,5 +130,5 @@ def test_probe_snippets_are_ready_to_paste(trained_and_files, tiny_model_dir):
     report = json.loads((root / "learned.json").read_text())
     snippet = root / "adaptive_snippet.yaml"
     snippet.write_text(report["adaptive_yaml"])
-    cli = load_from_config(["--config", CONFIG, "--config", str(snippet), "--model.model", tiny_model_dir])
+    cli = load_from_config(["--config", *CONFIG, "--config", str(snippet), "--model.model", tiny_model_dir])
     assert type(cli.model.alpha_controller).__name__ == "AdaptiveAlpha" and cli.model.probe_batches == 8

@@ -53,7 +53,7 @@ def test_missing_field_names_field_and_row(tmp_path, tiny_model_dir, capsys, mon
 
 
 def test_debug_env_gives_the_traceback(tmp_path, tiny_model_dir, monkeypatch):
-    from bnll_lightning.data import DataError
+    from bnll_lightning.sources import DataError
 
     data = tmp_path / "train.jsonl"
     data.write_text("[1, 2]\n")
@@ -237,7 +237,7 @@ def test_a_class_path_that_does_not_exist_lists_the_classes(tmp_path, tiny_model
 
 
 def test_malformed_json_reports_the_parsers_column(tmp_path):
-    from bnll_lightning.data import DataError, load_rows, resolve_sources
+    from bnll_lightning.sources import DataError, load_rows, resolve_sources
 
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"prompt": "3+3", "response": "6" "x": 1}\n')
@@ -246,7 +246,7 @@ def test_malformed_json_reports_the_parsers_column(tmp_path):
 
 
 def test_unknown_chat_roles_are_named(tmp_path):
-    from bnll_lightning.data import DataError, load_rows, resolve_sources
+    from bnll_lightning.sources import DataError, load_rows, resolve_sources
 
     data = tmp_path / "chat.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "human", "content": "hi"}, {"role": "bot", "content": "yo"}]}))

@@ -19,7 +19,7 @@ from bnll_lightning.cli import load_from_config, main
 from bnll_lightning.strategies import HFFSDPStrategy, decoder_layer_classes
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-OVERLAYS = ["ddp.yaml", "fsdp.yaml", "lora.yaml", "qlora.yaml", "adamw8bit.yaml"]
+OVERLAYS = ["ddp.yaml", "fsdp.yaml", "fsdp2.yaml", "lora.yaml", "qlora.yaml", "adamw8bit.yaml"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -54,7 +54,7 @@ def test_decoder_layer_classes_needs_no_split_modules():
 
 
 def test_adamw8bit_config_trains_on_cpu(tiny_model_dir, tmp_path):
-    cli = load_from_config(["--config", str(CONFIGS / "nll.yaml"), "--config", str(CONFIGS / "adamw8bit.yaml"),
+    cli = load_from_config(["--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "objectives" / "nll.yaml"), "--config", str(CONFIGS / "adamw8bit.yaml"),
                             "--model.model", tiny_model_dir, "--trainer.max_steps", "2",
                             "--model.optimizer.init_args.lr", "1e-2", "--trainer.accelerator", "cpu",
                             "--data.num_train", "16", "--data.num_val", "0", "--data.batch_size", "4",
@@ -79,7 +79,7 @@ def test_fsdp_strategy_refuses_lora_before_training(tiny_model_dir):
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_bf16_precisions_train_and_validate(precision, tiny_model_dir, tmp_path):
-    cli = load_from_config(["--config", str(CONFIGS / "nll.yaml"), "--model.model", tiny_model_dir,
+    cli = load_from_config(["--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "objectives" / "nll.yaml"), "--model.model", tiny_model_dir,
                             "--trainer.precision", precision, "--trainer.accelerator", "cpu",
                             "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
                             "--data.num_train", "8", "--data.num_val", "4", "--data.batch_size", "4",
@@ -100,7 +100,7 @@ def test_fused_adamw_is_clipped_on_true_gradients_under_mixed_precision(precisio
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     clip = 0.01  # far below the tiny model's gradient norm: every step is clipped
-    cli = load_from_config(["--config", str(CONFIGS / "nll.yaml"), "--model.model", tiny_model_dir,
+    cli = load_from_config(["--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "objectives" / "nll.yaml"), "--model.model", tiny_model_dir,
                             "--data.num_train", "12", "--data.num_val", "0", "--data.batch_size", "4",
                             "--model.export_dir", str(tmp_path / "export"), "--model.histogram_every_n_steps", "0"])
     norms, scales = [], []
