@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 from typing import Any
@@ -92,8 +93,8 @@ def model_card(trainer: L.Trainer, module: Any, alphas: list[float], has_config:
         val = getattr(data, "val", None)
         lines.append(f"- **Data:** train `{getattr(data, 'train', None)}`" + (f" ({rows})" if rows else "")
                      + (f", validation `{val}`" if val else ""))
-    lines.append(f"- **Training:** {trainer.global_step} optimizer steps, {trainer.current_epoch + 1} epoch(s) started,"
-                 f" precision `{trainer.precision}`, {trainer.world_size} process(es)")
+    lines.append(f"- **Training:** {trainer.global_step} optimizer steps, precision `{trainer.precision}`,"
+                 f" {trainer.world_size} process(es)")
     val = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     if val:
         lines += ["", "## Final validation metrics", "", "| metric | value |", "|---|---|"]
@@ -101,5 +102,5 @@ def model_card(trainer: L.Trainer, module: Any, alphas: list[float], has_config:
     lines += ["", "## Reproduce", "", "```bash"]
     if has_config:
         lines.append("python -m bnll_lightning fit --config training_config.yaml   # the run's resolved config")
-    lines += [f"# as launched: {' '.join(['python -m bnll_lightning', *sys.argv[1:]])}", "```", ""]
+    lines += [f"# as launched: python -m bnll_lightning {shlex.join(sys.argv[1:])}", "```", ""]
     return "\n".join(lines)

@@ -6,7 +6,9 @@ prompt) and up to the end of that turn are rendered and tokenized too; both must
 prefixes of the full conversation (checked, :class:`~bnll_lightning.sources.DataError` otherwise).
 The tokens in between are the turn's targets: its content and end-of-turn token (``<|im_end|>``); a
 template separator after the end-of-turn token (ChatML's ``"\\n"``) stays masked. Every assistant
-turn with non-empty content is trained; system/user turns and turn headers are masked.
+turn with non-empty content is trained; system/user turns and turn headers are masked. A template
+that marks the assistant's tokens with ``{% generation %}`` is trusted instead: transformers'
+``apply_chat_template(..., return_assistant_tokens_mask=True)`` gives the targets.
 
 Without a chat template (or ``use_chat_template=False``): ``[system_prompt + "\\n\\n"] +
 prompt + "\\n"`` (masked; tokenized with the tokenizer's special prefix such as BOS), then the
@@ -17,6 +19,7 @@ are exactly what generation will see. ``messages`` rows: system ``content + "\\n
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from bnll_lightning.objectives import IGNORE_INDEX
@@ -36,6 +39,7 @@ STAT_KEYS = (
     "skipped_zero_weight",  # training rows of weight 0 (they would train nothing)
     "noisy",  # rows whose response was corrupted (train only)
 )
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # End-of-turn tokens of common chat templates (in addition to the tokenizer's eos token).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
@@ -54,6 +58,10 @@ class Formatter:
             (i for i in range(len(with_special) - len(without) + 1) if with_special[i:i + len(without)] == without), 0
         )
         self._special_prefix = list(with_special[:start])
+        # A template that marks the assistant's tokens ({% generation %}) says itself what to train:
+        # transformers' return_assistant_tokens_mask reads it; other templates use the prefix method.
+        template = getattr(tokenizer, "chat_template", None)
+        self.marks_generation = isinstance(template, str) and bool(_GENERATION_TAG.search(template))
         vocab = tokenizer.get_vocab()
         self._end_of_turn = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
         if tokenizer.eos_token_id is not None:
@@ -138,6 +146,11 @@ class Formatter:
         targets = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and m["content"].strip()]
         if not targets:
             return None
+        if self.marks_generation:
+            out = self.tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True,
+                                                     return_assistant_tokens_mask=True)
+            ids = list(out["input_ids"])
+            return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, out["assistant_masks"])]
         full = self._ids(self._render(msgs, add_generation_prompt=False))
         labels = [IGNORE_INDEX] * len(full)
         for i in targets:

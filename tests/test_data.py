@@ -134,6 +134,28 @@ def test_chat_messages_train_every_assistant_turn(tmp_path, tokenizer):
     )
 
 
+def test_a_template_marking_generation_gives_the_targets(tmp_path, tokenizer):
+    """A template with {% generation %} around the assistant's tokens: transformers' assistant-token
+    mask decides the targets, and it marks what the prefix method trains (content + end of turn)."""
+    marked = copy.deepcopy(tokenizer)
+    marked.chat_template = (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+        "{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    unmarked = copy.deepcopy(marked)
+    unmarked.chat_template = marked.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    convo = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+             {"role": "user", "content": "And a fruit?"}, {"role": "assistant", "content": "A ripe mango."}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": convo}])
+    by_mask = make_dm(marked, train=path, val=path).train_dataset[0]
+    by_prefix = make_dm(unmarked, train=path, val=path).train_dataset[0]
+    assert make_dm(marked, train=path, val=path).formatter.marks_generation
+    assert parts(marked, by_mask)[2] == ["Blue." + EOT, "A ripe mango." + EOT]
+    assert by_mask == by_prefix
+
+
 def test_system_prompt_replaces_template_default(tokenizer):
     dm = make_dm(tokenizer, train="builtin:add", system_prompt="Be terse.")
     _, masked, _ = parts(tokenizer, dm.train_dataset[0])
