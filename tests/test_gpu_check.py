@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     headers, rows = C.parse_markdown_table(proc.stdout)
-    assert headers == ["check", "status", "result", "seconds"] and len(rows) == 7
+    assert headers == ["check", "status", "result", "seconds"] and len(rows) == 9
     assert all(r[1] == "ok" for r in rows), rows
     assert (tmp_path / "bf16").is_dir()  # the fits wrote where they were told
 
@@ -31,7 +31,8 @@ def test_gpu_check_commands_name_the_documented_configs():
 
     commands = [c for _, c, _ in gpu_check.checks("/out", dry=False, model=None) if c]
     flat = [" ".join(c) for c in commands]
-    for config in ("configs/fsdp.yaml", "configs/adamw8bit.yaml", "configs/qlora.yaml"):
+    for config in ("configs/fsdp.yaml", "configs/fsdp2.yaml", "configs/adamw8bit.yaml", "configs/qlora.yaml"):
         assert sum(config in c for c in flat) == 1
+    assert sum("--model.head_float32 true" in c for c in flat) == 1
     assert sum("--size 1.5b" in c for c in flat) == 1 and sum("--size 0.5b" in c for c in flat) == 1
     assert all("--print_config" not in c for c in flat)  # on a GPU every step really runs
