@@ -47,21 +47,18 @@ def _short(class_path: str) -> str:
 
 
 def run_name(model_config: Any) -> str:
-    """A log-directory name that tells runs apart by objective, e.g. ``AlphaFamily-alpha10.0``.
-
-    Built from the config (before anything is instantiated), so it needs no model.
-    """
+    """A log-directory name that tells runs apart by objective, e.g. ``AlphaFamily-alpha10.0``: the
+    objective's own :attr:`~bnll_lightning.objectives.Objective.tag`, built from the config before
+    the model is (an objective is cheap to build; one that rejects its arguments is named by its
+    class here and reported when the model is built)."""
     objective = model_config.get("objective")
-    if not objective:
-        name = "NLL"
-    else:
-        name = _short(objective["class_path"])
-        args = objective.get("init_args") or {}
-        if "alpha" in args and name == "AlphaFamily":
-            name += f"-alpha{float(args['alpha'])}"
-        for key in ("tau", "fraction", "gamma"):
-            if key in args:
-                name += f"-{key}{float(args[key])}"
+    name = "NLL"
+    if objective:
+        module, cls = objective["class_path"].rsplit(".", 1)
+        try:
+            name = getattr(importlib.import_module(module), cls)(**(objective.get("init_args") or {})).tag
+        except (TypeError, ValueError):
+            name = cls
     controller = model_config.get("alpha_controller")
     if controller:
         name = f"{_short(controller['class_path'])}-{name}"
