@@ -245,9 +245,9 @@ class AlphaTrace(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         stats = pl_module.last_step_stats
-        if stats and stats.get("tokens"):
-            self.mean_p.append(stats["p_sum"] / stats["tokens"])
-            self.geometric_p.append(math.exp(-stats["nll_sum"] / stats["tokens"]))
+        if stats and stats.get("weight"):  # summed row weights: the token count for unweighted data
+            self.mean_p.append(stats["p_sum"] / stats["weight"])
+            self.geometric_p.append(math.exp(-stats["nll_sum"] / stats["weight"]))
 
 
 def answer(module_or_model: Any, tokenizer: Any, rows: list[dict[str, Any]], data: SFTDataModule, args) -> tuple[Any, float]:

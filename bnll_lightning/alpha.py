@@ -487,7 +487,7 @@ class AdaptiveAlpha(AlphaController):
 
 @torch.no_grad()
 def step_statistic(
-    logp: Tensor, mask: Tensor, statistic: str = "mean", quantile: float = 0.1
+    logp: Tensor, mask: Tensor, statistic: str = "mean", quantile: float = 0.1, weights: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Summable (numerator, denominator) of one micro-batch's statistic of p = exp(logp).
 
@@ -502,6 +502,10 @@ def step_statistic(
       token-weighted average of per-micro-batch quantiles, not the quantile of all the step's
       tokens; it is exact for one micro-batch on one rank.
 
+    With ``weights`` (each token's row weight) every token counts by its weight: exact for the mean
+    and the geometric mean; ``quantile`` takes the tokens of weight > 0 and weighs the micro-batch's
+    quantile by their summed weight (what the token count stands for without weights).
+
     Positions where ``mask`` is false contribute nothing, whatever ``logp`` holds there
     (padding may be -inf or nan). An all-false mask gives (0, 0), never nan. No host sync.
 
@@ -510,10 +514,18 @@ def step_statistic(
         mask: same shape; true (non-zero) where the token is a training target.
         statistic: "mean", "geometric" or "quantile".
         quantile: the quantile for ``statistic="quantile"``, 0 < quantile < 1.
+        weights: optional, same shape: each token's weight (>= 0); None counts every token once.
     """
     _check_statistic("step_statistic", statistic, quantile)
     if logp.shape != mask.shape:
         raise ValueError(f"step_statistic: logp shape {tuple(logp.shape)} != mask shape {tuple(mask.shape)}")
+    if weights is not None:
+        w = torch.where(mask != 0, weights.detach().float(), 0.0)
+        if statistic == "quantile":
+            num, den = step_statistic(logp, w > 0, statistic, quantile)
+            return num / den.clamp_min(1.0) * w.sum(), w.sum()
+        x = logp.detach().float()
+        return (torch.where(mask != 0, x.exp() if statistic == "mean" else x, 0.0) * w).sum(), w.sum()
     lp = logp.detach().float().reshape(-1)
     m = mask.detach().reshape(-1) != 0
     zero = torch.zeros((), dtype=torch.float32, device=lp.device)

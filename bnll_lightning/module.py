@@ -80,22 +80,6 @@ def target_weights(batch: dict[str, Tensor]) -> Tensor | None:
     return None if "weights" not in batch else F.pad(batch["weights"][:, 1:], (0, 1))
 
 
-def weighted_statistic(
-    logp: Tensor, mask: Tensor, weights: Tensor | None, statistic: str = "mean", quantile: float = 0.1
-) -> tuple[Tensor, Tensor]:
-    """:func:`~bnll_lightning.alpha.step_statistic` with each token counted by its row's weight: exact for
-    the mean and the geometric mean; ``quantile`` takes the tokens of weight > 0 and weighs the
-    micro-batch's quantile by its summed weight (like the token count it stands for without weights)."""
-    if weights is None:
-        return step_statistic(logp, mask, statistic, quantile)
-    w = torch.where(mask, weights, 0.0)
-    if statistic == "quantile":
-        num, den = step_statistic(logp, w > 0, statistic, quantile)
-        return num / den.clamp_min(1.0) * w.sum(), w.sum()
-    x = logp.detach().float()
-    return (torch.where(mask, x.exp() if statistic == "mean" else x, 0.0) * w).sum(), w.sum()
-
-
 @torch.no_grad()
 def packing_unsupported_reason(model: torch.nn.Module) -> str | None:
     """None if ``model`` keeps packed rows apart (position ids restarting at a row, no attention mask):
@@ -440,7 +424,7 @@ class SFTModule(L.LightningModule):
                 with trainer.precision_plugin.forward_context():
                     logp, mask, _ = self.eval_logprobs(batch)
                 weights = target_weights(batch)
-                acc += torch.stack(weighted_statistic(logp, mask, weights, controller.statistic, controller.quantile))
+                acc += torch.stack(step_statistic(logp, mask, controller.statistic, controller.quantile, weights))
         finally:
             for m, training in modes.items():
                 m.training = training
@@ -468,14 +452,14 @@ class SFTModule(L.LightningModule):
         with torch.no_grad():
             statistic = self.alpha_controller.statistic if self.alpha_controller is not None else "mean"
             quantile = getattr(self.alpha_controller, "quantile", 0.1)
-            stat_num, stat_den = weighted_statistic(logp, mask, weights, statistic, quantile)
+            stat_num, stat_den = step_statistic(logp, mask, statistic, quantile, weights)
             w = mask.float() if weights is None else torch.where(mask, weights, 0.0)
             stats = torch.stack(
                 [
                     out.loss_sum.detach().float(),
                     out.normalizer,
-                    -logp.sum() if weights is None else -(logp * w).sum(),  # logp is 0 off the mask
-                    torch.where(mask, logp.exp(), 0.0).sum() if weights is None else (logp.exp() * w).sum(),
+                    -(logp * w).sum(),  # logp is 0 off the mask, where w is 0 too
+                    (logp.exp() * w).sum(),
                     mask.sum().float(),
                     out.selected.sum().float(),
                     stat_num.float(),

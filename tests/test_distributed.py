@@ -8,20 +8,16 @@ multi-GPU job is launched, with the CLI and ``configs/ddp.yaml``, once for all i
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from _exactness import TargetCounts, build, one_step_trainer, reference, step_of
+from _torchrun import run_two_ranks
 from bnll_lightning.alpha import AdaptiveAlpha
 from bnll_lightning.objectives import AlphaFamily, ThresholdedNLL
 
-TESTS = Path(__file__).parent
 ROWS = 12  # = accumulate x batch_size (x ranks): one optimizer step consumes every row
 
 
@@ -83,19 +79,7 @@ def ddp_results(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     _, data = build(tiny_model_dir, num_rows=ROWS, batch_size=3)
     tau = separating_tau(tiny_model_dir, data)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "_ddp_worker.py"), str(out), tiny_model_dir, repr(tau)]
-    # A session of its own, so a hang (a collective one rank missed) takes every worker down with it.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    run_two_ranks("_ddp_worker.py", str(out), tiny_model_dir, repr(tau), timeout=180)
     return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in ("alpha", "thresholded")}, data, tau
 
 

@@ -3,35 +3,20 @@ write a sharded checkpoint, resume from it, and export a consolidated ``save_pre
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-TESTS = Path(__file__).parent
+from _torchrun import run_two_ranks
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "_fsdp2_worker.py"), str(out), tiny_model_dir]
-    # A session of its own, so a hang (a collective one rank missed) takes every worker down with it.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    run_two_ranks("_fsdp2_worker.py", str(out), tiny_model_dir, timeout=300)
     return torch.load(out / "results.pt", weights_only=False)
 
 
