@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the machine line, markdown tables, docs/benchmarks.md, and
-randomly initialised models built from the embedded SmolLM2-135M config (no download)."""
+"""What the benchmark scripts (and the tests) share: the machine line, markdown tables, docs/benchmarks.md,
+and randomly initialised models built from the embedded SmolLM2-135M config or a tiny Llama (no download)."""
 
 from __future__ import annotations
 
@@ -162,6 +162,53 @@ def save_random_model(out_dir: str | os.PathLike, seed: int = 0, **overrides) ->
     model.save_pretrained(out_dir)
     load_tokenizer(EMBEDDED).save_pretrained(out_dir)
     return sum(p.numel() for p in model.parameters())
+
+
+def make_tiny_model(
+    out_dir,
+    tokenizer: str = "embedded",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 128,
+    tie_word_embeddings: bool = True,
+    seed: int = 0,
+    max_position_embeddings: int = 1024,
+) -> str:
+    """Save a tiny randomly initialised Llama model plus ``tokenizer``'s tokenizer to ``out_dir``.
+
+    The vocabulary and bos/eos/pad ids come from the tokenizer; weights depend only on
+    ``seed`` (the global RNG state is left untouched). Returns ``out_dir`` as a string.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bnll_lightning.models import load_tokenizer
+
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    tok = load_tokenizer(tokenizer)
+    tok.model_max_length = min(tok.model_max_length, max_position_embeddings)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    out_dir = str(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
 
 
 def fixed_batch(batch_size: int, seq_len: int, vocab: int, prompt_fraction: float = 0.25, seed: int = 0):

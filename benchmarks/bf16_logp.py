@@ -71,9 +71,8 @@ def main(argv: list[str] | None = None) -> str:
         args.tasks, args.rows = ["add"], 4
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as work, C.quiet():
-        from bnll_lightning.models import make_tiny_model
 
-        name = make_tiny_model(f"{work}/tiny", hidden_size=32, num_layers=2, num_heads=2) if args.quick else "embedded"
+        name = C.make_tiny_model(f"{work}/tiny", hidden_size=32, num_layers=2, num_heads=2) if args.quick else "embedded"
         model, tokenizer = load_model(name).eval(), load_tokenizer(name)
         batches = []
         for task in args.tasks:

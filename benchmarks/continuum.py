@@ -130,13 +130,13 @@ ENTRIES = {
         Entry("adaptive", "AdaptiveAlpha", lambda a: (AlphaFamily(0.0), AdaptiveAlpha()), None, False, True),
         # Design v1, the first study's defaults: the paper's base-model thresholds read during training.
         Entry("adaptive_v1", "AdaptiveAlpha v1 (0.1→0.55)",
-              lambda a: (AlphaFamily(0.0), AdaptiveAlpha(low=0.1, high=0.55, ema=0.9, max_delta=0.05)), None, False,
+              lambda a: (AlphaFamily(0.0), AdaptiveAlpha(low=0.1, high=0.55, ema_decay=0.9, max_delta=0.05)), None, False,
               True),
         # The no-feedback control: the same end points (α 0 → 1) as a ramp over the run.
         Entry("linear", "LinearAlpha 0→1", lambda a: (AlphaFamily(0.0), LinearAlpha(0.0, 1.0, a.steps)), None, False),
         # Candidates measured on the dev tasks when v1 moved like the ramp. The rate bound alone, 5x looser:
         Entry("adaptive_fast", "v1 with max_delta 0.25",
-              lambda a: (AlphaFamily(0.0), AdaptiveAlpha(low=0.1, high=0.55, ema=0.9, max_delta=0.25)), None, False,
+              lambda a: (AlphaFamily(0.0), AdaptiveAlpha(low=0.1, high=0.55, ema_decay=0.9, max_delta=0.25)), None, False,
               True),
         # Thresholds calibrated on the dev tasks' NLL traces of training mean p (the answer format lifts every
         # task to ~0.6 within 16 steps; only the strong one passes 0.9), a shorter EMA and the looser bound.
@@ -283,7 +283,7 @@ def run_one(task: StudyTask, key: str, seed: int, args: argparse.Namespace, work
     module = StudyModule(
         model=args.model_path, objective=objective, alpha_controller=controller, histogram_every_n_steps=0,
         optimizer=partial(torch.optim.AdamW, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01),
-        warmup=args.warmup, probe_batches=args.probe_batches if entry.probe else 0,
+        warmup=args.warmup, warm_start_batches=args.probe_batches if entry.probe else 0,
     )  # fmt: skip
     data = datamodule(_rows_file(task, seed, args, work), seed, task.noise, module.tokenizer, args)
     trace = AlphaTrace()
@@ -742,9 +742,8 @@ def model_name(args: argparse.Namespace) -> str:
 
 
 def _tiny(work: str) -> str:
-    from bnll_lightning.models import make_tiny_model
 
-    return make_tiny_model(os.path.join(work, "tiny"), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    return C.make_tiny_model(os.path.join(work, "tiny"), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 
 
 if __name__ == "__main__":

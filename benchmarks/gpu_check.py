@@ -80,7 +80,8 @@ def checks(out: str, dry: bool, model: str | None) -> list[tuple[str, list[str] 
 
 def logits_memory(device: str, vocab: int, tokens: int, hidden: int) -> str:
     """Peak memory of forward + backward of the targets' log p: streamed chunks vs full logits."""
-    from bnll_lightning.streaming import naive_token_logprobs, streamed_token_logprobs
+    from bnll_lightning.objectives import token_logprobs
+    from bnll_lightning.streaming import streamed_token_logprobs
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     h = torch.randn(1, tokens, hidden, device=device, dtype=dtype, requires_grad=True)
@@ -96,7 +97,7 @@ def logits_memory(device: str, vocab: int, tokens: int, hidden: int) -> str:
         if name == "streamed":
             logp, mask = streamed_token_logprobs(h, w, labels, chunk_size=1024)
         else:
-            logp, mask = naive_token_logprobs(h @ w.T, labels)
+            logp, mask = token_logprobs(h @ w.T, labels)
         (-logp[mask].mean()).backward()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -121,9 +122,8 @@ def main(argv: list[str] | None = None) -> str:
         out = args.out or work
         model = None
         if dry:
-            from bnll_lightning.models import make_tiny_model
 
-            model = make_tiny_model(f"{work}/tiny", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+            model = C.make_tiny_model(f"{work}/tiny", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
         for name, command, limit in checks(out, dry, model):
             start = time.perf_counter()

@@ -300,7 +300,7 @@ class AdaptiveAlpha(AlphaController):
     Per accepted update with value ``x``:
 
     1. **EMA, bias-corrected.** ``m ← d·m + (1−d)·x`` and ``w ← d·w + (1−d)·1``;
-       ``ema = m / w`` (``d`` is the ``ema`` argument). Without ``initial``, ``m = w = 0`` at
+       ``ema = m / w`` (``d`` is ``ema_decay``). Without ``initial``, ``m = w = 0`` at
        the start, so the first EMA equals the first value and every later value gets its proper
        exponential weight (plain "initialise to the first value" over-weights the first batch
        by a factor 1/(1−d)). With ``initial`` (a probe of the base model), ``m = initial`` and
@@ -330,8 +330,7 @@ class AdaptiveAlpha(AlphaController):
 
     Attributes:
         ema: the current EMA of the fed statistic (``None`` before any value when no
-            ``initial`` was given). Note: the constructor argument of the same name is the EMA
-            *decay*, stored as :attr:`ema_decay`.
+            ``initial`` was given).
         alpha_max, low, high, ema_decay, max_delta, statistic, quantile, initial: the arguments.
     """
 
@@ -340,31 +339,30 @@ class AdaptiveAlpha(AlphaController):
         alpha_max: NonNegativeFloat = 1.0,
         low: OpenUnitInterval = 0.6,
         high: OpenUnitInterval = 0.9,
-        ema: UnitIntervalClosedOpen = 0.7,
+        ema_decay: UnitIntervalClosedOpen = 0.7,
         max_delta: PositiveFloat = 0.25,
         statistic: Literal["mean", "geometric", "quantile"] = "mean",
         quantile: OpenUnitInterval = 0.1,
         initial: Optional[ClosedUnitInterval] = None,
+        ema: Optional[UnitIntervalClosedOpen] = None,
     ) -> None:
         """
         Args:
             alpha_max: α used when the model is strong (EMA >= ``high``), >= 0. 1 gives −p;
                 larger values lean further on the prior (the paper also uses 10).
-            low: EMA of p at or below which α = 0 (NLL), 0 < low < high. Default 0.6: the
-                statistic is read *while training*, where the answer format is learnt within a
-                few steps, lifting mean p to 0.5-0.75 on tasks where NLL wins (the paper's 0.1 and
-                0.5 classify the *base* model; ``probe`` applies them). Calibrated on the dev tasks
-                of the continuum study (docs/benchmarks.md).
-            high: EMA of p at or above which α = ``alpha_max``, low < high < 1. Default 0.9: on
-                the model-strong dev task training mean p passed 0.9 within 4 steps; on the
-                others it did not reach it in the run.
-            ema: decay of the exponential moving average of the fed statistic, 0 <= ema < 1.
-                Higher is smoother but slower to react; 0.7 averages over ~3 optimizer steps,
+            low: EMA of p at or below which α = 0 (NLL), 0 < low < high. Higher than the paper's
+                0.1/0.5, which classify the *base* model (``probe`` applies them): this statistic is
+                read *while training*, when the learnt answer format lifts mean p even on tasks where
+                NLL wins. Default calibrated on the continuum study's dev tasks (docs/benchmarks.md).
+            high: EMA of p at or above which α = ``alpha_max``, low < high < 1. Default
+                calibrated as ``low``: reached early on a model-strong task, not on the others.
+            ema_decay: decay of the exponential moving average of the fed statistic, 0 <= ema_decay < 1.
+                Higher is smoother but slower to react; 0.7 averages over about 3 optimizer steps,
                 so α follows the model within a short run and one odd batch still moves it little.
             max_delta: largest change of α per optimizer step, > 0. Bounds how fast the
                 objective can move, so a noisy batch cannot swing it and α cannot oscillate.
-                Default 0.25 (0 to 1 in 4 steps): at 0.05 the bound, not the model, set α's pace
-                in a 16-step run and the controller moved like a ramp.
+                Default 0.25 (0 to 1 in 4 steps): a tighter bound, not the model, sets α's pace in
+                a short run, and the controller moves like a ramp (docs/benchmarks.md).
             statistic: which per-step statistic of p the trainer feeds: "mean" (arithmetic
                 mean p, the paper's), "geometric" (exp of mean log p, pulled down by the hard
                 tokens) or "quantile" (the ``quantile``-th quantile of p). The arithmetic mean
@@ -376,6 +374,7 @@ class AdaptiveAlpha(AlphaController):
             initial: optional starting value of the EMA, in [0, 1], e.g. the base model's mean
                 p from a probe pass before training; α then starts at ``target(initial)``.
                 ``None`` starts the EMA from the first fed value and α from 0 (NLL).
+            ema: deprecated name of ``ema_decay`` (goes in the next release).
         """
         super().__init__()
         owner = "AdaptiveAlpha"
@@ -390,9 +389,13 @@ class AdaptiveAlpha(AlphaController):
                 f"{owner}: low must be < high (0 < low < high < 1), got low={low!r}, high={high!r}"
             )
         self.low, self.high = low, high
-        decay = float(ema)
+        if ema is not None:
+            warnings.warn("AdaptiveAlpha(ema=...) is deprecated and goes in the next release; use ema_decay",
+                          DeprecationWarning, stacklevel=2)
+            ema_decay = ema
+        decay = float(ema_decay)
         if not (0.0 <= decay < 1.0):
-            raise ValueError(f"{owner}: ema must satisfy 0 <= ema < 1, got ema={ema!r}")
+            raise ValueError(f"{owner}: ema_decay must satisfy 0 <= ema_decay < 1, got ema_decay={ema_decay!r}")
         self.ema_decay = decay
         max_delta = float(max_delta)
         if not (math.isfinite(max_delta) and max_delta > 0.0):
@@ -466,12 +469,18 @@ class AdaptiveAlpha(AlphaController):
             "alpha_max": self.alpha_max,
             "low": self.low,
             "high": self.high,
-            "ema": self.ema_decay,
+            "ema_decay": self.ema_decay,
             "max_delta": self.max_delta,
             "statistic": self.statistic,
             "quantile": self.quantile,
             "initial": self.initial,
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        config = dict(state.get("config", {}))
+        if "ema" in config:  # a checkpoint from before the rename to ema_decay
+            config["ema_decay"] = config.pop("ema")
+        super().load_state_dict({**state, "config": config})
 
     def _extra_state(self) -> dict[str, Any]:
         return {"ema_m": self._m, "ema_w": self._w, "n_observed": self.n_observed}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from contextlib import nullcontext
+import warnings
 from functools import partial
 from typing import Any, Literal
 
@@ -53,8 +53,8 @@ from bnll_lightning.schedules import resolve_warmup, warmup_cosine
 from bnll_lightning.strategies import FSDP2Strategy, is_sharded
 from bnll_lightning.streaming import (
     forward_hidden,
-    head_logits,
     output_head,
+    streamed_eval_logprobs,
     streamed_token_logprobs,
     streamed_token_stats,
     streaming_head,
@@ -168,13 +168,14 @@ class SFTModule(L.LightningModule):
         max_nonfinite_steps: int = 5,
         export_dir: str | None = None,
         histogram_every_n_steps: int = 50,
-        probe_batches: int = 0,
+        warm_start_batches: int = 0,
         lora_r: NonNegativeInt = 0,
         lora_alpha: PositiveFloat = 16.0,
         lora_dropout: UnitIntervalClosedOpen = 0.0,
         lora_target_modules: list[str] | str = "all-linear",
         lora_export: Literal["merged", "adapter"] = "merged",
         load_in_4bit: bool = False,
+        probe_batches: int | None = None,
     ):
         """Fine-tune a causal LM with a probability-based objective.
 
@@ -212,7 +213,7 @@ class SFTModule(L.LightningModule):
             histogram_every_n_steps: Optimizer steps between TensorBoard histograms of the target
                 tokens' p (``train/p``); 0 turns them off. Shows *how* confidence is spread, which
                 the mean that drives alpha hides.
-            probe_batches: With an ``AdaptiveAlpha`` controller: measure its statistic on the base
+            warm_start_batches: With an ``AdaptiveAlpha`` controller: measure its statistic on the base
                 model over this many training batches (no gradients) before the first step and
                 start alpha there instead of at 0 (NLL). Fresh runs only; a resumed run keeps its
                 checkpointed controller. 0 = off: the first training batch starts the controller.
@@ -226,6 +227,7 @@ class SFTModule(L.LightningModule):
                 plain transformers model) or ``adapter`` (peft's adapter directory, loaded on the base).
             load_in_4bit: QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes; CUDA only) and train
                 LoRA adapters on it (needs lora_r > 0; export with lora_export: adapter).
+            probe_batches: Deprecated name of ``warm_start_batches`` (goes in the next release).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["objective", "alpha_controller", "optimizer", "lr_scheduler"])
@@ -253,16 +255,20 @@ class SFTModule(L.LightningModule):
         if histogram_every_n_steps < 0:
             raise ValueError(f"histogram_every_n_steps must be >= 0, got {histogram_every_n_steps}")
         self.histogram_every_n_steps = histogram_every_n_steps
-        if probe_batches < 0:
-            raise ValueError(f"probe_batches must be >= 0, got {probe_batches}")
-        if probe_batches and not isinstance(alpha_controller, AdaptiveAlpha):
+        if probe_batches is not None:
+            warnings.warn("model.probe_batches is deprecated and goes in the next release; use "
+                          "model.warm_start_batches", DeprecationWarning, stacklevel=2)
+            warm_start_batches = probe_batches
+        if warm_start_batches < 0:
+            raise ValueError(f"warm_start_batches must be >= 0, got {warm_start_batches}")
+        if warm_start_batches and not isinstance(alpha_controller, AdaptiveAlpha):
             raise ValueError(
-                "model.probe_batches starts an adaptive controller: set model.alpha_controller to "
+                "model.warm_start_batches starts an adaptive controller: set model.alpha_controller to "
                 f"bnll_lightning.alpha.AdaptiveAlpha (got {type(alpha_controller).__name__})"
             )
-        if probe_batches and getattr(alpha_controller, "initial", None) is not None:
-            raise ValueError("set either model.probe_batches or the controller's initial, not both")
-        self.probe_batches = probe_batches
+        if warm_start_batches and getattr(alpha_controller, "initial", None) is not None:
+            raise ValueError("set either model.warm_start_batches or the controller's initial, not both")
+        self.warm_start_batches = warm_start_batches
 
         if lora_r < 0:
             raise ValueError(f"lora_r must be >= 0, got {lora_r}")
@@ -281,7 +287,7 @@ class SFTModule(L.LightningModule):
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False  # no KV cache in training: it only costs memory
         self.streamed = streamed
-        if streamed and (reason := streaming_unsupported_reason(self.model, probe=True)):
+        if streamed and (reason := streaming_unsupported_reason(self.model)):
             rank_zero_warn(f"streamed log p is off for this model ({reason}); using full logits")
             self.streamed = False
         # What the model does to its logits after the head (Gemma 2 softcap, Cohere/Granite scale):
@@ -397,23 +403,23 @@ class SFTModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # A resumed run (or a second fit of this module) already has a controller state: keep it.
-        if self.probe_batches and self.trainer.ckpt_path is None and self.alpha_controller.step == 0:
-            self._start_controller_from_probe()
+        if self.warm_start_batches and self.trainer.ckpt_path is None and self.alpha_controller.step == 0:
+            self._warm_start_controller()
 
     @torch.no_grad()
-    def _start_controller_from_probe(self) -> None:
+    def _warm_start_controller(self) -> None:
         """Measure the controller's statistic on the model as it is (eval mode, no gradients) over
-        ``probe_batches`` training batches per rank, token-weighted over all ranks, and start the
+        ``warm_start_batches`` training batches per rank, token-weighted over all ranks, and start the
         controller there. The batches are a seeded sample drawn apart from the training order."""
         controller, trainer = self.alpha_controller, self.trainer
         if is_sharded(trainer.strategy):
             raise ValueError(
-                "model.probe_batches runs the model outside the sharded wrapper, which FSDP cannot do: set"
-                " model.probe_batches: 0 and start the controller with alpha_controller.init_args.initial, the"
+                "model.warm_start_batches runs the model outside the sharded wrapper, which FSDP cannot do: set"
+                " model.warm_start_batches: 0 and start the controller with alpha_controller.init_args.initial, the"
                 " statistic `python -m bnll_lightning probe` reports for the base model"
             )
         batches = sample_batches(
-            trainer.train_dataloader, self.probe_batches, rank=trainer.global_rank, world_size=trainer.world_size
+            trainer.train_dataloader, self.warm_start_batches, rank=trainer.global_rank, world_size=trainer.world_size
         )
         acc = torch.zeros(2, device=self.device)
         modes = {m: m.training for m in self.modules()}
@@ -432,15 +438,15 @@ class SFTModule(L.LightningModule):
             acc = trainer.strategy.reduce(acc, reduce_op="sum")
         value = finalize_statistic(acc[0], acc[1], controller.statistic)
         if value is None:
-            rank_zero_warn("probe_batches: no target tokens in the probed batches; the controller starts as configured")
+            rank_zero_warn("warm_start_batches: no target tokens in those batches; the controller starts as configured")
             return
         self.objective.alpha = controller.start(value)
         tokens = int(acc[1].item())
         rank_zero_info(
-            f"[bnll] probe of the base model: {controller.statistic} p = {value:.4g} over {tokens} target tokens"
+            f"[bnll] warm start from the base model: {controller.statistic} p = {value:.4g} over {tokens} target tokens"
             f" -> alpha starts at {self.objective.alpha:.4f}"
         )
-        metrics = {"probe/statistic": value, "probe/alpha": self.objective.alpha, "probe/tokens": tokens}
+        metrics = {"warm_start/statistic": value, "warm_start/alpha": self.objective.alpha, "warm_start/tokens": tokens}
         for logger in self.loggers:
             logger.log_metrics(metrics, step=0)
 
@@ -572,30 +578,11 @@ class SFTModule(L.LightningModule):
     def eval_logprobs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """log p, mask, and whether the target is the argmax, chunk by chunk (no full logits)."""
         labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-        mask = labels != IGNORE_INDEX
         if self.streamed:
-            hidden = forward_hidden(self.model, **model_inputs(batch))[mask]
+            hidden = forward_hidden(self.model, **model_inputs(batch))
             weight, bias = output_head(self.model)
-            targets = labels[mask]
-            logp_sel, correct_sel = [], []
-            context = nullcontext()
-            if self._head_dtype is not None:  # as in training: the head's matmul outside autocast
-                hidden, weight = hidden.to(self._head_dtype), weight.to(self._head_dtype)
-                bias = None if bias is None else bias.to(self._head_dtype)
-                context = torch.autocast(hidden.device.type, enabled=False)
-            for start in range(0, targets.numel(), self.chunk_size):
-                with context:
-                    logits = head_logits(hidden[start : start + self.chunk_size], weight, bias,
-                                         **self._logit_transform)
-                t = targets[start : start + self.chunk_size]
-                logp_sel.append(logits.gather(-1, t[:, None])[:, 0] - torch.logsumexp(logits, -1))
-                correct_sel.append(logits.argmax(-1) == t)
-            # float32 explicitly: under bf16-true Lightning makes bf16 the default dtype.
-            logp = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-            correct = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
-            if logp_sel:
-                logp[mask], correct[mask] = torch.cat(logp_sel), torch.cat(correct_sel)
-            return logp, mask, correct
+            return streamed_eval_logprobs(hidden, weight, labels, chunk_size=self.chunk_size, bias=bias,
+                                          head_dtype=self._head_dtype, **self._logit_transform)
         logits = self.model(**model_inputs(batch)).logits
         logp, mask = token_logprobs(logits, labels)
         return logp, mask, logits.argmax(-1) == labels

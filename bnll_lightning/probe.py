@@ -169,7 +169,7 @@ def recommend(figures: dict[str, Any]) -> dict[str, Any]:
     init_args:
       alpha_max: 1.0
       statistic: {statistic:<24}# {why}
-  probe_batches: 8                   # start alpha from this probe of the base model, not from NLL"""
+  warm_start_batches: 8              # start alpha from the base model's statistic, not from NLL"""
     return {"caution": caution, "recommended": name, "recommended_yaml": objective_yaml, "adaptive_yaml": adaptive_yaml}
 
 

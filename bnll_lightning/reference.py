@@ -105,7 +105,7 @@ class FrozenReference:
         (``kwargs``, e.g. a packed batch's ``position_ids``, go to the model)."""
         self._to(input_ids.device)
         if not self._stream_checked:
-            reason = streaming_unsupported_reason(self.model, probe=not self.quantized)
+            reason = streaming_unsupported_reason(self.model, check=not self.quantized)
             if reason is not None:
                 raise ValueError(f"the reference model {self.name} cannot be streamed ({reason}); "
                                  "set model.streamed: false to use its full logits")

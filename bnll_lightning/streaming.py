@@ -23,7 +23,7 @@ caller has already shifted); ``labels == ignore_index`` marks positions without 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,17 +31,15 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.distributed.fsdp import FSDPModule
 
-if TYPE_CHECKING:
-    from bnll_lightning.objectives import TokenStats
+from bnll_lightning.objectives import IGNORE_INDEX, TokenStats
 
 __all__ = [
-    "StreamingHead", "forward_hidden", "head_logits", "model_token_logprobs", "naive_token_logprobs",
-    "output_head", "streamed_token_logprobs", "streamed_token_stats", "streaming_head",
-    "streaming_unsupported_reason",
+    "StreamingHead", "forward_hidden", "head_logits", "output_head", "streamed_eval_logprobs",
+    "streamed_token_logprobs", "streamed_token_stats", "streaming_head", "streaming_unsupported_reason",
 ]
 
 # Config attributes that post-process logits, and how: "mul"/"div" scale them, "cap" is a tanh
-# softcap applied after the scales. A wrong or missing entry is caught by the probe (fallback).
+# softcap applied after the scales. A wrong or missing entry fails the check against the model's logits.
 LOGIT_CONFIG: dict[str, Literal["mul", "div", "cap"]] = {
     "logit_scale": "mul",  # Cohere, Cohere 2
     "logits_scaling": "div",  # Granite family
@@ -53,14 +51,6 @@ LOGIT_CONFIG: dict[str, Literal["mul", "div", "cap"]] = {
 # Vocabulary rows per block when a half-precision weight gradient is added into the float32
 # accumulator: bounds that temporary to _GRAD_W_BLOCK x H instead of V x H.
 _GRAD_W_BLOCK = 16384
-
-
-def naive_token_logprobs(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
-    """Reference ``(logp, mask)`` from full logits ``[B, T, V]``: float32 log_softmax, gather the
-    target; ``logp`` is 0 where ``mask`` (``labels != ignore_index``) is False."""
-    mask = labels != ignore_index
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.masked_fill(~mask, 0).long()[..., None])
-    return logp[..., 0].masked_fill(~mask, 0.0), mask
 
 
 def head_logits(
@@ -292,7 +282,7 @@ def streamed_token_logprobs(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 1024,
     bias: Tensor | None = None,
     scale: float | None = None,
@@ -327,6 +317,37 @@ def streamed_token_logprobs(
     return _scatter_targets(logp_sel, idx, mask), mask
 
 
+@torch.no_grad()
+def streamed_eval_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 1024,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    head_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logp, mask, correct)`` without gradient (validation, the diagnosis): the numbers of
+    :func:`streamed_token_logprobs` (same arguments, same head dtype) plus, from the same chunks of
+    logits, whether each target is their argmax (``correct``, bool ``[B, T]``, False off the mask)."""
+    mask, idx, h, targets, scale, softcap = _select_targets(
+        hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap
+    )
+    dtype = head_dtype or _compute_dtype(hidden, weight)
+    logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    correct = torch.empty(h.shape[0], dtype=torch.bool, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        for i in range(0, h.shape[0], chunk_size):
+            c = slice(i, i + chunk_size)
+            z = head_logits(h[c].to(dtype), w, b, scale, softcap)
+            logp[c] = z.gather(1, targets[c, None])[:, 0] - torch.logsumexp(z, dim=-1)
+            correct[c] = z.argmax(-1) == targets[c]
+    return _scatter_targets(logp, idx, mask), mask, _scatter_targets(correct, idx, mask)
+
+
 def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float | None, softcap: float | None,
                 what: str = "") -> tuple[float | None, float | None]:
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
@@ -355,8 +376,8 @@ def _select_targets(hidden, weight, labels, ignore_index, chunk_size, bias, scal
 
 
 def _scatter_targets(values: Tensor, idx: Tensor, mask: Tensor) -> Tensor:
-    """``[N]`` values of the target rows back to ``[B, T]`` float32, 0 elsewhere."""
-    out = torch.zeros(mask.numel(), dtype=torch.float32, device=mask.device)
+    """``[N]`` values of the target rows back to ``[B, T]`` (same dtype), 0 elsewhere."""
+    out = torch.zeros(mask.numel(), dtype=values.dtype, device=mask.device)
     return out.index_copy(0, idx, values).view(mask.shape)
 
 
@@ -364,7 +385,7 @@ def streamed_token_stats(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_size: int = 1024,
     bias: Tensor | None = None,
     scale: float | None = None,
@@ -387,8 +408,6 @@ def streamed_token_stats(
     not repeated; the reference's head runs per chunk). Nothing requested: exactly
     :func:`streamed_token_logprobs`. The reference gets no gradient.
     """
-    from bnll_lightning.objectives import TokenStats
-
     if topk < 0:
         raise ValueError(f"topk must be >= 0, got {topk}")
     if kl not in ("forward", "reverse"):
@@ -502,7 +521,7 @@ def _logit_transform(model: nn.Module) -> tuple[float | None, float | None]:
 
 def streaming_head(model: nn.Module) -> StreamingHead:
     """Head weight/bias plus the ``scale``/``softcap`` the model applies to its logits, from its
-    config. Structural checks only (``ValueError``); ``streaming_unsupported_reason`` also probes."""
+    config. Structural checks only (``ValueError``); ``streaming_unsupported_reason`` also runs the model."""
     return StreamingHead(*output_head(model), *_logit_transform(model))
 
 
@@ -523,7 +542,7 @@ def forward_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
 
 
 @torch.no_grad()
-def _probe(model: nn.Module, head: StreamingHead, seq_len: int = 8) -> str | None:
+def _check_against_logits(model: nn.Module, head: StreamingHead, seq_len: int = 8) -> str | None:
     """Compare ``log_softmax(model(ids).logits)`` with the streamed recipe on a few tokens."""
     emb = _unwrap(model).get_input_embeddings()
     n_ids = min(head.weight.shape[0], getattr(emb, "num_embeddings", head.weight.shape[0]))
@@ -545,24 +564,24 @@ def _probe(model: nn.Module, head: StreamingHead, seq_len: int = 8) -> str | Non
     return None
 
 
-def streaming_unsupported_reason(model: nn.Module, probe: bool = True) -> str | None:
+def streaming_unsupported_reason(model: nn.Module, check: bool = True) -> str | None:
     """``None`` if ``streaming_head(model)`` reproduces the model's log-probabilities, else why not.
 
     Structural reasons: no output embeddings, a head that is not a plain ``nn.Linear`` (LoRA on
     the head, quantised, custom), a meta/sharded head weight, forward hooks on the model or head,
-    peft prompt learning. ``probe=True`` then runs the model once in eval mode on 8 tokens and
+    peft prompt learning. ``check=True`` then runs the model once in eval mode on 8 tokens and
     compares ``log_softmax(model(...).logits)`` with the streamed recipe at every position and
     vocabulary entry: unknown logit post-processing, hooks or heads show up as a difference.
     Run it once when the model is set up (one tiny forward), not per step.
     """
     linear, reason = _head(model)
-    if linear is None or not probe:
+    if linear is None or not check:
         return reason
     head = StreamingHead(linear.weight, linear.bias, *_logit_transform(model))
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        reason = _probe(model, head)
+        reason = _check_against_logits(model, head)
     except (TypeError, ValueError, NotImplementedError) as e:
         # A model that cannot run on text alone (it wants pixel values, ...): do not stream it. Anything
         # else (out of memory, a bug) surfaces here, not as a silent fall-back and a later, misleading OOM.
@@ -570,30 +589,5 @@ def streaming_unsupported_reason(model: nn.Module, probe: bool = True) -> str | 
     finally:
         for m, training in modes.items():
             m.training = training
-    return None if reason is None else f"probe: {reason} (scale={head.scale}, softcap={head.softcap})"
+    return None if reason is None else f"check: {reason} (scale={head.scale}, softcap={head.softcap})"
 
-
-def model_token_logprobs(
-    model: nn.Module,
-    input_ids: Tensor,
-    labels: Tensor,
-    attention_mask: Tensor | None = None,
-    *,
-    ignore_index: int = -100,
-    chunk_size: int = 1024,
-    streaming: bool | Literal["auto"] = "auto",
-) -> tuple[Tensor, Tensor]:
-    """``(logp, mask)`` of a causal LM on a batch (``labels`` aligned with ``input_ids``).
-
-    ``streaming``: ``True`` (streamed; ``ValueError`` if structurally unsupported), ``False`` (full
-    logits) or ``"auto"`` (probes the model on every call: in a loop, decide once instead).
-    """
-    if streaming == "auto":
-        streaming = streaming_unsupported_reason(model) is None
-    if streaming:
-        head = streaming_head(model)
-        hidden = forward_hidden(model, input_ids, attention_mask)
-        return streamed_token_logprobs(hidden, head.weight, labels, ignore_index, chunk_size,
-                                       bias=head.bias, scale=head.scale, softcap=head.softcap)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return naive_token_logprobs(logits, labels, ignore_index)

@@ -21,7 +21,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama with the embedded model's tokenizer (vocab 49 152), saved with save_pretrained."""
-    from bnll_lightning.models import make_tiny_model
+    from benchmarks._common import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), hidden_size=32, num_layers=2, num_heads=2,
                            intermediate_size=64)

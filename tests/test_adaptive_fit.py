@@ -7,6 +7,7 @@ same α trajectory (no jump, no second probe).
 """
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def _fit(tiny_model_dir: str, root: Path, *extra: str) -> Path:
         "--model.model", tiny_model_dir,
         "--model.export_dir", str(root / "export"),
         "--model.histogram_every_n_steps", "2",
-        "--model.probe_batches", "2",
+        "--model.warm_start_batches", "2",
         "--model.optimizer.init_args.lr", "3e-2",
         "--trainer.max_steps", str(STEPS),
         "--trainer.limit_val_batches", "0",
@@ -74,7 +75,7 @@ def test_logged_alpha_follows_the_logged_mean_p(uninterrupted):
     ea = _events(run)
     alpha, mean_p, ema = (_scalars(ea, f"train/{t}") for t in ("alpha", "mean_p", "mean_p_ema"))
     assert sorted(alpha) == sorted(mean_p) == sorted(ema) == list(range(STEPS))
-    (probe,) = _scalars(ea, "probe/statistic").values()
+    (probe,) = _scalars(ea, "warm_start/statistic").values()
 
     # Replay: the controller started at the probe, then fed each step's mean p.
     # train/alpha is the α the step's loss used; the step's mean p sets the α of the next step.
@@ -115,7 +116,7 @@ def test_resume_continues_the_alpha_trajectory(uninterrupted, tiny_model_dir, tm
 
     run_b = _fit(tiny_model_dir, tmp_path, "--ckpt_path", str(ckpt))
     ea_a, ea_b = _events(run_a), _events(run_b)
-    assert "probe/statistic" not in ea_b.Tags()["scalars"]  # a resumed run is not probed again
+    assert "warm_start/statistic" not in ea_b.Tags()["scalars"]  # a resumed run is not warm-started again
     alpha_a, alpha_b = _scalars(ea_a, "train/alpha"), _scalars(ea_b, "train/alpha")
     mean_p_b = _scalars(ea_b, "train/mean_p")
     assert sorted(alpha_b) == list(range(4, STEPS))
@@ -154,12 +155,30 @@ def test_start_sets_the_state_like_initial():
         AdaptiveAlpha().start(1.5)
 
 
-def test_probe_batches_needs_an_adaptive_controller_without_initial(tiny_model_dir):
+def test_warm_start_batches_needs_an_adaptive_controller_without_initial(tiny_model_dir):
     from bnll_lightning.alpha import LinearAlpha
     from bnll_lightning.module import SFTModule
     from bnll_lightning.objectives import AlphaFamily
 
     with pytest.raises(ValueError, match="AdaptiveAlpha"):
-        SFTModule(tiny_model_dir, objective=AlphaFamily(), alpha_controller=LinearAlpha(), probe_batches=2)
+        SFTModule(tiny_model_dir, objective=AlphaFamily(), alpha_controller=LinearAlpha(), warm_start_batches=2)
     with pytest.raises(ValueError, match="initial"):
-        SFTModule(tiny_model_dir, objective=AlphaFamily(), alpha_controller=AdaptiveAlpha(initial=0.3), probe_batches=2)
+        SFTModule(tiny_model_dir, objective=AlphaFamily(), alpha_controller=AdaptiveAlpha(initial=0.3), warm_start_batches=2)
+
+
+def test_old_names_keep_working_for_one_release(tiny_model_dir):
+    """``model.probe_batches`` and ``AdaptiveAlpha(ema=...)`` were renamed; the old names still work, with a warning."""
+    from bnll_lightning.module import SFTModule
+    from bnll_lightning.objectives import AlphaFamily
+
+    with pytest.warns(DeprecationWarning, match="ema_decay"):
+        controller = AdaptiveAlpha(ema=0.5)
+    assert controller.ema_decay == 0.5 and controller.ema is None  # .ema is the EMA's value, not the decay
+    with pytest.warns(DeprecationWarning, match="warm_start_batches"):
+        module = SFTModule(tiny_model_dir, objective=AlphaFamily(), alpha_controller=controller, probe_batches=3)
+    assert module.warm_start_batches == 3
+    saved = AdaptiveAlpha(ema_decay=0.5).state_dict()
+    saved["config"]["ema"] = saved["config"].pop("ema_decay")  # a checkpoint written before the rename
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same config: no mismatch warning
+        AdaptiveAlpha(ema_decay=0.5).load_state_dict(saved)

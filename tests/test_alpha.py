@@ -22,7 +22,7 @@ ALL_CONTROLLERS = [
     lambda: CosineAlpha(1.0, 0.0, steps=13),
     lambda: AdaptiveAlpha(),
     lambda: AdaptiveAlpha(alpha_max=10.0, statistic="geometric", initial=0.3),
-    lambda: AdaptiveAlpha(statistic="quantile", quantile=0.2, ema=0.0),
+    lambda: AdaptiveAlpha(statistic="quantile", quantile=0.2, ema_decay=0.0),
 ]
 
 
@@ -196,7 +196,7 @@ def test_adaptive_validation(kwargs, field):
 
 
 def test_adaptive_accepts_edge_values():
-    AdaptiveAlpha(alpha_max=0.0, ema=0.0, initial=0.0)
+    AdaptiveAlpha(alpha_max=0.0, ema_decay=0.0, initial=0.0)
     AdaptiveAlpha(low=0.01, high=0.99, initial=1.0, statistic="quantile", quantile=0.5)
 
 
@@ -226,7 +226,7 @@ def test_adaptive_settled_alpha_monotone_in_p():
 
 @pytest.mark.parametrize("max_delta", [0.05, 0.01, 0.3])
 def test_adaptive_rate_bound(max_delta):
-    c = AdaptiveAlpha(alpha_max=10.0, max_delta=max_delta, ema=0.0)  # ema=0: target jumps freely
+    c = AdaptiveAlpha(alpha_max=10.0, max_delta=max_delta, ema_decay=0.0)  # decay 0: target jumps freely
     rng = random.Random(2)
     prev = c.alpha
     moved = 0.0
@@ -254,14 +254,14 @@ def test_adaptive_target_mapping():
 
 
 def test_adaptive_ema_bias_corrected_and_initial():
-    c = AdaptiveAlpha(ema=0.9)
+    c = AdaptiveAlpha(ema_decay=0.9)
     assert c.ema is None and c.alpha == 0.0
     c.update(0.4)
     assert c.ema == pytest.approx(0.4)  # first value, not 0.04
     c.update(0.2)
     assert c.ema == pytest.approx((0.9 * 0.1 * 0.4 + 0.1 * 0.2) / (0.9 * 0.1 + 0.1))
 
-    probe = AdaptiveAlpha(ema=0.9, initial=0.8, alpha_max=3.0, low=0.1, high=0.55)
+    probe = AdaptiveAlpha(ema_decay=0.9, initial=0.8, alpha_max=3.0, low=0.1, high=0.55)
     assert probe.ema == 0.8 and probe.alpha == 3.0
     probe.update(0.0)
     assert probe.ema == pytest.approx(0.72)  # the probe counts as a full estimate
@@ -270,7 +270,7 @@ def test_adaptive_ema_bias_corrected_and_initial():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None, torch.tensor(float("nan"))])
 def test_adaptive_ignores_non_finite(bad):
-    c = AdaptiveAlpha(ema=0.5)
+    c = AdaptiveAlpha(ema_decay=0.5)
     for x in (0.3, 0.6, 0.7):
         c.update(x)
     before = c.state_dict()

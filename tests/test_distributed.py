@@ -48,7 +48,7 @@ def separating_tau(model_dir: str, data) -> float:
 def test_accumulated_micro_batches_equal_one_batch(kind, tiny_model_dir, tmp_path):
     accumulate, batch_size = 3, ROWS // 3
     if kind == "alpha":
-        objective, controller = AlphaFamily(alpha=0.0), AdaptiveAlpha(initial=0.5, ema=0.0, low=0.1, high=0.55)
+        objective, controller = AlphaFamily(alpha=0.0), AdaptiveAlpha(initial=0.5, ema_decay=0.0, low=0.1, high=0.55)
     else:
         _, probe_data = build(tiny_model_dir, num_rows=ROWS, batch_size=batch_size)
         objective, controller = ThresholdedNLL(tau=separating_tau(tiny_model_dir, probe_data)), None
@@ -67,7 +67,7 @@ def test_accumulated_micro_batches_equal_one_batch(kind, tiny_model_dir, tmp_pat
     assert stats["loss_sum"] / stats["normalizer"] == pytest.approx(loss, rel=1e-5)
     if kind == "alpha":
         assert 0 < alpha_used  # initial=0.5 starts alpha inside (0, alpha_max]: not plain NLL
-        assert controller.ema == pytest.approx(mean_p, rel=1e-5)  # ema=0: the EMA is the step's mean p
+        assert controller.ema == pytest.approx(mean_p, rel=1e-5)  # decay 0: the EMA is the step's mean p
     else:
         assert 0 < stats["selected"] < stats["tokens"]  # a real selection, normalised by its own count
         assert stats["normalizer"] == stats["selected"]
@@ -104,7 +104,7 @@ def test_ddp_two_ranks_equal_one_batch(kind, ddp_results, tiny_model_dir):
     assert stats["loss_sum"] / stats["normalizer"] == pytest.approx(loss, rel=1e-5)
     assert stats["p_sum"] / stats["tokens"] == pytest.approx(mean_p, rel=1e-5)  # token-weighted mean p
     if kind == "alpha":
-        # The α controller was fed the token-weighted mean p over both ranks (ema=0: EMA = last value).
+        # The α controller was fed the token-weighted mean p over both ranks (decay 0: EMA = last value).
         assert result["ema"] == pytest.approx(mean_p, rel=1e-5)
     else:
         assert 0 < stats["selected"] < stats["tokens"] and stats["normalizer"] == stats["selected"]

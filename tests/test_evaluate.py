@@ -19,7 +19,7 @@ DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 def untied_dir(tmp_path_factory):
     """A tiny random Llama whose greedy output varies with the context (a tied tiny model just
     repeats its last input token, which would hide padding and position bugs)."""
-    from bnll_lightning.models import make_tiny_model
+    from benchmarks._common import make_tiny_model
 
     return make_tiny_model(str(tmp_path_factory.mktemp("untied") / "model"), hidden_size=32, num_layers=2,
                            num_heads=2, intermediate_size=64, tie_word_embeddings=False, seed=1)

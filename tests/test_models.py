@@ -13,9 +13,15 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from benchmarks._common import make_tiny_model
 from bnll_lightning import models as M
 
 SMOLLM2_PARAMS = 134_515_008
+
+
+def count_parameters(model, trainable_only: bool = False) -> int:
+    """Unique parameters (``parameters()`` yields a tied weight once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +34,7 @@ def tiny_dirs(tmp_path_factory, embedded_dir):
     out = {}
     for tied in (True, False):
         d = tmp_path_factory.mktemp(f"tiny_tied{tied}")
-        out[tied] = M.make_tiny_model(d, tokenizer=embedded_dir, tie_word_embeddings=tied)
+        out[tied] = make_tiny_model(d, tokenizer=embedded_dir, tie_word_embeddings=tied)
     return out
 
 
@@ -54,7 +60,7 @@ def test_embedded_conversion_loads_and_is_cached(embedded_dir):
     assert not any(p.name.startswith(".smollm2") and ".tmp-" in p.name
                    for p in path.parent.iterdir())
 
-    assert M.count_parameters(model) == SMOLLM2_PARAMS
+    assert count_parameters(model) == SMOLLM2_PARAMS
     assert model.config.vocab_size == 49152 == len(tok)
     assert model.dtype == torch.float32 and model.training
     assert "quantization_config" not in model.config.to_dict()
@@ -238,7 +244,7 @@ def test_tiny_model_round_trip(tiny_dirs, tied):
 
 def test_tiny_model_is_deterministic(tmp_path, embedded_dir):
     before = torch.random.get_rng_state()
-    dirs = [M.make_tiny_model(tmp_path / n, tokenizer=embedded_dir, hidden_size=32,
+    dirs = [make_tiny_model(tmp_path / n, tokenizer=embedded_dir, hidden_size=32,
                               num_heads=2, intermediate_size=64, num_layers=1, seed=s)
             for n, s in [("a", 7), ("b", 7), ("c", 8)]]
     assert torch.equal(torch.random.get_rng_state(), before)
@@ -291,7 +297,7 @@ def test_load_tokenizer_sets_pad_and_right_padding(tmp_path, embedded_dir):
 def test_count_parameters_counts_tied_once(tiny_dirs):
     tied, untied = (M.load_model(tiny_dirs[t]) for t in (True, False))
     vocab_x_hidden = 49152 * 64
-    assert M.count_parameters(untied) - M.count_parameters(tied) == vocab_x_hidden
+    assert count_parameters(untied) - count_parameters(tied) == vocab_x_hidden
     for p in tied.parameters():
         p.requires_grad_(False)
-    assert M.count_parameters(tied, trainable_only=True) == 0
+    assert count_parameters(tied, trainable_only=True) == 0

@@ -74,7 +74,7 @@ def trained_and_files(tiny_model_dir, tmp_path_factory):
     cli_main([
         "fit", "--config", *CONFIG, "--model.model", tiny_model_dir, "--model.export_dir", str(root / "trained"),
         "--model.objective", "bnll_lightning.objectives.NLL", "--model.alpha_controller", "null",
-        "--model.probe_batches", "0", "--model.optimizer.init_args.lr", "3e-2", "--trainer.max_steps", "12",
+        "--model.warm_start_batches", "0", "--model.optimizer.init_args.lr", "3e-2", "--trainer.max_steps", "12",
         "--trainer.limit_val_batches", "0", f"--trainer.callbacks={checkpoint}",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--trainer.logger.init_args.save_dir", str(root / "runs"),
@@ -131,4 +131,4 @@ def test_probe_snippets_are_ready_to_paste(trained_and_files, tiny_model_dir):
     snippet = root / "adaptive_snippet.yaml"
     snippet.write_text(report["adaptive_yaml"])
     cli = load_from_config(["--config", *CONFIG, "--config", str(snippet), "--model.model", tiny_model_dir])
-    assert type(cli.model.alpha_controller).__name__ == "AdaptiveAlpha" and cli.model.probe_batches == 8
+    assert type(cli.model.alpha_controller).__name__ == "AdaptiveAlpha" and cli.model.warm_start_batches == 8

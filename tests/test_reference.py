@@ -80,7 +80,7 @@ def test_asft_reference_is_frozen_and_outside_the_trained_module(asft_run, tiny_
 def test_module_streamed_equals_full_logits(objective, tiny_model_dir, tmp_path):
     """training_step's loss and gradients: streamed vs full logits, with a reference that differs
     from the policy (another random model of the same vocabulary)."""
-    from bnll_lightning.models import make_tiny_model
+    from benchmarks._common import make_tiny_model
 
     if isinstance(objective, ASFT):
         objective.reference_name = make_tiny_model(str(tmp_path / "ref"), hidden_size=16, num_layers=1, num_heads=2,

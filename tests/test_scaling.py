@@ -144,7 +144,7 @@ def test_weight_decay_groups_come_from_names_not_shapes(tiny_model_dir):
     assert [list(map(id, g)) for g in decay_groups(model)] == [list(map(id, decay)), list(map(id, no_decay))]
 
 
-def test_probe_batches_refuse_a_sharded_strategy_and_give_ranks_equal_batches(tiny_model_dir):
+def test_warm_start_batches_refuse_a_sharded_strategy_and_give_ranks_equal_batches(tiny_model_dir):
     from types import SimpleNamespace
 
     import torch
@@ -159,7 +159,7 @@ def test_probe_batches_refuse_a_sharded_strategy_and_give_ranks_equal_batches(ti
     counts = [len(list(sample_batches(loader, None, rank=r, world_size=2))) for r in (0, 1)]
     rows = [sum(len(b) for b in sample_batches(loader, None, rank=r, world_size=2)) for r in (0, 1)]
     assert counts[0] == counts[1] and rows == [5, 5]
-    module = SFTModule(model=tiny_model_dir, objective=AlphaFamily(0.0), alpha_controller=AdaptiveAlpha(), probe_batches=2)
+    module = SFTModule(model=tiny_model_dir, objective=AlphaFamily(0.0), alpha_controller=AdaptiveAlpha(), warm_start_batches=2)
     module.trainer = SimpleNamespace(strategy=HFFSDPStrategy(), world_size=2, global_rank=0)  # type: ignore[assignment]
-    with pytest.raises(ValueError, match="FSDP cannot do: set model.probe_batches: 0"):
+    with pytest.raises(ValueError, match="FSDP cannot do: set model.warm_start_batches: 0"):
         module._start_controller_from_probe()

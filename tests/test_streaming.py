@@ -17,9 +17,8 @@ from bnll_lightning import streaming
 from bnll_lightning.streaming import (
     forward_hidden,
     head_logits,
-    model_token_logprobs,
-    naive_token_logprobs,
     output_head,
+    streamed_eval_logprobs,
     streamed_token_logprobs,
     streaming_head,
     streaming_unsupported_reason,
@@ -30,6 +29,25 @@ V, H = 53, 16
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def naive_token_logprobs(logits, labels, ignore_index=IGN):
+    """The reference: float32 log_softmax over full logits, gathered at the target (0 off the mask)."""
+    mask = labels != ignore_index
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.masked_fill(~mask, 0)[..., None])
+    return logp[..., 0].masked_fill(~mask, 0.0), mask
+
+
+def model_token_logprobs(model, input_ids, labels, attention_mask=None, *, chunk_size=1024, streaming="auto"):
+    """(logp, mask) of a causal LM: streamed (True), full logits (False) or as the check decides ("auto")."""
+    if streaming == "auto":
+        streaming = streaming_unsupported_reason(model) is None
+    if streaming:
+        head = streaming_head(model)
+        hidden = forward_hidden(model, input_ids, attention_mask)
+        return streamed_token_logprobs(hidden, head.weight, labels, IGN, chunk_size,
+                                       bias=head.bias, scale=head.scale, softcap=head.softcap)
+    return naive_token_logprobs(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
 
 
 def make_batch(b=3, t=11, vocab=V, hdim=H, seed=0, dtype=torch.float32, with_bias=False):
@@ -401,7 +419,7 @@ def assert_model_paths_agree(model, ids, attn, labels, rtol=1e-4, atol=1e-6):
 @pytest.mark.parametrize("tie", [True, False])
 def test_tiny_llama_streamed_equals_full_logits(tie):
     model = tiny_llama(tie)
-    assert streaming_unsupported_reason(model, probe=False) is None
+    assert streaming_unsupported_reason(model, check=False) is None
     assert streaming_unsupported_reason(model) is None
     assert streaming_head(model)[1:] == (None, None, None)  # no bias, no post-processing
     weight, bias = output_head(model)
@@ -481,7 +499,7 @@ def test_peft_lora_forward_hidden_and_grads():
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                           lora_dropout=0.0)
     pm = peft.get_peft_model(model, cfg)
-    assert streaming_unsupported_reason(pm, probe=True) is None
+    assert streaming_unsupported_reason(pm, check=True) is None
     weight, _ = output_head(pm)
     assert weight is model.lm_head.weight and not weight.requires_grad  # frozen head
     ids, attn, labels = lm_batch(seed=2)
@@ -512,7 +530,7 @@ def test_peft_head_wrappers():
     assert weight is pm.base_model.model.lm_head.modules_to_save["default"].weight and weight.requires_grad
     with torch.no_grad():
         weight.mul_(1.5)  # make the copy differ from the original head
-    assert streaming_unsupported_reason(pm, probe=True) is None
+    assert streaming_unsupported_reason(pm, check=True) is None
     ids, attn, labels = lm_batch(seed=3)
     grads = assert_model_paths_agree(pm, ids, attn, labels)
     assert any("modules_to_save" in n for n in grads)
@@ -572,7 +590,7 @@ def test_logit_postprocessing_families(build):
     head = streaming_head(model)
     assert head.scale == pytest.approx(scale, rel=1e-12) if scale is not None else head.scale is None
     assert head.softcap == pytest.approx(softcap, rel=1e-12) if softcap is not None else head.softcap is None
-    assert streaming_unsupported_reason(model) is None  # the probe agrees with the table
+    assert streaming_unsupported_reason(model) is None  # the check agrees with the table
     ids, attn, labels = lm_batch(seed=4)
     assert_model_paths_agree(model, ids, attn, labels)
     # the transform matters: without it the streamed numbers would be wrong
@@ -584,19 +602,19 @@ def test_logit_postprocessing_families(build):
 
 
 @FAMILIES
-def test_probe_catches_a_transform_missing_from_the_table(build, monkeypatch):
+def test_check_catches_a_transform_missing_from_the_table(build, monkeypatch):
     model, _ = build_family(build)
     monkeypatch.setattr(streaming, "LOGIT_CONFIG", {})
     assert streaming_head(model)[2:] == (None, None)
-    assert streaming_unsupported_reason(model, probe=False) is None  # structurally fine ...
-    assert "probe" in streaming_unsupported_reason(model)  # ... but not the model's numbers
+    assert streaming_unsupported_reason(model, check=False) is None  # structurally fine ...
+    assert "check" in streaming_unsupported_reason(model)  # ... but not the model's numbers
     ids, attn, labels = lm_batch(seed=4)
     lp, _ = model_token_logprobs(model, ids, labels, attn)  # "auto" falls back to full logits
     ref, _ = naive_token_logprobs(model(input_ids=ids, attention_mask=attn).logits, labels)
     assert torch.equal(lp, ref)
 
 
-def test_probe_passes_a_bf16_model_and_restores_training_modes():
+def test_check_passes_a_bf16_model_and_restores_training_modes():
     model, _ = build_family(_gemma2)
     model.to(torch.bfloat16).train()
     model.model.layers[0].eval()  # a submodule deliberately in eval mode
@@ -619,7 +637,7 @@ def test_opt_style_model_calls_nested_decoder():
     model = OPTForCausalLM(OPTConfig(vocab_size=1000, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                      num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
                                      pad_token_id=1, dropout=0.0, attention_dropout=0.0))
-    assert streaming_unsupported_reason(model, probe=True) is None
+    assert streaming_unsupported_reason(model, check=True) is None
     ids, attn, labels = lm_batch(seed=7)
     assert_model_paths_agree(model, ids, attn, labels)
     calls = []
@@ -638,7 +656,7 @@ def test_gemma2_without_softcapping_is_plain():
     assert streaming_unsupported_reason(model) is None
 
 
-# Custom post-processing that no table knows: each must be caught by the probe.
+# Custom post-processing that no table knows: each must be caught by the check against the logits.
 from transformers import LlamaForCausalLM  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
@@ -695,8 +713,8 @@ def test_unknown_postprocessing_falls_back(cls):
 
     torch.manual_seed(8)
     model = cls(LlamaConfig(**TINY))
-    assert streaming_unsupported_reason(model, probe=False) is None  # nothing structural to see ...
-    assert "probe" in streaming_unsupported_reason(model)  # ... the probe catches it
+    assert streaming_unsupported_reason(model, check=False) is None  # nothing structural to see ...
+    assert "check" in streaming_unsupported_reason(model)  # ... the check against the logits catches it
     ids, attn, labels = lm_batch(vocab=990)  # targets inside the sliced vocabulary too
     lp, _ = model_token_logprobs(model, ids, labels, attn)  # auto: falls back to full logits
     ref, _ = naive_token_logprobs(model(input_ids=ids, attention_mask=attn).logits, labels)
@@ -962,3 +980,16 @@ def test_the_streaming_self_check_falls_back_only_for_models_that_cannot_run_on_
     else:
         with pytest.raises(type(error)):
             streaming.streaming_unsupported_reason(model)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
+def test_streamed_eval_logprobs_matches_the_training_path_and_the_argmax(chunk_size):
+    """Validation's numbers: log p equal to the training path's, ``correct`` the argmax of full logits."""
+    hidden, weight, bias, labels = make_batch(with_bias=True)
+    logits = 3.0 * torch.tanh(F.linear(hidden, weight, bias) / 3.0)
+    hit = (labels != IGN) & (torch.arange(labels.shape[1]) % 2 == 0)
+    labels = torch.where(hit, logits.argmax(-1), labels)  # half the targets are the argmax
+    logp, mask, correct = streamed_eval_logprobs(hidden, weight, labels, IGN, chunk_size, bias=bias, softcap=3.0)
+    ref, ref_mask = streamed_token_logprobs(hidden, weight, labels, IGN, chunk_size, bias=bias, softcap=3.0)
+    assert torch.equal(logp, ref.detach()) and torch.equal(mask, ref_mask) and not logp.requires_grad
+    assert torch.equal(correct, (logits.argmax(-1) == labels) & mask) and correct[hit].all()

@@ -191,7 +191,7 @@ def test_weighted_step_over_accumulated_micro_batches_equals_one_batch(tmp_path,
     mean p are those of one batch holding every row, weighted."""
     items = [{**r, "weight": [0.5, 1, 2, 3][i % 4]} for i, r in enumerate(rows(12))]
     path = write_jsonl(tmp_path / "w.jsonl", items)
-    controller = AdaptiveAlpha(initial=0.5, ema=0.0)
+    controller = AdaptiveAlpha(initial=0.5, ema_decay=0.0)
     module = SFTModule(model=tiny_model_dir, objective=AlphaFamily(0.0), alpha_controller=controller,
                        optimizer=sgd_lr1, warmup=0, export_dir=str(tmp_path / "export"))
     data = SFTDataModule(train=path, val_fraction=0.0, batch_size=4, tokenizer=module.tokenizer)
@@ -212,5 +212,5 @@ def test_weighted_step_over_accumulated_micro_batches_equals_one_batch(tmp_path,
     assert s["loss_sum"] / s["normalizer"] == pytest.approx(out.loss.item(), rel=1e-5)
     assert s["normalizer"] == pytest.approx(weights[mask].sum().item()) != s["tokens"]
     mean_p = ((logp.exp() * weights)[mask].sum() / weights[mask].sum()).item()
-    assert controller.ema == pytest.approx(mean_p, rel=1e-5)  # ema=0: the EMA is the step's weighted mean p
+    assert controller.ema == pytest.approx(mean_p, rel=1e-5)  # decay 0: the EMA is the step's weighted mean p
     assert math.isclose(s["p_sum"] / s["weight"], mean_p, rel_tol=1e-5)
