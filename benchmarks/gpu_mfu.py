@@ -92,7 +92,8 @@ class Runner:
     """One SFTModule (naive or streamed) on the device with its optimizer, stepping on random batches."""
 
     def __init__(self, model_dir: str, streamed: bool, chunk_size: int, device: torch.device, seq_len: int):
-        from bnll_lightning.module import SFTModule, default_optimizer
+        from bnll_lightning.module import SFTModule
+        from bnll_lightning.optim import default_optimizer
 
         with C.quiet():
             self.module = SFTModule(model=model_dir, streamed=streamed, chunk_size=chunk_size,

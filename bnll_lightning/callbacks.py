@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from bnll_lightning.evaluate import EvalResult, evaluate_generation, get_checker, write_jsonl
 from bnll_lightning.strategies import is_sharded
@@ -159,6 +160,15 @@ def _logged_step(trainer: L.Trainer) -> int:
     return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
 
 
+def _all_ranks(metric: MeanMetric | SumMetric, device: torch.device, value: float, weight: float = 1.0) -> float:
+    """``value`` of this rank (a mean over ``weight`` items for ``MeanMetric``) combined with every other
+    rank's by torchmetrics (a rank without items passes weight 0)."""
+    metric = metric.to(device).set_dtype(torch.float64)
+    args = () if isinstance(metric, SumMetric) else (torch.tensor(float(weight), dtype=torch.float64, device=device),)
+    metric.update(torch.tensor(float(value), dtype=torch.float64, device=device), *args)
+    return float(metric.compute())
+
+
 class GenerationEval(L.Callback):
     def __init__(
         self,
@@ -254,26 +264,26 @@ class GenerationEval(L.Callback):
         for p in result.predictions:
             p["index"] = mine[p["index"]]
         self.last_result = result
-        # Sums over this rank's rows, reduced over ranks: every metric is that of all rows. The names
-        # come from the settings, not the result, so every rank reduces the same number of values.
+        # Each figure over all rows: a mean of this rank's predictions (or rows) that torchmetrics combines
+        # over the ranks when it computes. The names come from the settings, not the result, so every rank
+        # computes the same metrics in the same order.
         samples = self.generate_kwargs["num_samples"]
         ks = (self.pass_k or [samples]) if samples > 1 else []
         extra = {f"pass@{k}": result.pass_at.get(k, 0.0) for k in ks}
         if samples > 1:
             extra[f"maj@{samples}"] = result.maj or 0.0
-        counts = torch.tensor([result.correct, result.n, result.rows, *(v * result.rows for v in extra.values())],
-                              dtype=torch.float64, device=pl_module.device)
-        correct, n, n_rows, *sums = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
-        accuracy = correct / max(n, 1.0)
+        n = _all_ranks(SumMetric(), pl_module.device, result.n)
+        accuracy = _all_ranks(MeanMetric(), pl_module.device, result.accuracy, result.n)
+        sampled = {name: _all_ranks(MeanMetric(), pl_module.device, v, result.rows) for name, v in extra.items()}
         # Identical on every rank already; sync_dist averages equal numbers (and keeps DDP quiet).
         pl_module.log("val/accuracy", accuracy, prog_bar=True, sync_dist=True)
-        for name, total in zip(extra, sums):
-            pl_module.log(f"val/{name}", total / max(n_rows, 1.0), sync_dist=True)
+        for name, value in sampled.items():
+            pl_module.log(f"val/{name}", value, sync_dist=True)
         path = self._write(trainer, result.predictions) if self.predictions_file else None
-        sampled = "".join(f", {name} {total / max(n_rows, 1.0):.3f}" for name, total in zip(extra, sums))
         self.last_step = _logged_step(trainer)
         rank_zero_info(
-            f"[bnll] val/accuracy {accuracy:.3f} ({int(correct)}/{int(n)}){sampled} at step {self.last_step}, "
+            f"[bnll] val/accuracy {accuracy:.3f} ({round(accuracy * n)}/{int(n)})"
+            + "".join(f", {name} {value:.3f}" for name, value in sampled.items()) + f" at step {self.last_step}, "
             f"{time.perf_counter() - start:.1f} s" + (f"; predictions: {path}" if path else "")
         )
 

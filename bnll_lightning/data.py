@@ -407,6 +407,8 @@ class SFTDataModule(LightningDataModule):
         """Seeded, disjoint hold-out of ``round(val_fraction * n)`` rows (>= 1 when the fraction is
         positive and n >= 2); both parts keep file order. The split depends on the seed, the
         file's base name and its rows, not on where the file lives."""
+        # Not datasets' train_test_split: that needs the rows as one Arrow table (one type per column) and
+        # returns them shuffled; a seeded permutation of indices does the job and keeps file order.
         n = len(rows)
         n_val = min(n - 1, max(1, round(self.val_fraction * n))) if self.val_fraction > 0 and n >= 2 else 0
         if n_val <= 0:

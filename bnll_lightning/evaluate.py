@@ -27,8 +27,7 @@ from typing import Any
 
 import torch
 
-# The end-of-turn tokens training puts in the targets: generation stops at the same ones.
-from bnll_lightning.formatting import END_OF_TURN_TOKENS
+from bnll_lightning.formatting import end_of_turn_ids
 from bnll_lightning.tasks import TASKS
 
 __all__ = [
@@ -138,12 +137,8 @@ def get_checker(name: str | None) -> Checker:
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Token ids that end an answer: eos and the end-of-turn tokens the vocabulary has."""
-    vocab = tokenizer.get_vocab()
-    ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)
+    """Token ids that end an answer: the end-of-turn ids training puts in the targets, sorted."""
+    return sorted(end_of_turn_ids(tokenizer))
 
 
 @torch.no_grad()

@@ -10,8 +10,13 @@ from typing import Any
 
 import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-__all__ = ["HFExport", "model_card"]
+from bnll_lightning.lora import export_lora, is_peft_model
+from bnll_lightning.strategies import is_sharded
+
+__all__ = ["HFExport", "gathered_state_dict", "model_card", "save_pretrained"]
 
 
 class HFExport(L.Callback):
@@ -41,11 +46,11 @@ class HFExport(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Every rank runs this: log_dir broadcasts from rank 0 and the sharded gather is a collective.
         log_dir = trainer.log_dir
-        directory = pl_module.resolved_export_dir()
-        state_dict = pl_module.gathered_state_dict()
+        directory = pl_module.export_dir or os.path.join(log_dir or ".", "hf_model")
+        state_dict = gathered_state_dict(trainer, pl_module)
         if not trainer.is_global_zero:
             return
-        pl_module.export(directory, state_dict=state_dict)
+        save_pretrained(pl_module, directory, state_dict)
         if self.model_card:
             config = os.path.join(log_dir or "", "config.yaml")  # LightningCLI's SaveConfigCallback
             has_config = bool(log_dir) and os.path.isfile(config)
@@ -62,6 +67,29 @@ class HFExport(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.alphas = list(state_dict.get("alphas", []))
+
+
+def gathered_state_dict(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Tensor] | None:
+    """Under FSDP or FSDP2: the full weights of ``module.model`` gathered on rank 0 (CPU; empty on the
+    other ranks). Every rank must call it. None when the model is not sharded."""
+    if not is_sharded(trainer.strategy):
+        return None
+    # FSDP: the wrapped LightningModule; FSDP2: the module itself. Keys "model.<transformers key>".
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(trainer.strategy.model, options=options)
+    return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+
+
+def save_pretrained(module: L.LightningModule, directory: str, state_dict: dict[str, Tensor] | None = None) -> str:
+    """Write ``module.model`` and its tokenizer with ``save_pretrained`` (loadable by ``from_pretrained``);
+    ``state_dict``: the gathered full weights of a sharded model. LoRA: as ``module.lora_export`` says."""
+    os.makedirs(directory, exist_ok=True)
+    if is_peft_model(module.model):
+        export_lora(module.model, directory, module.lora_export)
+    else:
+        module.model.save_pretrained(directory, state_dict=state_dict)
+    module.tokenizer.save_pretrained(directory)
+    return directory
 
 
 def _number(value: Any) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from bnll_lightning.objectives import IGNORE_INDEX
 from bnll_lightning.sources import DataError
 
-__all__ = ["END_OF_TURN_TOKENS", "STAT_KEYS", "Formatter"]
+__all__ = ["END_OF_TURN_TOKENS", "STAT_KEYS", "Formatter", "end_of_turn_ids"]
 
 STAT_KEYS = (
     "rows_in",  # rows read/generated for the split (after the val split, before skipping)
@@ -42,6 +42,14 @@ STAT_KEYS = (
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 # End-of-turn tokens of common chat templates (in addition to the tokenizer's eos token).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+def end_of_turn_ids(tokenizer: Any) -> set[int]:
+    """Ids that end a turn: eos and the :data:`END_OF_TURN_TOKENS` the vocabulary has (trained on as
+    targets; generation stops at them)."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    return ids if tokenizer.eos_token_id is None else ids | {int(tokenizer.eos_token_id)}
 
 
 class Formatter:
@@ -62,10 +70,7 @@ class Formatter:
         # transformers' return_assistant_tokens_mask reads it; other templates use the prefix method.
         template = getattr(tokenizer, "chat_template", None)
         self.marks_generation = isinstance(template, str) and bool(_GENERATION_TAG.search(template))
-        vocab = tokenizer.get_vocab()
-        self._end_of_turn = {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
-        if tokenizer.eos_token_id is not None:
-            self._end_of_turn.add(int(tokenizer.eos_token_id))
+        self._end_of_turn = end_of_turn_ids(tokenizer)
 
     @property
     def chat(self) -> bool:
@@ -227,6 +232,8 @@ class Formatter:
     ) -> tuple[list[int], list[dict[str, Any]], dict[str, int]]:
         """(indices of the rows kept, their features, stats :data:`STAT_KEYS`), each row at most ``max_length``
         tokens (``truncation``: cut or drop longer rows); ``weighted``: features carry ``weight``."""
+        # A loop, not datasets' .map: rows are in memory once, their columns need not share a type (Arrow's
+        # would), each skip is counted by reason, and nothing is cached to disk behind the config's back.
         stats = dict.fromkeys(STAT_KEYS, 0)
         stats["rows_in"] = len(rows)
         encode = self._encode_chat if self.chat else self._encode_plain

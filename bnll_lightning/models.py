@@ -127,7 +127,7 @@ def _ensure_converted(target: Path, convert=_convert_embedded) -> Path:
         if target.exists():  # something unfinished or foreign sits at the final name
             log.warning("Removing incomplete cache directory %s", target)
             shutil.rmtree(target)
-        log.warning("Converting the embedded model into %s (one-time, ~20 s)", target)
+        log.warning("Converting the embedded model into %s (once per machine)", target)
         tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix, dir=target.parent))
         try:
             convert(tmp)

@@ -15,8 +15,6 @@ averages over ranks; both factors are undone here.) Clipping runs after this hoo
 from __future__ import annotations
 
 import math
-import os
-import random
 import warnings
 from functools import partial
 from typing import Any, Literal
@@ -34,10 +32,10 @@ from torchmetrics import MeanMetric
 
 from bnll_lightning.alpha import AdaptiveAlpha, AlphaController, finalize_statistic, step_statistic
 from bnll_lightning.callbacks import ContinuumLayout, ProbabilityHistogram
-from bnll_lightning.export import HFExport
-from bnll_lightning.models import EMBEDDED, load_model, load_tokenizer
 from bnll_lightning.constraints import NonNegativeInt, PositiveFloat, UnitIntervalClosedOpen
-from bnll_lightning.lora import apply_lora, export_lora, is_peft_model, load_4bit_model
+from bnll_lightning.export import HFExport
+from bnll_lightning.lora import apply_lora, load_4bit_model
+from bnll_lightning.models import EMBEDDED, load_model, load_tokenizer
 from bnll_lightning.objectives import (
     IGNORE_INDEX,
     NLL,
@@ -47,9 +45,10 @@ from bnll_lightning.objectives import (
     token_logprobs,
     token_stats,
 )
+from bnll_lightning.optim import decay_groups, default_optimizer, resolve_warmup, warmup_cosine
+from bnll_lightning.packing import packing_unsupported_reason
 from bnll_lightning.reference import load_reference
-from bnll_lightning.sampling import sample_batches
-from bnll_lightning.schedules import resolve_warmup, warmup_cosine
+from bnll_lightning.sampling import rng_state, sample_batches, set_rng_state
 from bnll_lightning.strategies import FSDP2Strategy, is_sharded
 from bnll_lightning.streaming import (
     forward_hidden,
@@ -80,73 +79,9 @@ def target_weights(batch: dict[str, Tensor]) -> Tensor | None:
     return None if "weights" not in batch else F.pad(batch["weights"][:, 1:], (0, 1))
 
 
-@torch.no_grad()
-def packing_unsupported_reason(model: torch.nn.Module) -> str | None:
-    """None if ``model`` keeps packed rows apart (position ids restarting at a row, no attention mask):
-    the hidden states of a row packed after another equal those of the row alone; else why not."""
-    emb = model.get_input_embeddings()
-    ids = torch.randint(0, emb.num_embeddings, (1, 8), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(emb.weight.device)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        packed = forward_hidden(model, ids, None, position_ids=torch.arange(8, device=ids.device)[None] % 5)
-        alone = forward_hidden(model, ids[:, 5:], torch.ones_like(ids[:, 5:]))
-    finally:
-        for m, training in modes.items():
-            m.training = training
-    err = (packed[:, 5:].float() - alone.float()).abs().max().item()
-    tol = 1e-4 if packed.dtype == torch.float32 else 2**-5
-    return None if err <= tol * (1 + alone.float().abs().max().item()) else (
-        f"a row packed after another differs from the row alone by {err:.3g}: attention crosses rows")
-
-
 def _local(tensor: Tensor) -> Tensor:
     """A DTensor's local shard (a view: in-place ops reach the DTensor), any other tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def rng_state() -> dict[str, Any]:
-    """The global random generators training draws from (dropout masks, LoRA dropout)."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def decay_groups(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
-    """Trainable parameters split into (weight decay, no weight decay): biases and the weights of
-    normalisation layers get none, every other weight (embeddings included) does.
-
-    Decided by what a parameter is (its name and its module's type), not by its shape: under FSDP the
-    optimizer is built after wrapping, when every parameter is a flat 1-D shard, and a shape rule would
-    put every weight in the no-decay group."""
-    modules = dict(model.named_modules())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():  # each tensor once, tied weights included
-        owner, _, leaf = name.rpartition(".")
-        norm = "norm" in type(modules[owner]).__name__.lower()  # LayerNorm, RMSNorm, LlamaRMSNorm, GroupNorm, ...
-        if p.requires_grad:
-            (no_decay if norm or leaf == "bias" else decay).append(p)
-    return decay, no_decay
-
-
-def default_optimizer(params) -> torch.optim.Optimizer:
-    """AdamW with fine-tuning defaults (lr 2e-5, betas (0.9, 0.95), weight decay 0.01), fused when
-    every parameter is a float tensor on CPU or CUDA."""
-    groups = list(params)
-    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
-    # One kernel for the whole update instead of a loop over tensors: the optimizer step of a
-    # 135M model on 2 CPU cores drops from ~0.3 s to ~0.09 s (benchmarks/throughput.py; TRL's default too).
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
-    return torch.optim.AdamW(groups, lr=2e-5, betas=(0.9, 0.95), weight_decay=0.01, fused=fused or None)
 
 
 class SFTModule(L.LightningModule):
@@ -201,7 +136,7 @@ class SFTModule(L.LightningModule):
                 chunk_size x vocab floats.
             head_float32: Run the streamed output head's matmul in float32 even under bf16/fp16
                 autocast. A bf16 head rounds each logit by about |z|·2⁻⁸, which the gradient
-                weight p^α multiplies by α (docs/benchmarks.md: 3 % at α = 10); float32 removes
+                weight p^α multiplies by α (measured in docs/benchmarks.md); float32 removes
                 that at the cost of a float32 matmul over the vocabulary.
             gradient_checkpointing: Recompute decoder activations in backward to save memory.
             trust_remote_code: Allow model code from the hub repository to run (off: it is code
@@ -667,37 +602,3 @@ class SFTModule(L.LightningModule):
         if self._resume_rng is not None:
             set_rng_state(self._resume_rng)
             self._resume_rng = None
-
-    # ------------------------------------------------------------------ export
-    def resolved_export_dir(self) -> str:
-        if self.export_dir:
-            return self.export_dir
-        log_dir = self.trainer.log_dir if self.trainer is not None else None
-        return os.path.join(log_dir or ".", "hf_model")
-
-    def export(self, directory: str, state_dict: dict[str, Tensor] | None = None) -> str:
-        """Write the model and tokenizer with ``save_pretrained`` (loadable by ``from_pretrained``).
-
-        ``state_dict``: the full weights when the live model is sharded (FSDP, see
-        :meth:`gathered_state_dict`). A LoRA model is written as ``lora_export`` says.
-        """
-        os.makedirs(directory, exist_ok=True)
-        if is_peft_model(self.model):
-            export_lora(self.model, directory, self.lora_export)
-        else:
-            self.model.save_pretrained(directory, state_dict=state_dict)
-        self.tokenizer.save_pretrained(directory)
-        return directory
-
-    def gathered_state_dict(self) -> dict[str, Tensor] | None:
-        """Under FSDP or FSDP2: the full weights of ``self.model`` gathered on rank 0 (CPU; empty on
-        the other ranks). Every rank must call it. None when the model is not sharded."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        if self._trainer is None or not is_sharded(self.trainer.strategy):
-            return None
-        # FSDP: the wrapped LightningModule; FSDP2: this module. Keys "model.<transformers key>".
-        full = get_model_state_dict(self.trainer.strategy.model,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-

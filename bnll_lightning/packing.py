@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import Dataset
 
 from bnll_lightning.objectives import IGNORE_INDEX
+from bnll_lightning.streaming import forward_hidden
 
-__all__ = ["Collator", "PackedDataset", "TokenizedDataset", "pack"]
+__all__ = ["Collator", "PackedDataset", "TokenizedDataset", "pack", "packing_unsupported_reason"]
 
 
 class TokenizedDataset(Dataset):
@@ -115,3 +116,24 @@ class Collator:
             if "position_ids" in batch:
                 batch["position_ids"][i, :n] = torch.as_tensor(feat["position_ids"], dtype=torch.long)
         return batch
+
+
+@torch.no_grad()
+def packing_unsupported_reason(model: torch.nn.Module) -> str | None:
+    """None if ``model`` keeps packed rows apart (position ids restarting at a row, no attention mask):
+    the hidden states of a row packed after another equal those of the row alone; else why not."""
+    emb = model.get_input_embeddings()
+    ids = torch.randint(0, emb.num_embeddings, (1, 8), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(emb.weight.device)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        packed = forward_hidden(model, ids, None, position_ids=torch.arange(8, device=ids.device)[None] % 5)
+        alone = forward_hidden(model, ids[:, 5:], torch.ones_like(ids[:, 5:]))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    err = (packed[:, 5:].float() - alone.float()).abs().max().item()
+    tol = 1e-4 if packed.dtype == torch.float32 else 2**-5
+    return None if err <= tol * (1 + alone.float().abs().max().item()) else (
+        f"a row packed after another differs from the row alone by {err:.3g}: attention crosses rows")

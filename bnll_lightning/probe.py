@@ -12,10 +12,10 @@ objectives such as −p win), **model-weak** below 0.1 (NLL wins), **model-inter
 (the objectives are on par).
 
 Why more than the mean: the arithmetic mean is dominated by the many easy tokens (chat template,
-answer format, copied words). Measured: on the built-in list-sorting task SmolLM2-135M-Instruct
-gives the targets a mean p of 0.66 (model-strong by the rule) while it answers 0 of 100 rows right
-by generation. The geometric mean (exp of the mean log p) and the low quantiles expose the hard
-tokens that decide the answer, so the report prints them and flags a disagreement.
+answer format, copied words): a model can give the targets a mean p that the rule calls model-strong
+while it answers almost no row right by generation (measured cases: docs/benchmarks.md). The
+geometric mean (exp of the mean log p) and the low quantiles expose the hard tokens that decide the
+answer, so the report prints them and flags a disagreement.
 
 Report keys (:data:`REPORT_KEYS`, the ``--output`` JSON): ``model``, ``data``, ``split``, ``checkpoint``,
 ``batches``, ``rows``, ``tokens``, ``mean_p``, ``geometric_mean_p``, ``median_p``, ``quantiles``

@@ -20,6 +20,7 @@ shard per rank), so Lightning keeps it under DDP/FSDP instead of wrapping it.
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-__all__ = ["ResumableDataLoader", "ResumableSampler", "sample_batches"]
+__all__ = ["ResumableDataLoader", "ResumableSampler", "rng_state", "sample_batches", "set_rng_state"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -113,3 +114,19 @@ def sample_batches(
     if limit is not None:
         order = order[: limit * loader.batch_size]
     return DataLoader(Subset(dataset, order.tolist()), batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global random generators training draws from (dropout masks, LoRA dropout)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned (CUDA's only on as many devices as it was saved from)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -21,7 +21,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STEPS = 8
 # Thresholds that fit a tiny random model (mean p ~ 2e-5 at start, ~1e-2 after a few steps at lr 3e-2),
 # so that α really moves and the probe starts it above 0.
-CONTROLLER = {"alpha_max": 1.0, "low": 1e-5, "high": 0.05, "ema": 0.5, "max_delta": 0.3, "statistic": "mean"}
+CONTROLLER = {"alpha_max": 1.0, "low": 1e-5, "high": 0.05, "ema_decay": 0.5, "max_delta": 0.3, "statistic": "mean"}
 
 
 def _fit(tiny_model_dir: str, root: Path, *extra: str) -> Path:

@@ -180,8 +180,8 @@ def test_schedule_negative_step_rejected():
         ({"high": 1.0}, "high"),
         ({"low": 0.6, "high": 0.5}, "low"),
         ({"low": 0.5, "high": 0.5}, "high"),
-        ({"ema": 1.0}, "ema"),
-        ({"ema": -0.1}, "ema"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"ema_decay": -0.1}, "ema_decay"),
         ({"max_delta": 0.0}, "max_delta"),
         ({"max_delta": -0.1}, "max_delta"),
         ({"quantile": 0.0}, "quantile"),
@@ -418,7 +418,7 @@ def test_signatures_typed_and_documented_for_jsonargparse():
     parser = jsonargparse.ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(AdaptiveAlpha, "alpha")
     help_text = parser.format_help()
-    for arg in ("alpha_max", "low", "high", "ema", "max_delta", "statistic", "quantile", "initial"):
+    for arg in ("alpha_max", "low", "high", "ema_decay", "max_delta", "statistic", "quantile", "initial"):
         assert f"--alpha.{arg}" in help_text
     assert "paper's" in help_text  # docstrings became help
     cfg = parser.parse_args(["--alpha.statistic=geometric", "--alpha.low=0.05"])

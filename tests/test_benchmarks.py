@@ -181,7 +181,7 @@ def test_gpu_mfu_model_shapes_and_flops(size, params):
 
 def test_default_optimizer_is_fused_where_torch_has_the_kernel():
     """The fix the throughput benchmark found: one fused AdamW kernel instead of a loop over tensors."""
-    from bnll_lightning.module import default_optimizer
+    from bnll_lightning.optim import default_optimizer
 
     cpu = torch.nn.Parameter(torch.zeros(3))
     norm = torch.nn.Parameter(torch.zeros(2))

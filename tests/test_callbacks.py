@@ -147,3 +147,36 @@ def test_the_cli_uses_the_step_bar_unless_the_config_says_otherwise(tiny_model_d
     assert isinstance(cli.trainer.progress_bar_callback, StepProgressBar)
     cli = load_from_config(["--model.model", tiny_model_dir, "--trainer.enable_progress_bar", "false"], SFTCLI)
     assert cli.trainer.progress_bar_callback is None
+
+
+def _combine_on_two_ranks(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torchmetrics.aggregation import MeanMetric, SumMetric
+
+    from bnll_lightning.callbacks import _all_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # rank 0: 3 of 4 right; rank 1: 1 of 2 right -> 4 of 6 over all rows. A rank without rows adds nothing.
+        acc, n = [(0.75, 4), (0.5, 2)][rank]
+        figures = [_all_ranks(MeanMetric(), torch.device("cpu"), acc, n), _all_ranks(SumMetric(), torch.device("cpu"), n),
+                   _all_ranks(MeanMetric(), torch.device("cpu"), [0.9, 0.0][rank], [5, 0][rank])]
+        if rank == 0:
+            torch.save(figures, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_generation_counts_combine_over_ranks_with_torchmetrics(tmp_path):
+    """GenerationEval's figures over 2 gloo ranks: means weighted by each rank's rows, sums summed."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "figures.pt")
+    mp.spawn(_combine_on_two_ranks, args=(port, out), nprocs=2)
+    accuracy, n, other = torch.load(out)
+    assert accuracy == pytest.approx(4 / 6, abs=1e-12) and n == 6 and other == pytest.approx(0.9, abs=1e-12)

@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bnll_lightning"
 
 # Every module's layer: a module imports from its own layer or below, never above.
 LAYERS = {
-    **dict.fromkeys(["constraints", "objectives", "streaming", "alpha", "schedules", "sampling"], 0),  # pure torch
+    **dict.fromkeys(["constraints", "objectives", "streaming", "alpha", "optim", "sampling"], 0),  # pure torch
     # models, tasks, and the data's Lightning-free parts: rows from sources, formatting, packing
     **dict.fromkeys(["models", "tasks", "reference", "lora", "sources", "formatting", "packing"], 1),
     **dict.fromkeys(["evaluate", "probe"], 2),  # generation, answer checking, diagnosis

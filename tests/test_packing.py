@@ -10,7 +10,8 @@ import torch
 from _exactness import one_step_trainer, sgd_lr1, step_of
 from bnll_lightning.cli import main as cli_main
 from bnll_lightning.data import SFTDataModule
-from bnll_lightning.module import SFTModule, packing_unsupported_reason, target_weights
+from bnll_lightning.module import SFTModule, target_weights
+from bnll_lightning.packing import packing_unsupported_reason
 from bnll_lightning.objectives import (
     ASFT, DFT, EAFT, IGNORE_INDEX, NLL, AlphaFamily, Focal, NegProb, ThresholdedNLL, TokenAlpha, TopFraction,
 )

@@ -68,7 +68,7 @@ def test_debug_env_gives_the_traceback(tmp_path, tiny_model_dir, monkeypatch):
     (["--model.objective", "bnll_lightning.objectives.ThresholdedNLL", "--model.objective.tau", "1.0"], "tau"),
     (["--model.objective", "bnll_lightning.objectives.TopFraction", "--model.objective.fraction", "0"], "fraction"),
     (["--model.objective", "bnll_lightning.objectives.AlphaFamily",
-      "--model.alpha_controller", "bnll_lightning.alpha.AdaptiveAlpha", "--model.alpha_controller.ema", "1.0"], "ema"),
+      "--model.alpha_controller", "bnll_lightning.alpha.AdaptiveAlpha", "--model.alpha_controller.ema_decay", "1.0"], "ema_decay"),
     (["--model.objective", "bnll_lightning.objectives.AlphaFamily",
       "--model.alpha_controller", "bnll_lightning.alpha.AdaptiveAlpha", "--model.alpha_controller.low", "0"], "low"),
 ])

@@ -133,7 +133,7 @@ def test_fused_adamw_is_clipped_on_true_gradients_under_mixed_precision(precisio
 def test_weight_decay_groups_come_from_names_not_shapes(tiny_model_dir):
     """Under FSDP the optimizer sees flat 1-D shards: the groups must not depend on shapes."""
     from bnll_lightning.models import load_model
-    from bnll_lightning.module import decay_groups
+    from bnll_lightning.optim import decay_groups
 
     model = load_model(tiny_model_dir)
     decay, no_decay = decay_groups(model)
@@ -162,4 +162,4 @@ def test_warm_start_batches_refuse_a_sharded_strategy_and_give_ranks_equal_batch
     module = SFTModule(model=tiny_model_dir, objective=AlphaFamily(0.0), alpha_controller=AdaptiveAlpha(), warm_start_batches=2)
     module.trainer = SimpleNamespace(strategy=HFFSDPStrategy(), world_size=2, global_rank=0)  # type: ignore[assignment]
     with pytest.raises(ValueError, match="FSDP cannot do: set model.warm_start_batches: 0"):
-        module._start_controller_from_probe()
+        module._warm_start_controller()
