@@ -54,7 +54,6 @@ from bnll_lightning.streaming import (
     forward_hidden,
     output_head,
     streamed_eval_logprobs,
-    streamed_token_logprobs,
     streamed_token_stats,
     streaming_head,
     streaming_unsupported_reason,
@@ -254,25 +253,15 @@ class SFTModule(L.LightningModule):
 
     # ------------------------------------------------------------------ forward
     def target_logprobs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Float32 log p of each target token, ``[B, T]``, aligned with ``input_ids`` positions."""
-        # Shift once: position t predicts token t + 1; the last position has no target.
-        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-        if self.streamed:
-            hidden = forward_hidden(self.model, **model_inputs(batch))
-            weight, bias = output_head(self.model)
-            return streamed_token_logprobs(
-                hidden, weight, labels, chunk_size=self.chunk_size, bias=bias, head_dtype=self._head_dtype,
-                **self._logit_transform,
-            )
-        logits = self.model(**model_inputs(batch)).logits
-        return token_logprobs(logits, labels)
+        """Float32 log p of each target token, ``[B, T]``, aligned with ``input_ids`` positions, and the mask."""
+        stats = self.target_stats(batch, StatsRequest())
+        return stats.logp, stats.mask
 
     def target_stats(self, batch: dict[str, Tensor], request: StatsRequest | None = None) -> TokenStats:
         """:meth:`target_logprobs` plus what ``request`` (default: the objective's ``requires``) asks
         for: entropies, the KL to the frozen reference, from the same streamed pass."""
         request = self.objective.requires if request is None else request
-        if not request.any:
-            return TokenStats(*self.target_logprobs(batch))
+        # Shift once: position t predicts token t + 1; the last position has no target.
         labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
         inputs = model_inputs(batch)
         reference = self.objective.reference if request.reference else None

@@ -105,6 +105,7 @@ def test_memory_quick():
     assert "VmHWM" in text or "ru_maxrss" in text
 
 
+@pytest.mark.slow  # processes of their own: in `make test`, not in the fast loop
 def test_memory_measurement_in_a_fresh_process(tiny_model_dir):
     """The default path, a measurement in a subprocess: a naive step holds at least its float32 logits."""
     out = memory.measure_isolated(tiny_model_dir, 2, 256, streamed=False, chunk_size=64, threads=1)

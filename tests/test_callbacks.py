@@ -167,6 +167,7 @@ def _combine_on_two_ranks(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # processes of their own: in `make test`, not in the fast loop
 def test_generation_counts_combine_over_ranks_with_torchmetrics(tmp_path):
     """GenerationEval's figures over 2 gloo ranks: means weighted by each rank's rows, sums summed."""
     import socket

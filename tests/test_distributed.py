@@ -83,6 +83,7 @@ def ddp_results(tiny_model_dir, tmp_path_factory):
     return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in ("alpha", "thresholded")}, data, tau
 
 
+@pytest.mark.slow  # processes of their own: in `make test`, not in the fast loop
 @pytest.mark.parametrize("kind", ["alpha", "thresholded"])
 def test_ddp_two_ranks_equal_one_batch(kind, ddp_results, tiny_model_dir):
     from transformers import AutoModelForCausalLM

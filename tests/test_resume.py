@@ -96,6 +96,7 @@ def test_same_seed_same_trajectory(uninterrupted, dropout_model_dir, tmp_path):
         assert again[tag] == uninterrupted[tag], tag  # bit-identical on the same machine
 
 
+@pytest.mark.slow  # processes of their own: in `make test`, not in the fast loop
 def test_killed_mid_epoch_then_resumed_matches_uninterrupted(uninterrupted, dropout_model_dir, tmp_path):
     runs = tmp_path / "runs"
     killer = {"class_path": "_killer.KillMidStep", "init_args": {"step": KILL_AFTER}}
