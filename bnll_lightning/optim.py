@@ -1,4 +1,4 @@
-"""Optimisation without Lightning: parameter groups, the default AdamW, and the LR schedule as a pure function of the step."""
+"""Optimisation in plain torch: weight-decay groups, the default AdamW, the LR schedule (a pure function of the step)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A training loader that resumes mid-epoch at the exact batch.
+"""Exact mid-epoch resume: a training sampler and loader that restart at the exact batch, and the global RNG state.
 
 Lightning restores a checkpoint's global step, optimizer, schedulers and callbacks, but a plain
 ``DataLoader`` restarts its epoch from the first batch, so a resumed run would see a different

@@ -73,3 +73,22 @@ def test_no_import_cycles():
 def test_no_private_names_are_imported_across_modules():
     private = [(m, t, n) for m, edges in imports().items() for t, n in edges if n.startswith("_") and t != m]
     assert not private, private
+
+
+def test_readme_layout_lists_every_module():
+    """The README's layout section names each module of the package once, and no module that is gone."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    listed = re.findall(r"^  (\w+)\.py\s", layout, flags=re.M)
+    modules = sorted(p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("__"))
+    assert sorted(listed) == modules, f"README layout {sorted(listed)} != package {modules}"
+
+
+def test_every_module_opens_with_a_one_line_docstring_of_its_job():
+    for path in sorted(PACKAGE.glob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc, f"{path.name}: no opening docstring"
+        first = doc.splitlines()[0]
+        assert first.endswith(".") and len(first) <= 120, f"{path.name}: the first line is one sentence: {first!r}"
