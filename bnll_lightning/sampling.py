@@ -8,9 +8,11 @@ that has ``state_dict``/``load_state_dict`` (its "stateful" loaders) and hands i
 handed out) and, on resume, skips the consumed batches *in the sampler*, so no skipped batch
 is loaded or collated.
 
-Kept instead of torchdata's ``StatefulDataLoader`` (which Lightning also checkpoints): torchdata is not
-a dependency of this project, and this loader's whole state is two integers (epoch, batches), which the
-resume tests check batch for batch; switching would add a package to replace about 60 lines.
+Kept instead of torchdata's ``StatefulDataLoader`` (0.11), because that did not resume exactly: Lightning's
+``FitLoop.setup_data`` creates the loader's iterator *before* it calls ``set_epoch`` (Lightning issue
+#21938), and ``StatefulDataLoader`` skips the consumed batches when the iterator is created, so on resume it
+skipped through epoch 0's order; the killed-and-resumed test then drifted from step 6 on. This loader
+decides where to start at its first batch, after ``set_epoch``.
 
 The order of an epoch is a pure function of (seed, epoch): :class:`ResumableSampler` is a
 ``DistributedSampler`` (seeded shuffle, ``set_epoch`` called by Lightning every epoch, one
