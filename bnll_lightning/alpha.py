@@ -389,9 +389,9 @@ class AdaptiveAlpha(AlphaController):
                 f"{owner}: low must be < high (0 < low < high < 1), got low={low!r}, high={high!r}"
             )
         self.low, self.high = low, high
-        if ema is not None:
+        if ema is not None:  # FutureWarning: Python shows it to config users (a DeprecationWarning it hides)
             warnings.warn("AdaptiveAlpha(ema=...) is deprecated and goes in the next release; use ema_decay",
-                          DeprecationWarning, stacklevel=2)
+                          FutureWarning, stacklevel=2)
             ema_decay = ema
         decay = float(ema_decay)
         if not (0.0 <= decay < 1.0):

@@ -401,7 +401,7 @@ def __getattr__(name: str) -> Any:
     """The moved ``GenerationEval`` (now in :mod:`bnll_lightning.callbacks`), with a warning, for one release."""
     if name == "GenerationEval":
         warnings.warn("bnll_lightning.evaluate.GenerationEval is deprecated and goes in the next release; "
-                      "use bnll_lightning.callbacks.GenerationEval", DeprecationWarning, stacklevel=2)
+                      "use bnll_lightning.callbacks.GenerationEval", FutureWarning, stacklevel=2)
         from bnll_lightning.callbacks import GenerationEval  # lazy: callbacks imports this module
         return GenerationEval
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -189,9 +189,9 @@ class SFTModule(L.LightningModule):
         if histogram_every_n_steps < 0:
             raise ValueError(f"histogram_every_n_steps must be >= 0, got {histogram_every_n_steps}")
         self.histogram_every_n_steps = histogram_every_n_steps
-        if probe_batches is not None:
+        if probe_batches is not None:  # FutureWarning: Python shows it to config users (a DeprecationWarning it hides)
             warnings.warn("model.probe_batches is deprecated and goes in the next release; use "
-                          "model.warm_start_batches", DeprecationWarning, stacklevel=2)
+                          "model.warm_start_batches", FutureWarning, stacklevel=2)
             warm_start_batches = probe_batches
         if warm_start_batches < 0:
             raise ValueError(f"warm_start_batches must be >= 0, got {warm_start_batches}")

@@ -171,10 +171,10 @@ def test_old_names_keep_working_for_one_release(tiny_model_dir):
     from bnll_lightning.module import SFTModule
     from bnll_lightning.objectives import AlphaFamily
 
-    with pytest.warns(DeprecationWarning, match="ema_decay"):
+    with pytest.warns(FutureWarning, match="ema_decay"):
         controller = AdaptiveAlpha(ema=0.5)
     assert controller.ema_decay == 0.5 and controller.ema is None  # .ema is the EMA's value, not the decay
-    with pytest.warns(DeprecationWarning, match="warm_start_batches"):
+    with pytest.warns(FutureWarning, match="warm_start_batches"):
         module = SFTModule(tiny_model_dir, objective=AlphaFamily(), alpha_controller=controller, probe_batches=3)
     assert module.warm_start_batches == 3
     saved = AdaptiveAlpha(ema_decay=0.5).state_dict()

@@ -292,7 +292,7 @@ def test_sampled_evaluation_reports_pass_and_maj(untied, tokenizer):
 def test_old_generation_eval_path_still_works_and_warns():
     import bnll_lightning.evaluate as evaluate
 
-    with pytest.warns(DeprecationWarning, match="bnll_lightning.callbacks.GenerationEval"):
+    with pytest.warns(FutureWarning, match="bnll_lightning.callbacks.GenerationEval"):
         assert evaluate.GenerationEval is GenerationEval
     with pytest.raises(AttributeError):
         evaluate.NoSuchName
