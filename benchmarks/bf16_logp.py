@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from benchmarks import _common as C
 from bnll_lightning.data import SFTDataModule
 from bnll_lightning.models import load_model, load_tokenizer
+from bnll_lightning.module import target_labels
 from bnll_lightning.objectives import IGNORE_INDEX
 from bnll_lightning.streaming import forward_hidden, output_head
 
@@ -40,7 +41,7 @@ def target_hidden(model, batches) -> tuple[torch.Tensor, torch.Tensor]:
     hs, ts = [], []
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for batch in batches:
-            labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+            labels = target_labels(batch)
             mask = labels != IGNORE_INDEX
             hidden = forward_hidden(model, batch["input_ids"], batch["attention_mask"])
             hs.append(hidden[mask].to(torch.bfloat16))

@@ -89,6 +89,20 @@ def tokenized_rows(model: str, data_path: str, seq_len: int) -> list[dict[str, l
 # --------------------------------------------------------------------------- the two sides
 
 
+def prepare(work: str, args, write) -> tuple[str, str, str, list[dict[str, list[int]]]]:
+    """(model, rows .jsonl, path for TRL's rows .json, our tokenized rows): ``--model`` or, with ``--quick``,
+    a tiny random one, and the rows ``write(path)`` writes, tokenized as our data module does."""
+    model = args.model
+    with C.quiet():
+        if args.quick:
+            model = f"{work}/model"
+            C.save_random_model(model, **C.TINY)
+        data_path = f"{work}/rows.jsonl"
+        write(data_path)
+        rows = tokenized_rows(model, data_path, args.seq_len)
+    return model, data_path, f"{work}/rows.json", rows
+
+
 def run_ours(model: str, data_path: str, objective: str, batch_size: int, seq_len: int, steps: int,
              warmup: int, work: str, packing: bool = False) -> dict:
     """``steps`` <= 0: one epoch."""
@@ -242,14 +256,8 @@ def main(argv: list[str] | None = None) -> str:
 
     load0 = C.load_average()
     with tempfile.TemporaryDirectory(prefix="bnll_tput_") as work:
-        model = args.model
-        with C.quiet():
-            if args.quick:
-                model = f"{work}/model"
-                C.save_random_model(model, **C.TINY)
-            data_path, rows_path = f"{work}/rows.jsonl", f"{work}/rows.json"
-            write_rows(data_path, (args.warmup + args.steps) * args.batch_size, args.seq_len)
-            rows = tokenized_rows(model, data_path, args.seq_len)
+        model, data_path, rows_path, rows = prepare(
+            work, args, lambda path: write_rows(path, (args.warmup + args.steps) * args.batch_size, args.seq_len))
         lengths = {len(r["input_ids"]) for r in rows}
         if lengths != {args.seq_len}:
             raise RuntimeError(f"rows are not all {args.seq_len} tokens long: {sorted(lengths)}")
@@ -323,14 +331,8 @@ def packing_main(args: argparse.Namespace, argv: list[str], threads: int) -> str
     peer = None if args.no_peer else trl_version()
     load0 = C.load_average()
     with tempfile.TemporaryDirectory(prefix="bnll_pack_") as work:
-        model = args.model
-        with C.quiet():
-            if args.quick:
-                model = f"{work}/model"
-                C.save_random_model(model, **C.TINY)
-            data_path, rows_path = f"{work}/rows.jsonl", f"{work}/rows.json"
-            write_uneven_rows(data_path, args.rows, args.seq_len)
-            rows = tokenized_rows(model, data_path, args.seq_len)
+        model, data_path, rows_path, rows = prepare(
+            work, args, lambda path: write_uneven_rows(path, args.rows, args.seq_len))
         lengths = sorted(len(r["input_ids"]) for r in rows)
         with open(rows_path, "w") as f:  # TRL trains on the same target tokens: completion_mask = our labels
             json.dump([{"input_ids": r["input_ids"], "completion_mask": [int(t != -100) for t in r["labels"]]}

@@ -166,6 +166,14 @@ def load_from_config(argv: list[str], cli_class: type[SFTCLI] = SFTCLI) -> SFTCL
         return cli_class(args=argv, run=False)
 
 
+def _add_checkpoint_arguments(parser: Any, what: str) -> None:
+    """``--ckpt_path`` and ``--weights_only`` of the subcommands that run a model from a fit config."""
+    parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                        help=f"{what} the weights of this Lightning checkpoint (None: the config's model).")
+    parser.add_argument("--weights_only", type=Optional[bool], default=None,
+                        help="torch.load the checkpoint with weights_only (None: True, the safe loader).")
+
+
 def _ready_module(cli: SFTCLI) -> Any:
     """The CLI's module with the ``--ckpt_path`` weights, converted and on the device as the trainer would run it."""
     config, module, trainer = cli.config, cli.model, cli.trainer
@@ -188,14 +196,7 @@ class ProbeCLI(SFTCLI):
             help="Batches of the sample to run (<= 0: the whole split). 16 x 8 rows give thousands of tokens.",
         )
         parser.add_argument("--split", type=Literal["train", "val"], default="train", help="Which split to probe.")
-        parser.add_argument(
-            "--ckpt_path", type=Optional[str], default=None,
-            help="Probe the weights of this Lightning checkpoint (a fine-tuned model) instead of the base model.",
-        )
-        parser.add_argument(
-            "--weights_only", type=Optional[bool], default=None,
-            help="torch.load the checkpoint with weights_only (None: True, the safe loader).",
-        )
+        _add_checkpoint_arguments(parser, "Probe")
         parser.add_argument(
             "--generate", type=int, default=0,
             help="Also answer the first N val rows by generation and score them with the built-in task's checker "
@@ -259,10 +260,7 @@ class EvaluateCLI(SFTCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
-                            help="Lightning checkpoint whose weights to evaluate (None: the config's model).")
-        parser.add_argument("--weights_only", type=Optional[bool], default=None,
-                            help="torch.load the checkpoint with weights_only (None: True, the safe loader).")
+        _add_checkpoint_arguments(parser, "Evaluate")
         parser.add_argument("--split", type=Literal["train", "val"], default="val",
                             help="Rows to answer: the data module's val or train rows.")
         parser.add_argument("--num_rows", type=Optional[int], default=None, help="Only the first N rows (None: all).")

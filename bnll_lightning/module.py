@@ -73,8 +73,13 @@ def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+def target_labels(batch: dict[str, Tensor]) -> Tensor:
+    """Each position's target: position t predicts token t + 1 (the labels shifted once); the last has none."""
+    return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def target_weights(batch: dict[str, Tensor]) -> Tensor | None:
-    """Each target's row weight, aligned with the shifted labels (None when the data has no weights)."""
+    """Each target's row weight, aligned with :func:`target_labels` (None when the data has no weights)."""
     return None if "weights" not in batch else F.pad(batch["weights"][:, 1:], (0, 1))
 
 
@@ -261,9 +266,7 @@ class SFTModule(L.LightningModule):
         """:meth:`target_logprobs` plus what ``request`` (default: the objective's ``requires``) asks
         for: entropies, the KL to the frozen reference, from the same streamed pass."""
         request = self.objective.requires if request is None else request
-        # Shift once: position t predicts token t + 1; the last position has no target.
-        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-        inputs = model_inputs(batch)
+        labels, inputs = target_labels(batch), model_inputs(batch)
         reference = self.objective.reference if request.reference else None
         if request.reference and reference is None:
             raise ValueError(f"{type(self.objective).__name__} needs a reference model and has none bound")
@@ -491,9 +494,9 @@ class SFTModule(L.LightningModule):
         if "source" not in batch:
             return
         # Every source's metrics every batch, weighted 0 off the source: the same logged keys on every rank.
+        values = (-logp, logp.exp(), correct.float())
         for k, (name, metrics) in enumerate(self.val_source_metrics.items()):
             weight = (mask & (batch["source"] == k)[:, None]).float()
-            values = (-logp, logp.exp(), correct.float())
             for metric, what, value in zip(metrics, ("nll", "mean_p", "token_accuracy"), values):
                 metric.update(value, weight)
                 self.log(f"{prefix}/{name}/{what}", metric)
@@ -501,7 +504,7 @@ class SFTModule(L.LightningModule):
     @torch.no_grad()
     def eval_logprobs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """log p, mask, and whether the target is the argmax, chunk by chunk (no full logits)."""
-        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+        labels = target_labels(batch)
         if self.streamed:
             hidden = forward_hidden(self.model, **model_inputs(batch))
             weight, bias = output_head(self.model)
