@@ -285,7 +285,7 @@ def normalize_row(row: Any, where: str, weight_column: str = "weight") -> dict[s
     """Validate one raw row and return its canonical form (a new dict).
 
     Canonical forms: ``{"prompt": str, "response": str, ...}`` or ``{"messages": [...], ...}``,
-    plus ``answer`` / ``task`` / ``noisy`` when present, ``weight`` (float, from ``weight_column``;
+    plus ``answer`` / ``task`` / ``noisy`` (and ``answer_span`` for prompt/response rows) when present, ``weight`` (float, from ``weight_column``;
     absent when the row has none, null or empty) and ``source`` (= ``where``).
     A null response becomes ``""`` (skipped later as empty). Raises :class:`DataError` naming
     the missing/invalid field and ``where`` (file and row index).
@@ -324,6 +324,12 @@ def normalize_row(row: Any, where: str, weight_column: str = "weight") -> dict[s
         raise DataError(f"{where}: field {resp_key!r} must be a string, got {type(response).__name__}")
     out["prompt"] = prompt
     out["response"] = response
+    if row.get("answer_span") is not None:  # where a self-phrased response states its answer (label noise swaps it)
+        span = row["answer_span"]
+        if not (isinstance(span, list) and len(span) == 2 and all(type(i) is int for i in span)
+                and 0 <= span[0] < span[1] <= len(response)):
+            raise DataError(f"{where}: field 'answer_span' must be [start, end] inside the response, got {span!r}")
+        out["answer_span"] = span
     return out
 
 

@@ -143,6 +143,10 @@ class Task:
         """The training response for an answer (all built-in tasks: the answer itself)."""
         return answer
 
+    def spellings(self, answer: str) -> tuple[str, ...]:
+        """The ways ``answer`` may be written in a correct response (the canonical one first)."""
+        return (answer,)
+
     def corrupt(self, answer: str, rng: random.Random) -> str:
         """A plausible but wrong answer, guaranteed ``!= answer`` (used by :func:`noise`)."""
         raise NotImplementedError
@@ -415,30 +419,34 @@ CAPITALS: dict[str, tuple[str, ...]] = {
 
 
 class CapitalTask(Task):
-    """Country -> capital from a built-in list of 50 well-known pairs (:data:`CAPITALS`): a
-    knowledge task a small instruct model may already do. Response: the capital, e.g. ``"Paris"``.
-    Only 50 distinct rows exist, so a validation set cannot be fully disjoint from a large
-    training set.
+    """Country -> capital from a built-in table: a knowledge task a small instruct model may already
+    do. ``capital`` uses :data:`CAPITALS` (50 well-known pairs: a validation set cannot be fully
+    disjoint from a large training set); ``world_capital`` uses :data:`WORLD_CAPITALS` (189 countries,
+    enough for a held-out set of ~100). Response: the capital, e.g. ``"Paris"``.
 
     Check: on the final line (case/accent/punctuation-insensitive) the capital or one of its
     accepted spellings appears as a whole phrase (``Paris``, ``paris.``, ``The capital of France is
     Paris.``, ``Paris is the capital.``, ``Brasilia`` for ``Brasília``, ``Washington`` for
-    ``Washington, D.C.``) and no other capital of the list appears (``Paris or Berlin`` fails).
+    ``Washington, D.C.``) and no other capital of the table appears (``Paris or Berlin`` fails).
     """
 
-    name = "capital"
     description = "name the capital of a country"
 
-    def __init__(self) -> None:
-        self._by_answer = {names[0]: names for names in CAPITALS.values()}
+    def __init__(self, name: str = "capital", table: dict[str, tuple[str, ...]] | None = None) -> None:
+        self.name = name
+        self.table = CAPITALS if table is None else table
+        self._by_answer = {names[0]: names for names in self.table.values()}
 
     def sample(self, rng):
-        country = rng.choice(list(CAPITALS))
+        country = rng.choice(list(self.table))
         prompt = f"What is the capital of {country}? Reply with only the name of the city."
-        return prompt, CAPITALS[country][0]
+        return prompt, self.table[country][0]
+
+    def spellings(self, answer):
+        return self._by_answer.get(answer, (answer,))
 
     def corrupt(self, answer, rng):
-        return rng.choice([names[0] for names in CAPITALS.values() if names[0] != answer])
+        return rng.choice([a for a in self._by_answer if a != answer])
 
     def check(self, prediction, row):
         line = f" {_fold(final_line(prediction))} "
@@ -450,7 +458,59 @@ class CapitalTask(Task):
 
         if not mentioned(names):
             return False
-        return not any(mentioned(other) for a, other in self._by_answer.items() if a != answer)
+        return not any(mentioned(other) for a, other in self._by_answer.items() if a != answer and a not in names)
+
+
+# The UN's member and observer states (189): the knowledge base of ``world_capital``. Canonical name first, then
+# accepted spellings or other official seats (Bolivia, South Africa, Sri Lanka). City-states named like their capital
+# (Monaco, Singapore, ...) are left out: the echoed question would read as a right answer.
+WORLD_CAPITALS: dict[str, tuple[str, ...]] = {
+"Afghanistan": ("Kabul",), "Albania": ("Tirana", "Tirane"), "Algeria": ("Algiers",), "Andorra": ("Andorra la Vella",),
+"Angola": ("Luanda",), "Antigua and Barbuda": ("St. John's", "Saint John's"), "Argentina": ("Buenos Aires",),
+"Armenia": ("Yerevan",), "Australia": ("Canberra",), "Austria": ("Vienna", "Wien"), "Azerbaijan": ("Baku",),
+"the Bahamas": ("Nassau",), "Bahrain": ("Manama",), "Bangladesh": ("Dhaka", "Dacca"), "Barbados": ("Bridgetown",),
+"Belarus": ("Minsk",), "Belgium": ("Brussels", "Bruxelles"), "Belize": ("Belmopan",), "Benin": ("Porto-Novo", "Porto Novo"),
+"Bhutan": ("Thimphu",), "Bolivia": ("Sucre", "La Paz"), "Bosnia and Herzegovina": ("Sarajevo",), "Botswana": ("Gaborone",),
+"Brazil": ("Brasília", "Brasilia"), "Brunei": ("Bandar Seri Begawan",), "Bulgaria": ("Sofia",), "Burkina Faso": ("Ouagadougou",),
+"Burundi": ("Gitega", "Bujumbura"), "Cambodia": ("Phnom Penh",), "Cameroon": ("Yaoundé", "Yaounde"), "Canada": ("Ottawa",),
+"Cape Verde": ("Praia",), "the Central African Republic": ("Bangui",), "Chad": ("N'Djamena", "Ndjamena"), "Chile": ("Santiago",),
+"China": ("Beijing", "Peking"), "Colombia": ("Bogotá", "Bogota"), "the Comoros": ("Moroni",), "the Republic of the Congo": ("Brazzaville",),
+"the Democratic Republic of the Congo": ("Kinshasa",), "Costa Rica": ("San José", "San Jose"), "Croatia": ("Zagreb",), "Cuba": ("Havana", "La Habana"),
+"Cyprus": ("Nicosia",), "the Czech Republic": ("Prague", "Praha"), "Denmark": ("Copenhagen",), "Dominica": ("Roseau",), "the Dominican Republic": ("Santo Domingo",), "Ecuador": ("Quito",), "Egypt": ("Cairo",),
+"El Salvador": ("San Salvador",), "Equatorial Guinea": ("Malabo",), "Eritrea": ("Asmara",), "Estonia": ("Tallinn",),
+"Eswatini": ("Mbabane", "Lobamba"), "Ethiopia": ("Addis Ababa",), "Fiji": ("Suva",), "Finland": ("Helsinki",), "France": ("Paris",),
+"Gabon": ("Libreville",), "the Gambia": ("Banjul",), "Georgia": ("Tbilisi",), "Germany": ("Berlin",), "Ghana": ("Accra",),
+"Greece": ("Athens",), "Grenada": ("St. George's", "Saint George's"), "Guatemala": ("Guatemala City",), "Guinea": ("Conakry",),
+"Guinea-Bissau": ("Bissau",), "Guyana": ("Georgetown",), "Haiti": ("Port-au-Prince", "Port au Prince"), "Honduras": ("Tegucigalpa",),
+"Hungary": ("Budapest",), "Iceland": ("Reykjavik", "Reykjavík"), "India": ("New Delhi",), "Indonesia": ("Jakarta",),
+"Iran": ("Tehran", "Teheran"), "Iraq": ("Baghdad",), "Ireland": ("Dublin",), "Israel": ("Jerusalem",), "Italy": ("Rome", "Roma"),
+"Ivory Coast": ("Yamoussoukro",), "Jamaica": ("Kingston",), "Japan": ("Tokyo",), "Jordan": ("Amman",), "Kazakhstan": ("Astana",),
+"Kenya": ("Nairobi",), "Kiribati": ("Tarawa", "South Tarawa"), "Kuwait": ("Kuwait City",), "Kyrgyzstan": ("Bishkek",),
+"Laos": ("Vientiane",), "Latvia": ("Riga",), "Lebanon": ("Beirut",), "Lesotho": ("Maseru",), "Liberia": ("Monrovia",),
+"Libya": ("Tripoli",), "Liechtenstein": ("Vaduz",), "Lithuania": ("Vilnius",), "Madagascar": ("Antananarivo",), "Malawi": ("Lilongwe",), "Malaysia": ("Kuala Lumpur",), "the Maldives": ("Malé", "Male"),
+"Mali": ("Bamako",), "Malta": ("Valletta",), "the Marshall Islands": ("Majuro",), "Mauritania": ("Nouakchott",),
+"Mauritius": ("Port Louis",), "Mexico": ("Mexico City",), "Micronesia": ("Palikir",), "Moldova": ("Chișinău", "Chisinau"),
+"Mongolia": ("Ulaanbaatar", "Ulan Bator"), "Montenegro": ("Podgorica",), "Morocco": ("Rabat",),
+"Mozambique": ("Maputo",), "Myanmar": ("Naypyidaw", "Nay Pyi Taw"), "Namibia": ("Windhoek",), "Nauru": ("Yaren",),
+"Nepal": ("Kathmandu",), "the Netherlands": ("Amsterdam",), "New Zealand": ("Wellington",), "Nicaragua": ("Managua",),
+"Niger": ("Niamey",), "Nigeria": ("Abuja",), "North Korea": ("Pyongyang",), "North Macedonia": ("Skopje",), "Norway": ("Oslo",),
+"Oman": ("Muscat",), "Pakistan": ("Islamabad",), "Palau": ("Ngerulmud",), "Panama": ("Panama City",),
+"Papua New Guinea": ("Port Moresby",), "Paraguay": ("Asunción", "Asuncion"), "Peru": ("Lima",), "the Philippines": ("Manila",),
+"Poland": ("Warsaw",), "Portugal": ("Lisbon", "Lisboa"), "Qatar": ("Doha",), "Romania": ("Bucharest",), "Russia": ("Moscow",),
+"Rwanda": ("Kigali",), "Saint Kitts and Nevis": ("Basseterre",), "Saint Lucia": ("Castries",),
+"Saint Vincent and the Grenadines": ("Kingstown",), "Samoa": ("Apia",), "São Tomé and Príncipe": ("São Tomé", "Sao Tome"), "Saudi Arabia": ("Riyadh",), "Senegal": ("Dakar",), "Serbia": ("Belgrade",),
+"Seychelles": ("Victoria",), "Sierra Leone": ("Freetown",), "Slovakia": ("Bratislava",),
+"Slovenia": ("Ljubljana",), "the Solomon Islands": ("Honiara",), "Somalia": ("Mogadishu",), "South Africa": ("Pretoria", "Cape Town", "Bloemfontein"),
+"South Korea": ("Seoul",), "South Sudan": ("Juba",), "Spain": ("Madrid",), "Sri Lanka": ("Sri Jayawardenepura Kotte", "Kotte", "Colombo"),
+"Sudan": ("Khartoum",), "Suriname": ("Paramaribo",), "Sweden": ("Stockholm",), "Switzerland": ("Bern", "Berne"), "Syria": ("Damascus",),
+"Taiwan": ("Taipei",), "Tajikistan": ("Dushanbe",), "Tanzania": ("Dodoma",), "Thailand": ("Bangkok",), "East Timor": ("Dili",),
+"Togo": ("Lomé", "Lome"), "Tonga": ("Nukuʻalofa", "Nuku'alofa", "Nukualofa"), "Trinidad and Tobago": ("Port of Spain", "Port-of-Spain"),
+"Tunisia": ("Tunis",), "Turkey": ("Ankara",), "Turkmenistan": ("Ashgabat",), "Tuvalu": ("Funafuti",), "Uganda": ("Kampala",),
+"Ukraine": ("Kyiv", "Kiev"), "the United Arab Emirates": ("Abu Dhabi",), "the United Kingdom": ("London",),
+"the United States": ("Washington, D.C.", "Washington", "Washington DC"), "Uruguay": ("Montevideo",), "Uzbekistan": ("Tashkent",),
+"Vanuatu": ("Port Vila",), "Venezuela": ("Caracas",), "Vietnam": ("Hanoi",), "Yemen": ("Sanaa", "Sana'a"), "Zambia": ("Lusaka",),
+"Zimbabwe": ("Harare",),
+}
 
 
 _WORDS = (
@@ -530,7 +590,7 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         SortTask(), ReverseTask(), ReverseTask("reverse3", 3, 3), AddTask(), SuccessorTask(), FigletTask(),
-        CapitalTask(), UppercaseTask(), PluralTask(),
+        CapitalTask(), CapitalTask("world_capital", WORLD_CAPITALS), UppercaseTask(), PluralTask(),
     )
 }
 
@@ -578,7 +638,9 @@ def noise(rows: list[dict[str, Any]], fraction: float, seed: int) -> list[dict[s
 
     Rows are chosen uniformly without replacement with a generator seeded by ``seed``. A chosen
     row of a known task (``row["task"]`` in :data:`TASKS`) gets ``task.respond(task.corrupt(answer))``
-    (a plausible wrong answer); any other row (e.g. from a file) gets the response of another
+    (a plausible wrong answer), or, when it records an ``answer_span`` (a response in the model's own
+    words, :mod:`bnll_lightning.self_targets`), that response with the span replaced by the wrong
+    answer; any other row (e.g. from a file) gets the response of another
     row whose response differs (for ``messages`` rows, the last assistant turn is replaced).
     Every corrupted response differs from the original one.
 
@@ -606,8 +668,11 @@ def noise(rows: list[dict[str, Any]], fraction: float, seed: int) -> list[dict[s
         task = TASKS.get(row.get("task")) if isinstance(row.get("task"), str) else None
         new = None
         if task is not None and row.get("answer") is not None and "messages" not in row:
+            span = row.get("answer_span")
             for _ in range(100):
-                new = task.respond(task.corrupt(str(row["answer"]), rng))
+                wrong = task.corrupt(str(row["answer"]), rng)
+                # A self-phrased response (bnll_lightning.self_targets) keeps its phrasing: only its answer changes.
+                new = old[: span[0]] + wrong + old[span[1]:] if span else task.respond(wrong)
                 if new != old:
                     break
             else:

@@ -140,6 +140,11 @@ CASES = {
          "Sure!\nParis"],
         ["Lyon", "Paris or Berlin", "Parisian", "", "Paris\nNo wait, it is Marseille, not Paris... Berlin"],
     ),
+    "world_capital": (
+        "Ulaanbaatar",
+        ["Ulaanbaatar", "The capital of Mongolia is Ulan Bator.", "ulaanbaatar."],
+        ["Ulaanbaatar or Astana", "Khovd", "Ulaanbaatar\nNo, it is Bishkek"],
+    ),
     "uppercase": (
         "GREEN APPLE",
         ["GREEN APPLE", "GREEN APPLE.", '"GREEN APPLE"', "The uppercase text is GREEN APPLE.",

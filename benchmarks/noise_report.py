@@ -1,0 +1,189 @@
+"""Tables and plots of the noise study (``noise_study.py``) from its CSV: accuracy with paired intervals, curves."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from benchmarks import _common as C
+from benchmarks import continuum as CT
+
+
+def _entries():
+    from benchmarks.noise_study import ENTRIES
+
+    return ENTRIES
+
+
+def _vec(items: str) -> np.ndarray:
+    return np.frombuffer(items.encode(), dtype=np.uint8) - ord("0")
+
+
+def groups(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, float], dict[str, dict[int, dict[str, Any]]]]:
+    """(task, noise) -> objective -> seed -> row (the base model's rows are not in it)."""
+    out: dict[tuple[str, float], dict[str, dict[int, dict[str, Any]]]] = {}
+    for r in rows:
+        if r["objective"] != CT.BASE:
+            out.setdefault((r["task"], r["noise"]), {}).setdefault(r["objective"], {})[r["seed"]] = r
+    return out
+
+
+def summarize(rows: Sequence[dict[str, Any]], resamples: int = 4000) -> list[dict[str, Any]]:
+    """Per (task, noise): each objective's final accuracy [95 % CI], Δ vs NLL, and the controllers
+    against the best static objective and the ramp, paired over the seeds every objective has."""
+    entries = _entries()
+    base = {r["task"]: r for r in rows if r["objective"] == CT.BASE}
+    out = []
+    for (task, noise), by_key in sorted(groups(rows).items()):
+        seeds = sorted(set.intersection(*(set(m) for m in by_key.values())))
+        if not seeds:
+            continue
+        mats = {k: np.stack([_vec(by_key[k][s]["items"]) for s in seeds]) for k in entries if k in by_key}
+        s: dict[str, Any] = {"task": task, "noise": noise, "seeds": seeds, "role": next(iter(by_key.values()))[seeds[0]]["role"],
+                             "base": base.get(task), "objectives": {}}  # fmt: skip
+        for k, m in mats.items():
+            alphas = [by_key[k][x]["alpha_mean"] for x in seeds if by_key[k][x]["alpha_mean"] is not None]
+            s["objectives"][k] = {
+                "accuracy": CT.bootstrap(m, resamples=resamples),
+                "vs_nll": CT.bootstrap(m, mats["nll"], resamples) if "nll" in mats else None,
+                "alpha_mean": sum(alphas) / len(alphas) if alphas else None,
+            }
+        static = {k: v["accuracy"][0] for k, v in s["objectives"].items() if entries[k].static}
+        if static:
+            best = max(static, key=static.get)
+            s["best_static"] = best
+            for k, v in s["objectives"].items():
+                if not entries[k].static:
+                    v["vs_best"] = CT.bootstrap(mats[k], mats[best], resamples)
+                    if "linear" in mats and k != "linear":
+                        v["vs_linear"] = CT.bootstrap(mats[k], mats["linear"], resamples)
+        out.append(s)
+    return out
+
+
+def markdown(summaries: Sequence[dict[str, Any]]) -> str:
+    entries = _entries()
+    acc, ctl = [], []
+    for s in summaries:
+        head = f"{s['task']} ({s['role']}), noise {s['noise']:.0%}"
+        for k, v in s["objectives"].items():
+            mark = " (best static)" if k == s.get("best_static") else ""
+            alpha = "–" if v["alpha_mean"] is None else f"{v['alpha_mean']:.2f}"
+            acc.append([head, entries[k].label + mark, CT._ci(v["accuracy"]), CT._ci(v["vs_nll"], True), alpha])
+            if "vs_best" in v:
+                ctl.append([head, entries[k].label, entries[s["best_static"]].label, CT._ci(v["vs_best"], True),
+                            CT._verdict(v["vs_best"]), CT._ci(v.get("vs_linear"), True), CT._verdict(v.get("vs_linear"))])
+    return "\n".join([
+        "Final held-out accuracy (end of training; mean over seeds × items, 95 % two-way bootstrap interval);"
+        " Δ vs NLL paired over seeds × items:", "",
+        C.markdown_table(["task (role), noise", "objective", "accuracy [95 % CI]", "Δ vs NLL [95 % CI]", "mean α"], acc),
+        "", "Controllers against the best static objective and against the ramp (paired):", "",
+        C.markdown_table(["task (role), noise", "controller", "best static", "Δ vs best static", "verdict",
+                          "Δ vs LinearAlpha", "verdict"], ctl),
+    ])  # fmt: skip
+
+
+def base_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        if r["objective"] == CT.BASE:
+            counts = json.loads(r["pool"] or "{}")
+            curve = json.loads(r["curve"])[0]
+            lines.append([r["task"], r["role"], f"{r['base_mean_p']:.3f}", f"{r['base_geometric_mean_p']:.3f}",
+                          f"{r['accuracy']:.3f}", str(r["n"]), f"{counts.get('kept', '–')}/{counts.get('asked', '–')}",
+                          f"{curve['probe_nll']:.3f}"])  # fmt: skip
+    return C.markdown_table(["task", "role", "base mean p (training targets)", "geometric mean p", "base accuracy",
+                             "eval items", "pool kept/asked", "held-out probe NLL"], lines)  # fmt: skip
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], path: str | None = None, resamples: int = 1000):
+    """Held-out accuracy over epochs per objective (mean and 95 % two-way bootstrap band), one panel
+    per task (rows) and noise rate (columns)."""
+    from matplotlib.figure import Figure
+
+    entries = _entries()
+    grouped = groups(rows)
+    tasks = list(dict.fromkeys(t for t, _ in sorted(grouped)))
+    noises = sorted({n for _, n in grouped})
+    base = {r["task"]: r for r in rows if r["objective"] == CT.BASE}
+    fig = Figure(figsize=(3.6 * max(len(noises), 1) + 1.5, 2.9 * max(len(tasks), 1)))
+    for i, task in enumerate(tasks):
+        for j, noise in enumerate(noises):
+            ax = fig.add_subplot(len(tasks), len(noises), i * len(noises) + j + 1)
+            for c, (key, by_seed) in enumerate(sorted(grouped.get((task, noise), {}).items(), key=lambda kv: list(entries).index(kv[0]))):
+                curves = [json.loads(r["curve"]) for r in by_seed.values()]
+                epochs = [p["epoch"] for p in curves[0]]
+                if task in base:
+                    epochs = [0, *epochs]
+                mean, lo, hi = [], [], []
+                for e_idx, _ in enumerate(epochs):
+                    if task in base and e_idx == 0:
+                        v = _vec(base[task]["items"])[None, :]
+                    else:
+                        k = e_idx - (1 if task in base else 0)
+                        v = np.stack([_vec(cv[k]["items"]) for cv in curves])
+                    m, a, b = CT.bootstrap(v, resamples=resamples)
+                    mean.append(m), lo.append(a), hi.append(b)
+                style = "-" if entries[key].static else "--"
+                ax.plot(epochs, mean, style, color=f"C{c}", label=entries[key].label, linewidth=1.2)
+                ax.fill_between(epochs, lo, hi, color=f"C{c}", alpha=0.12)
+            ax.set_title(f"{task}, noise {noise:.0%}", fontsize=8)
+            ax.set_ylim(-0.03, 1.03)
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("held-out accuracy", fontsize=8)
+            if i == len(tasks) - 1:
+                ax.set_xlabel("epoch", fontsize=8)
+    handles, labels = [], []
+    for ax in fig.axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h), labels.append(lab)
+    if handles:
+        fig.legend(handles, labels, loc="upper right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+def write(args, argv, config, csv_path, threads, load, seconds) -> str:
+    """The report: markdown (printed, written to ``--out``, appended with --append) and the plot."""
+    from benchmarks.noise_study import NOISE_TASKS
+
+    rows = [r for r in CT_read(csv_path, config) if r["task"] in args.tasks]
+    summaries = summarize(rows, args.bootstrap)
+    if rows:
+        plot_curves(rows, os.path.join(args.out, "curves.png"), resamples=min(args.bootstrap, 1000))
+    done = sum((r["train_seconds"] or 0) + (r["eval_seconds"] or 0) for r in rows)
+    table = "\n".join(["Tasks and the base model (training targets of seed 0):", "", base_table(rows), "",
+                       markdown(summaries)])  # fmt: skip
+    conditions = [
+        f"model: {args.model}, {args.precision}, {args.accelerator}; every run starts from the same in-memory weights",
+        f"fine-tune: {args.epochs} epochs over {args.num_train} rows per seed (reverse3_long: 64), batch {args.batch_size},"
+        f" AdamW lr {args.lr:g} betas (0.9, 0.95) wd 0.01, {args.warmup:g} warm-up then cosine to 0, grad clip 1.0",
+        f"evaluation: held-out items (none in any training or pool row), greedy, max_new_tokens {args.max_new_tokens},"
+        f" the task's checker against the truth; after epochs {args.eval_epochs}; the last is the result; seeds"
+        f" {args.seeds}; intervals: two-way (seeds x items) bootstrap, {args.bootstrap} resamples",
+        "tasks: " + "; ".join(f"{t} = {NOISE_TASKS[t].why} ({NOISE_TASKS[t].role})" for t in args.tasks),
+        f"{len(rows)} runs in the CSV for this configuration ({config}); run time summed {done / 60:.0f} min;"
+        f" this invocation {seconds / 60:.1f} min; outputs in {args.out}",
+    ]
+    text = C.section("Noise study: the model-strong end under label noise", "noise_study.py", argv, threads, table,
+                     conditions, load=load, quick=args.quick)  # fmt: skip
+    with open(os.path.join(args.out, "noise_study.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+    if args.append:
+        C.append(text, args.docs)
+    return text
+
+
+def CT_read(path: str, config: str):
+    from benchmarks.noise_study import read_csv
+
+    return read_csv(path, config)

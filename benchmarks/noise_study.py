@@ -1,0 +1,478 @@
+"""The model-strong end under label noise: held-out accuracy over several epochs, per objective and noise rate.
+
+The paper's strong end (arXiv 2510.00526) is a base model that already gives its training targets a
+mean p near 0.8. Here the targets are the base model's own correct greedy answers, in its own words
+(:mod:`bnll_lightning.self_targets`: rejection-sampled self-distillation data), so the training
+targets' base mean p is high by construction; label noise replaces a share of the answers with a
+wrong one in the same phrasing; training runs for several epochs over a small set, long enough to
+memorise, and held-out accuracy is read at several points. f_α is the generalized cross-entropy L_q
+of the noisy-label literature (Zhang & Sabuncu 2018), where NLL memorises the wrong labels and
+MAE (= −p) holds; the question is whether the same shows here and whether a moving α beats both
+static ends and a ramp.
+
+Design (what keeps it honest), on top of ``continuum.py``'s (whose bootstrap and CSV locking it uses):
+
+* **Held-out items only.** The evaluation set is a fixed set of distinct prompts drawn apart; the
+  self-phrasing pool is drawn from another stream with every evaluation prompt removed; each seed's
+  training rows and its clean held-out probe rows (the "probe whose loss turns up") are disjoint
+  subsets of the pool's kept rows. Evaluation scores against the truth, never the noisy answers.
+* **Paired.** For a task, seed and noise rate every objective trains on the same rows, order and
+  noise, and answers the same items: differences are paired over seeds × items.
+* **Roles.** ``dev`` tasks may be used to choose a controller's design; ``report`` tasks never are.
+* **Curves.** Accuracy on the evaluation set at the end of the epochs in ``--eval_epochs``; the
+  last is the run's result (no run is stopped early and no epoch is picked after the fact).
+* **Resumable.** Every finished run is appended to ``noise_study.csv`` at once; a rerun skips
+  finished runs; ``--shard K/N`` splits the runs left between processes started together.
+
+    python benchmarks/noise_study.py --out docs/noise_study --shard 0/2 &   # the study, in 2 processes
+    python benchmarks/noise_study.py --out docs/noise_study --shard 1/2 &
+    python benchmarks/noise_study.py --out docs/noise_study --report       # tables and plots from the CSV
+    python benchmarks/noise_study.py --quick                               # tiny random model: the harness
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fcntl
+import gc
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+
+from benchmarks import _common as C
+from benchmarks import continuum as CT
+from bnll_lightning.alpha import AdaptiveAlpha
+from bnll_lightning.data import SFTDataModule
+from bnll_lightning.models import load_model, load_tokenizer
+from bnll_lightning.objectives import ASFT, EAFT, AlphaFamily, TokenAlpha
+from bnll_lightning.probe import probe
+from bnll_lightning.self_targets import self_phrased
+from bnll_lightning.tasks import TASKS
+
+
+@dataclass(frozen=True)
+class NoiseTask:
+    """A task of the study: the built-in task, whether its targets are self-phrased, its role and sizes."""
+
+    name: str
+    task: str
+    self_phrased: bool
+    role: str  # "dev": may be used to choose a controller's design; "report": never
+    why: str
+    num_eval: int | None = None  # None: --num_eval
+    pool: int = 320  # candidate prompts answered by the base model (self-phrased tasks)
+    num_train: int | None = None  # None: --num_train
+
+
+NOISE_TASKS = {
+    t.name: t
+    for t in (
+        # Counting: base accuracy ~0.5 on the reply-only prompt, 999 distinct items.
+        NoiseTask("successor_self", "successor", True, "dev", "model-strong targets: the base model's own right "
+                  "answers to 'the number after n'"),  # fmt: skip
+        # Two-digit addition: the base model is right on ~1 in 4, so its right answers are a strong set.
+        NoiseTask("add_self", "add", True, "report", "model-strong targets: the base model's own right sums of two "
+                  "numbers below 100", pool=480),  # fmt: skip
+        # Knowledge: 189 countries; 90 held out for evaluation, the other 99 answered by the base model.
+        NoiseTask("capital_self", "world_capital", True, "report", "model-strong targets: the base model's own right "
+                  "capitals (189 countries)", num_eval=90, pool=99),  # fmt: skip
+        # The weak end, trained long: clean canonical targets the base model finds unlikely.
+        NoiseTask("reverse3_long", "reverse3", False, "report", "model-weak, long: reverse a 3-letter pseudo-word, "
+                  "canonical targets", num_train=64),  # fmt: skip
+    )
+}
+
+ENTRIES = dict(CT.ENTRIES)
+for _e in (
+    CT.Entry("alpha05", "α = 0.5", lambda a: (AlphaFamily(0.5), None), 0.5),
+    CT.Entry("eaft", "EAFT", lambda a: (EAFT(), None), None),
+    CT.Entry("asft", "ASFT", lambda a: (ASFT(), None), None),
+    # Per-token α (its defaults: −p on tokens with p >= 0.55, NLL below 0.1): a static objective.
+    CT.Entry("token", "TokenAlpha", lambda a: (TokenAlpha(), None), None),
+    # The controller on the median token p: the noisy tail cannot pull it down (candidate, chosen on dev tasks).
+    CT.Entry("adaptive_median", "AdaptiveAlpha median",
+             lambda a: (AlphaFamily(0.0), AdaptiveAlpha(statistic="quantile", quantile=0.5)), None, False, True),
+):
+    ENTRIES[_e.key] = _e
+CORE = ("nll", "negprob", "alpha05", "adaptive", "linear")  # the noise grid's objectives
+REST = ("dft", "eaft", "asft", "token")  # the rest of the list, at the middle noise rate
+WEAK = ("nll", "negprob", "adaptive", "linear")  # the weak + long regime
+BASE = CT.BASE
+TAU = 0.2  # "share of tokens under τ" in the per-step trace (probe's τ)
+QUICK = dict(num_train=4, batch_size=2, epochs=2, eval_epochs=[1, 2], num_eval=6, max_new_tokens=4, pool_scale=0.1,
+             probe_rows=2, seeds=2, tasks=["successor_self", "reverse3_long"], noises=[0.0, 0.5], bootstrap=200,
+             objectives=["nll", "negprob", "linear"], probe_batches=1, canonical_targets=True)  # fmt: skip
+CSV_FIELDS = (
+    "config", "task", "role", "objective", "label", "seed", "noise", "accuracy", "correct", "n", "items", "curve",
+    "alpha_mean", "alpha_end", "alphas", "trace", "base_mean_p", "base_geometric_mean_p", "pool", "noisy_rows",
+    "num_train", "steps", "epochs", "batch_size", "lr", "model", "train_seconds", "eval_seconds", "finished",
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def eval_rows(task: NoiseTask, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The task's fixed evaluation set (distinct prompts of the evaluation stream)."""
+    return CT.eval_rows(CT.StudyTask(task.name, task.task, 0.0, task.role, task.why), _num_eval(task, args))
+
+
+def _num_eval(task: NoiseTask, args: argparse.Namespace) -> int:
+    return min(task.num_eval or args.num_eval, args.num_eval) if args.quick else (task.num_eval or args.num_eval)
+
+
+def _num_train(task: NoiseTask, args: argparse.Namespace) -> int:
+    return min(task.num_train or args.num_train, args.num_train) if args.quick else (task.num_train or args.num_train)
+
+
+def candidate_rows(task: NoiseTask, n: int, exclude: set[str]) -> list[dict[str, Any]]:
+    """Up to ``n`` distinct prompts of the task's pool stream, none in ``exclude`` (the evaluation set)."""
+    rows, seen = [], set(exclude)
+    for row in TASKS[task.task].generate(max(50 * n, 4000), 7919 * 999):
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+            if len(rows) == n:
+                break
+    return rows
+
+
+def pool(task: NoiseTask, args: argparse.Namespace, out: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The rows seeds draw from: self-phrased (the base model's right answers, built once and cached in
+    ``out``) or canonical; built under a file lock so that shards started together build it once."""
+    path = os.path.join(out, "pools", f"{task.name}.jsonl")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(path):
+            exclude = {r["prompt"] for r in eval_rows(task, args)}
+            n = max(8, round(task.pool * args.pool_scale)) if task.self_phrased else 4 * _num_train(task, args)
+            rows = candidate_rows(task, n, exclude)
+            counts = {"asked": len(rows), "kept": len(rows)}
+            if task.self_phrased and not args.canonical_targets:
+                tokenizer, base = CT.StudyModule.base[args.model_path]
+                encoder = SFTDataModule(train=f"builtin:{task.task}", tokenizer=tokenizer, val_fraction=0.0)
+                rows, counts = self_phrased(base, tokenizer, rows, encoder.encode_prompt,
+                                            max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size)
+            tmp = path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"counts": counts}) + "\n")
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+            os.replace(tmp, path)
+    with open(path, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f]
+    return lines[1:], lines[0]["counts"]
+
+
+def seed_rows(task: NoiseTask, seed: int, args: argparse.Namespace, out: str) -> tuple[str, str]:
+    """This seed's training rows and clean held-out probe rows (disjoint draws from the pool), as files."""
+    rows, _ = pool(task, args, out)
+    n, k = _num_train(task, args), args.probe_rows
+    if len(rows) < n + k:
+        raise ValueError(f"{task.name}: the pool kept {len(rows)} rows, {n} training + {k} probe rows asked")
+    order = list(range(len(rows)))
+    random.Random(f"noise_study:{task.name}:{seed}").shuffle(order)
+    paths = []
+    for name, idx in (("train", order[:n]), ("probe", order[n:n + k])):
+        path = os.path.join(out, "pools", f"{task.name}_seed{seed}_{name}.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            for i in sorted(idx):
+                f.write(json.dumps(rows[i]) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def datamodule(path: str, seed: int, noise: float, tokenizer: Any, args: argparse.Namespace) -> SFTDataModule:
+    return SFTDataModule(train=path, val_fraction=0.0, batch_size=args.batch_size, seed=seed, noise=noise,
+                         max_length=args.max_length, tokenizer=tokenizer)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+class Curve(L.Callback):
+    """Per optimizer step: α, and the batch's mean, median and 10 % quantile of p and share under τ.
+    At the end of each epoch in ``eval_epochs``: accuracy on the evaluation set and the clean held-out
+    probe's NLL and mean p."""
+
+    def __init__(self, eval_at: dict[int, int], evaluate) -> None:
+        self.eval_at, self.evaluate = eval_at, evaluate  # step -> epoch; fn(module) -> dict
+        self.alphas: list[float] = []
+        self.trace: list[list[float]] = []
+        self.points: list[dict[str, Any]] = []
+        self.eval_seconds = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.objective.alpha is not None:
+            self.alphas.append(float(pl_module.objective.alpha))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        logp = pl_module.last_target_logp
+        if logp is not None and logp.numel():
+            p = logp.exp().float()
+            q10, q50 = torch.quantile(p, torch.tensor([0.1, 0.5])).tolist()
+            self.trace.append([round(p.mean().item(), 4), round(q50, 4), round(q10, 4),
+                               round((p < TAU).float().mean().item(), 4)])  # fmt: skip
+        step = trainer.global_step
+        if step in self.eval_at:
+            start = time.perf_counter()
+            point = {"step": step, "epoch": self.eval_at[step], **self.evaluate(pl_module)}
+            self.eval_seconds += time.perf_counter() - start
+            self.points.append(point)
+
+
+def evaluate(module: Any, task: NoiseTask, probe_data: SFTDataModule, args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy accuracy on the evaluation set and the held-out probe's NLL and mean p (clean targets)."""
+    result, _ = CT.answer(module, module.tokenizer, eval_rows(task, args), probe_data, args)
+    was_training = module.model.training
+    module.model.eval()
+    nll = p = tokens = 0.0
+    with torch.no_grad():
+        for batch in probe_data.train_dataloader():
+            logp, mask = module.target_logprobs(batch)
+            nll += float(-(logp[mask]).sum())
+            p += float(logp[mask].exp().sum())
+            tokens += float(mask.sum())
+    module.model.train(was_training)
+    return {"accuracy": result.accuracy, "items": CT._items(result), "probe_nll": nll / max(tokens, 1.0),
+            "probe_mean_p": p / max(tokens, 1.0)}  # fmt: skip
+
+
+def run_base(task: NoiseTask, args: argparse.Namespace, out: str) -> dict[str, Any]:
+    """The base model: mean p of seed 0's clean training targets (probe) and accuracy on the eval set."""
+    tokenizer, _ = CT.StudyModule.base[args.model_path]
+    module = CT.StudyModule(model=args.model_path, histogram_every_n_steps=0)
+    train_path, probe_path = seed_rows(task, 0, args, out)
+    data = datamodule(train_path, 0, 0.0, tokenizer, args)
+    data.setup("fit")
+    figures = probe(module, data, max_batches=10**6, split="train", progress=False)
+    probe_data = datamodule(probe_path, 0, 0.0, tokenizer, args)
+    probe_data.setup("fit")
+    start = time.perf_counter()
+    point = evaluate(module, task, probe_data, args)
+    _, counts = pool(task, args, out)
+    return {
+        "objective": BASE, "label": "base model", "seed": "", "noise": "", "accuracy": point["accuracy"],
+        "correct": point["items"].count("1"), "n": len(point["items"]), "items": point["items"],
+        "curve": json.dumps([{"step": 0, "epoch": 0, **point}]), "base_mean_p": figures["mean_p"],
+        "base_geometric_mean_p": figures["geometric_mean_p"], "pool": json.dumps(counts), "steps": 0,
+        "train_seconds": 0.0, "eval_seconds": time.perf_counter() - start,
+    }  # fmt: skip
+
+
+def run_one(task: NoiseTask, key: str, seed: int, noise: float, args: argparse.Namespace, out: str) -> dict[str, Any]:
+    """Fine-tune a copy of the base model on ``task`` with ``ENTRIES[key]``, seed and noise rate; evaluate
+    at the end of the epochs in ``--eval_epochs``."""
+    entry = ENTRIES[key]
+    train_path, probe_path = seed_rows(task, seed, args, out)
+    steps_per_epoch = math.ceil(_num_train(task, args) / args.batch_size)
+    steps = steps_per_epoch * args.epochs
+    run_args = argparse.Namespace(**{**vars(args), "steps": steps})  # LinearAlpha ramps over the whole run
+    L.seed_everything(seed, verbose=False)
+    objective, controller = entry.make(run_args)
+    module = CT.StudyModule(
+        model=args.model_path, objective=objective, alpha_controller=controller, histogram_every_n_steps=0,
+        optimizer=partial(torch.optim.AdamW, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01),
+        warmup=args.warmup, warm_start_batches=args.probe_batches if entry.probe else 0,
+    )  # fmt: skip
+    data = datamodule(train_path, seed, noise, module.tokenizer, args)
+    probe_data = datamodule(probe_path, seed, 0.0, module.tokenizer, args)
+    probe_data.setup("fit")
+    eval_at = {e * steps_per_epoch: e for e in args.eval_epochs if e <= args.epochs}
+    curve = Curve(eval_at, lambda m: evaluate(m, task, probe_data, args))
+    trainer = L.Trainer(
+        accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps, max_epochs=args.epochs,
+        gradient_clip_val=1.0, logger=False, callbacks=[curve], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=out,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(module, data)
+    seconds = time.perf_counter() - start
+    last = curve.points[-1]
+    alphas = curve.alphas
+    return {
+        "objective": key, "label": entry.label, "seed": seed, "noise": noise, "accuracy": last["accuracy"],
+        "correct": last["items"].count("1"), "n": len(last["items"]), "items": last["items"],
+        "curve": json.dumps(curve.points),
+        "alpha_mean": entry.alpha if entry.alpha is not None else (sum(alphas) / len(alphas) if alphas else None),
+        "alpha_end": alphas[-1] if alphas else entry.alpha, "alphas": ";".join(f"{a:.3f}" for a in alphas),
+        "trace": json.dumps(curve.trace), "noisy_rows": data.stats["train"].get("noisy", 0),
+        "num_train": _num_train(task, args), "steps": trainer.global_step,
+        "train_seconds": seconds - curve.eval_seconds, "eval_seconds": curve.eval_seconds,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the CSV and the plan
+
+
+def config_key(args: argparse.Namespace) -> str:
+    fields = ("model", "epochs", "batch_size", "lr", "warmup", "num_train", "num_eval", "max_new_tokens", "max_length",
+              "probe_batches", "precision", "probe_rows", "eval_epochs", "pool_scale", "canonical_targets")  # fmt: skip
+    blob = json.dumps({f: getattr(args, f) for f in fields}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def append_row(path: str, row: dict[str, Any]) -> None:
+    """Append one run under an exclusive lock (shards share the file)."""
+    with open(path, "a+", newline="", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0, os.SEEK_END)
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS})
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_FLOAT = {"accuracy", "alpha_mean", "alpha_end", "base_mean_p", "base_geometric_mean_p", "noise", "lr",
+          "train_seconds", "eval_seconds"}  # fmt: skip
+_INT = {"seed", "correct", "n", "noisy_rows", "num_train", "steps", "epochs", "batch_size"}
+
+
+def read_csv(path: str, config: str | None = None) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for raw in csv.DictReader(f):
+            row: dict[str, Any] = dict(raw)
+            for k in _FLOAT | _INT:
+                row[k] = None if row.get(k) in ("", None) else (int(row[k]) if k in _INT else float(row[k]))
+            if config is None or row["config"] == config:
+                rows.append(row)
+    return rows
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, int | None, float | None]]:
+    """Every run as (task, objective, seed, noise), most important first, seed by seed within a block:
+    the base models; the core objectives at the middle noise rate; the noise grid; the rest of the
+    objectives; the weak + long regime."""
+    strong = [t for t in args.tasks if NOISE_TASKS[t].self_phrased]
+    weak = [t for t in args.tasks if not NOISE_TASKS[t].self_phrased]
+    mid = args.noises[len(args.noises) // 2]
+    core = [k for k in args.objectives if k in CORE or k not in (*REST, *WEAK)]
+    rest = [k for k in args.objectives if k not in core]
+    runs: list[tuple[str, str, int | None, float | None]] = [(t, BASE, None, None) for t in args.tasks]
+    blocks = [(strong, core, [mid]), (strong, core, [n for n in args.noises if n != mid]), (strong, rest, [mid]),
+              (weak, [k for k in args.objectives if k in WEAK], [0.0])]  # fmt: skip
+    for tasks, keys, noises in blocks:
+        for seed in range(args.seeds):
+            runs += [(t, k, seed, n) for n in noises for t in tasks for k in keys]
+    return list(dict.fromkeys(runs))
+
+
+def _run_missing(args: argparse.Namespace, config: str, csv_path: str, shard: int, shards: int) -> None:
+    from tqdm import tqdm
+
+    tokenizer = load_tokenizer(args.model_path)
+    CT.StudyModule.base[args.model_path] = (tokenizer, load_model(args.model_path).eval())
+    done_rows = read_csv(csv_path, config)
+    done = {(r["task"], r["objective"], r["seed"], r["noise"]) for r in done_rows}
+    left = [run for run in plan(args) if run not in done]
+    todo = left[shard::shards]
+    measured = [r["train_seconds"] + r["eval_seconds"] for r in done_rows if r["objective"] != BASE]
+    per_run = sum(measured) / len(measured) if measured else 240.0  # a first guess until runs are measured
+    print(f"[noise_study] shard {shard}/{shards}: {len(todo)} of the {len(left)} runs left"
+          f" ({len(done)} in the CSV); projected {len(todo) * per_run / 60:.0f} min at ~{per_run:.0f} s per run",
+          file=sys.stderr, flush=True)  # fmt: skip
+    bar = tqdm(todo, desc=f"noise study {shard}/{shards}", unit="run", file=sys.stderr, disable=args.quick)
+    for name, key, seed, noise in bar:
+        task = NOISE_TASKS[name]
+        bar.set_postfix_str(f"{name} {key} seed {seed} noise {noise}")
+        row = run_base(task, args, args.out) if key == BASE else run_one(task, key, seed, noise, args, args.out)
+        gc.collect()
+        row.update(config=config, task=name, role=task.role, epochs=args.epochs, batch_size=args.batch_size,
+                   lr=args.lr, model=args.model, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
+        append_row(csv_path, row)
+        if not args.quick:
+            tqdm.write(f"  {name:<15} {row['label']:<22} seed {row['seed']!s:<2} noise {noise!s:<4} accuracy"
+                       f" {row['accuracy']:.3f} ({row['train_seconds']:.0f} + {row['eval_seconds']:.0f} s)",
+                       file=sys.stderr)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    C.add_common_arguments(parser)
+    parser.set_defaults(threads=1)  # one thread per process, two processes on two cores (continuum.py's pilot)
+    parser.add_argument("--model", default=None, help="model to fine-tune (default: embedded; --quick: tiny random)")
+    parser.add_argument("--tasks", nargs="+", default=list(NOISE_TASKS), choices=tuple(NOISE_TASKS))
+    parser.add_argument("--objectives", nargs="+", default=[*CORE, *REST], choices=tuple(ENTRIES))
+    parser.add_argument("--noises", nargs="+", type=float, default=[0.0, 0.2, 0.4],
+                        help="shares of training answers replaced by a wrong one (the middle one gets every objective)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (training rows, order and noise)")
+    # Several epochs over a small set: long enough for NLL to memorise the wrong answers.
+    parser.add_argument("--num_train", type=int, default=32, help="training rows per seed (a task may set its own)")
+    parser.add_argument("--epochs", type=int, default=6, help="epochs over the training rows")
+    parser.add_argument("--eval_epochs", nargs="+", type=int, default=[1, 3, 6], help="epochs after which to evaluate")
+    parser.add_argument("--batch_size", type=int, default=8, help="rows per optimizer step")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate")
+    parser.add_argument("--warmup", type=float, default=0.1, help="linear warm-up (fraction of steps), cosine to 0")
+    parser.add_argument("--num_eval", type=int, default=200, help="held-out items per task (a task may set fewer)")
+    parser.add_argument("--probe_rows", type=int, default=16, help="clean held-out rows whose loss is tracked")
+    parser.add_argument("--pool_scale", type=float, default=1.0, help="scales each task's self-phrasing pool")
+    parser.add_argument("--canonical_targets", action="store_true",
+                        help="canonical answers instead of self-phrased ones (--quick: a random model answers nothing right)")
+    parser.add_argument("--max_new_tokens", type=int, default=16, help="generation budget per answer")
+    parser.add_argument("--eval_batch_size", type=int, default=50, help="prompts generated together")
+    parser.add_argument("--max_length", type=int, default=256, help="tokens per training row")
+    parser.add_argument("--probe_batches", type=int, default=4, help="batches of the controllers' warm start")
+    parser.add_argument("--bootstrap", type=int, default=4000, help="bootstrap resamples per interval")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--shard", default="0/1", help="K/N: of the runs left, every N-th from the K-th")
+    parser.add_argument("--report", action="store_true", help="no runs: tables and plots from the CSV")
+    parser.add_argument("--out", default=None, help="output directory (default: runs/noise_study; --quick: temp)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> str:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**QUICK)
+    args = parser.parse_args(argv)
+    args.out = args.out or (tempfile.mkdtemp(prefix="bnll_noise_") if args.quick else "runs/noise_study")
+    os.makedirs(args.out, exist_ok=True)
+    threads = C.set_threads(args.threads)
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    csv_path = os.path.join(args.out, "noise_study.csv")
+    load0, start = C.load_average(), time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bnll_noise_") as work, C.quiet():
+        args.model_path = args.model or ("embedded" if not args.quick else CT._tiny(work))
+        args.model = CT.model_name(args)
+        config = config_key(args)
+        if not args.report:
+            _run_missing(args, config, csv_path, shard, shards)
+    from benchmarks import noise_report
+
+    return noise_report.write(args, argv, config, csv_path, threads, (load0, C.load_average()),
+                              time.perf_counter() - start)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
