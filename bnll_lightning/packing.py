@@ -55,7 +55,9 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
 
 class PackedDataset(Dataset):
     """Rows packed into sequences of at most ``max_length`` tokens (:func:`pack`), built on access
-    from the row features (nothing copied); ``position_ids`` restart at 0 at each row."""
+    from the row features (nothing copied); ``position_ids`` restart at 0 at each row, and each row's
+    first label is masked: unpacked, nothing predicts a row's first token, and packed, the previous
+    row's last position would be trained to."""
 
     def __init__(self, features: list[dict[str, Any]], max_length: int):
         self.features = features
@@ -66,7 +68,8 @@ class PackedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, list]:
         rows = [self.features[i] for i in self.packs[index]]
-        out = {key: [x for r in rows for x in r[key]] for key in ("input_ids", "labels")}
+        out = {"input_ids": [x for r in rows for x in r["input_ids"]],
+               "labels": [x for r in rows for x in [IGNORE_INDEX, *r["labels"][1:]]]}
         out["position_ids"] = [t for r in rows for t in range(len(r["input_ids"]))]
         if "weight" in rows[0]:
             out["weight"] = [r["weight"] for r in rows for _ in r["input_ids"]]

@@ -36,6 +36,15 @@ def write_rows(path, n: int = 7, weights: bool = False) -> str:
     return str(path)
 
 
+def write_assistant_only(path, n: int = 7) -> str:
+    """Rows that are one assistant turn: formatted without a chat template (and a tokenizer that adds no
+    BOS), a row's first token is a target."""
+    items = [{"messages": [{"role": "assistant", "content": " ".join(["word"] * (1 + (5 * i) % 26))}]}
+             for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in items))
+    return str(path)
+
+
 def datamodule(path: str, tokenizer, **kwargs) -> SFTDataModule:
     kwargs.setdefault("max_length", 160)
     dm = SFTDataModule(train=path, val_fraction=0.0, tokenizer=tokenizer, **kwargs)
@@ -60,7 +69,7 @@ def test_packed_rows_restart_positions_and_keep_labels_and_weights(tmp_path, tok
         item, rows = data[k], [data.features[i] for i in data.packs[k]]
         assert len(item["input_ids"]) == sum(len(r["input_ids"]) for r in rows) <= dm.max_length
         assert item["input_ids"] == [t for r in rows for t in r["input_ids"]]
-        assert item["labels"] == [t for r in rows for t in r["labels"]]
+        assert item["labels"] == [t for r in rows for t in [IGNORE_INDEX, *r["labels"][1:]]]
         assert item["position_ids"] == [t for r in rows for t in range(len(r["input_ids"]))]
         assert item["weight"] == [r["weight"] for r in rows for _ in r["input_ids"]]
     batch = dm.collate([data[0], data[len(data) - 1]])
@@ -124,6 +133,25 @@ def test_packed_batch_has_the_loss_of_its_rows_unpacked(name, weights, tmp_path,
         torch.testing.assert_close(outs["packed_grad"][n], g, rtol=1e-3, atol=1e-6, msg=lambda m: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("name", ["NLL", "AlphaFamily"])
+def test_a_row_whose_first_token_is_a_target_is_not_predicted_from_the_row_before(name, tmp_path, tokenizer,
+                                                                                  shared_module):
+    """Unpacked, nothing predicts a row's first token; packed, the previous row's last position must not either."""
+    path = write_assistant_only(tmp_path / "a.jsonl")
+    packed_dm, plain_dm = (datamodule(path, tokenizer, packing=p, use_chat_template=False) for p in (True, False))
+    assert all(f["labels"][0] == f["input_ids"][0] for f in plain_dm.train_dataset.features)  # first token: a target
+    packed = packed_dm.collate([packed_dm.train_dataset[k] for k in range(len(packed_dm.train_dataset))])
+    plain = plain_dm.collate(list(plain_dm.train_dataset.features))
+    assert len(packed["input_ids"]) < len(plain["input_ids"])  # rows share sequences
+    module = shared_module
+    module.objective = objective = OBJECTIVES[name]()
+    with torch.no_grad():
+        out = {key: objective.from_stats(module.target_stats(batch)) for key, batch in
+               (("packed", packed), ("plain", plain))}  # fmt: skip
+    assert out["packed"].normalizer == out["plain"].normalizer  # the same target tokens, none across rows
+    torch.testing.assert_close(out["packed"].loss, out["plain"].loss, rtol=1e-5, atol=1e-6)
+
+
 def test_full_logits_path_and_eval_logprobs_read_packed_batches(tmp_path, tokenizer, shared_module):
     path = write_rows(tmp_path / "a.jsonl")
     packed_dm, plain_dm = (datamodule(path, tokenizer, packing=p) for p in (True, False))
@@ -140,12 +168,15 @@ def test_full_logits_path_and_eval_logprobs_read_packed_batches(tmp_path, tokeni
     module.streamed = True
 
 
-def test_a_packed_fit_step_equals_the_unpacked_one(tmp_path, tokenizer, tiny_model_dir):
-    path = write_rows(tmp_path / "a.jsonl", weights=True)
+@pytest.mark.parametrize("rows", ["prompt_response", "assistant_only"])
+def test_a_packed_fit_step_equals_the_unpacked_one(rows, tmp_path, tokenizer, tiny_model_dir):
+    path = (write_rows(tmp_path / "a.jsonl", weights=True) if rows == "prompt_response"
+            else write_assistant_only(tmp_path / "a.jsonl"))
     steps = {}
     for packing in (True, False):
         module = SFTModule(model=tiny_model_dir, optimizer=sgd_lr1, warmup=0, export_dir=str(tmp_path / "export"))
         data = SFTDataModule(train=path, val_fraction=0.0, batch_size=7, max_length=160, packing=packing,
+                             use_chat_template=rows == "prompt_response",
                              tokenizer=module.tokenizer)  # one micro-batch holds every row
         before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
         one_step_trainer(1).fit(module, datamodule=data)
