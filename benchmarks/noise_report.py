@@ -159,9 +159,11 @@ def write(args, argv, config, csv_path, threads, load, seconds) -> str:
     summaries = summarize(rows, args.bootstrap)
     if rows:
         plot_curves(rows, os.path.join(args.out, "curves.png"), resamples=min(args.bootstrap, 1000))
+        plot_statistics(rows, os.path.join(args.out, "statistics.png"))
     done = sum((r["train_seconds"] or 0) + (r["eval_seconds"] or 0) for r in rows)
     table = "\n".join(["Tasks and the base model (training targets of seed 0):", "", base_table(rows), "",
-                       markdown(summaries)])  # fmt: skip
+                       markdown(summaries), "", "What a controller could read during NLL training (mean over seeds):",
+                       "", statistics_table(rows)])  # fmt: skip
     conditions = [
         f"model: {args.model}, {args.precision}, {args.accelerator}; every run starts from the same in-memory weights",
         f"fine-tune: {args.epochs} epochs over {args.num_train} rows per seed (reverse3_long: 64), batch {args.batch_size},"
@@ -187,3 +189,58 @@ def CT_read(path: str, config: str):
     from benchmarks.noise_study import read_csv
 
     return read_csv(path, config)
+
+
+def statistics_table(rows: Sequence[dict[str, Any]], objective: str = "nll") -> str:
+    """What a controller could read, per task and noise rate, from ``objective``'s runs (mean over seeds):
+    the training batch's mean, median and 10 % quantile of p and share under τ in the first and the
+    last epoch, and the clean held-out probe's NLL after each evaluated epoch."""
+    lines = []
+    for (task, noise), by_key in sorted(groups(rows).items()):
+        runs = list(by_key.get(objective, {}).values())
+        if not runs:
+            continue
+        traces = [np.array(json.loads(r["trace"])) for r in runs]
+        steps = min(len(t) for t in traces)
+        per_epoch = steps // runs[0]["epochs"]
+        first = np.mean([t[:per_epoch].mean(axis=0) for t in traces], axis=0)
+        last = np.mean([t[steps - per_epoch:steps].mean(axis=0) for t in traces], axis=0)
+        probe = np.mean([[p["probe_nll"] for p in json.loads(r["curve"])] for r in runs], axis=0)
+        epochs = [p["epoch"] for p in json.loads(runs[0]["curve"])]
+        lines.append([f"{task} ({runs[0]['role']})", f"{noise:.0%}", str(len(runs)),
+                      *(f"{a:.3f} → {b:.3f}" for a, b in zip(first, last)),
+                      ", ".join(f"{e}: {v:.3f}" for e, v in zip(epochs, probe))])  # fmt: skip
+    return C.markdown_table(["task (role)", "noise", "seeds", "mean p (epoch 1 → last)", "median p", "10 % quantile p",
+                             f"share p < {0.2}", "held-out probe NLL by epoch"], lines)  # fmt: skip
+
+
+def plot_statistics(rows: Sequence[dict[str, Any]], path: str | None = None, objective: str = "nll"):
+    """Per task: the training batch's mean, median and 10 % quantile of p over the steps of ``objective``'s
+    runs (mean over seeds), one line style per statistic, one colour per noise rate."""
+    from matplotlib.figure import Figure
+
+    grouped = groups(rows)
+    tasks = list(dict.fromkeys(t for t, _ in sorted(grouped)))
+    fig = Figure(figsize=(3.6 * max(len(tasks), 1), 3.2))
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(1, len(tasks), i + 1)
+        for c, noise in enumerate(sorted(n for t, n in grouped if t == task)):
+            runs = list(grouped[(task, noise)].get(objective, {}).values())
+            if not runs:
+                continue
+            traces = [np.array(json.loads(r["trace"])) for r in runs]
+            steps = min(len(t) for t in traces)
+            mean = np.mean([t[:steps] for t in traces], axis=0)
+            x = np.arange(1, steps + 1)
+            for col, style, name in ((0, "-", "mean"), (1, ":", "median"), (2, "--", "10 % quantile")):
+                ax.plot(x, mean[:, col], style, color=f"C{c}", linewidth=1.1,
+                        label=f"{name}, noise {noise:.0%}" if i == 0 else None)  # fmt: skip
+        ax.set_title(f"{task}: {objective}", fontsize=8)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    fig.legend(loc="lower center", ncol=3, fontsize=6)
+    fig.tight_layout(rect=(0, 0.18, 1, 1))
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig

@@ -22,10 +22,11 @@ Design (what keeps it honest), on top of ``continuum.py``'s (whose bootstrap and
 * **Curves.** Accuracy on the evaluation set at the end of the epochs in ``--eval_epochs``; the
   last is the run's result (no run is stopped early and no epoch is picked after the fact).
 * **Resumable.** Every finished run is appended to ``noise_study.csv`` at once; a rerun skips
-  finished runs; ``--shard K/N`` splits the runs left between processes started together.
+  finished runs. Processes started on the same ``--out`` share one queue in the plan's order
+  (:func:`claim_next`), so two of them use two cores and either can be restarted at any time.
 
-    python benchmarks/noise_study.py --out docs/noise_study --shard 0/2 &   # the study, in 2 processes
-    python benchmarks/noise_study.py --out docs/noise_study --shard 1/2 &
+    python benchmarks/noise_study.py --out docs/noise_study &              # the study, in 2 processes
+    python benchmarks/noise_study.py --out docs/noise_study &
     python benchmarks/noise_study.py --out docs/noise_study --report       # tables and plots from the CSV
     python benchmarks/noise_study.py --quick                               # tiny random model: the harness
 """
@@ -90,9 +91,10 @@ NOISE_TASKS = {
         # Two-digit addition: the base model is right on ~1 in 4, so its right answers are a strong set.
         NoiseTask("add_self", "add", True, "report", "model-strong targets: the base model's own right sums of two "
                   "numbers below 100", pool=480),  # fmt: skip
-        # Knowledge: 189 countries; 90 held out for evaluation, the other 99 answered by the base model.
+        # Knowledge: 189 countries; 90 held out for evaluation, the other 99 answered by the base model (it is right
+        # on 46: 30 train and 16 probe a seed).
         NoiseTask("capital_self", "world_capital", True, "report", "model-strong targets: the base model's own right "
-                  "capitals (189 countries)", num_eval=90, pool=99),  # fmt: skip
+                  "capitals (189 countries)", num_eval=90, pool=99, num_train=30),  # fmt: skip
         # The weak end, trained long: clean canonical targets the base model finds unlikely.
         NoiseTask("reverse3_long", "reverse3", False, "report", "model-weak, long: reverse a 3-letter pseudo-word, "
                   "canonical targets", num_train=64),  # fmt: skip
@@ -383,22 +385,56 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int | None, float | N
     return list(dict.fromkeys(runs))
 
 
-def _run_missing(args: argparse.Namespace, config: str, csv_path: str, shard: int, shards: int) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_next(config: str, csv_path: str, runs: list[tuple]) -> tuple | None:
+    """The first run of ``runs`` that is neither in the CSV nor claimed by a live process; claimed for this one.
+
+    Processes started on the same ``--out`` share this queue (a claims file under a lock), so they work
+    in the plan's order and a restarted process never repeats a run another has finished or is doing.
+    """
+    with open(csv_path + ".claims", "a+", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            claims = [json.loads(line) for line in f if line.strip()]
+            busy = {tuple(c["run"]) for c in claims if c["config"] == config and _alive(c["pid"])}
+            done = {(r["task"], r["objective"], r["seed"], r["noise"]) for r in read_csv(csv_path, config)}
+            for run in runs:
+                if run not in done and run not in busy:
+                    f.write(json.dumps({"config": config, "run": list(run), "pid": os.getpid()}) + "\n")
+                    f.flush()
+                    return run
+            return None
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _run_missing(args: argparse.Namespace, config: str, csv_path: str) -> None:
     from tqdm import tqdm
 
     tokenizer = load_tokenizer(args.model_path)
     CT.StudyModule.base[args.model_path] = (tokenizer, load_model(args.model_path).eval())
     done_rows = read_csv(csv_path, config)
     done = {(r["task"], r["objective"], r["seed"], r["noise"]) for r in done_rows}
-    left = [run for run in plan(args) if run not in done]
-    todo = left[shard::shards]
+    runs = plan(args)
+    left = [run for run in runs if run not in done]
     measured = [r["train_seconds"] + r["eval_seconds"] for r in done_rows if r["objective"] != BASE]
     per_run = sum(measured) / len(measured) if measured else 240.0  # a first guess until runs are measured
-    print(f"[noise_study] shard {shard}/{shards}: {len(todo)} of the {len(left)} runs left"
-          f" ({len(done)} in the CSV); projected {len(todo) * per_run / 60:.0f} min at ~{per_run:.0f} s per run",
-          file=sys.stderr, flush=True)  # fmt: skip
-    bar = tqdm(todo, desc=f"noise study {shard}/{shards}", unit="run", file=sys.stderr, disable=args.quick)
-    for name, key, seed, noise in bar:
+    print(f"[noise_study] {len(left)} of the {len(runs)} runs left ({len(done)} in the CSV); projected"
+          f" {len(left) * per_run / 60:.0f} min of run time at ~{per_run:.0f} s per run, divided among the"
+          " processes started on this --out", file=sys.stderr, flush=True)  # fmt: skip
+    bar = tqdm(total=len(left), desc="noise study", unit="run", file=sys.stderr, disable=args.quick)
+    while (run := claim_next(config, csv_path, runs)) is not None:
+        name, key, seed, noise = run
         task = NOISE_TASKS[name]
         bar.set_postfix_str(f"{name} {key} seed {seed} noise {noise}")
         row = run_base(task, args, args.out) if key == BASE else run_one(task, key, seed, noise, args, args.out)
@@ -406,6 +442,7 @@ def _run_missing(args: argparse.Namespace, config: str, csv_path: str, shard: in
         row.update(config=config, task=name, role=task.role, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, model=args.model, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))  # fmt: skip
         append_row(csv_path, row)
+        bar.update(1)
         if not args.quick:
             tqdm.write(f"  {name:<15} {row['label']:<22} seed {row['seed']!s:<2} noise {noise!s:<4} accuracy"
                        f" {row['accuracy']:.3f} ({row['train_seconds']:.0f} + {row['eval_seconds']:.0f} s)",
@@ -444,7 +481,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=int, default=4000, help="bootstrap resamples per interval")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
-    parser.add_argument("--shard", default="0/1", help="K/N: of the runs left, every N-th from the K-th")
     parser.add_argument("--report", action="store_true", help="no runs: tables and plots from the CSV")
     parser.add_argument("--out", default=None, help="output directory (default: runs/noise_study; --quick: temp)")
     return parser
@@ -459,7 +495,6 @@ def main(argv: list[str] | None = None) -> str:
     args.out = args.out or (tempfile.mkdtemp(prefix="bnll_noise_") if args.quick else "runs/noise_study")
     os.makedirs(args.out, exist_ok=True)
     threads = C.set_threads(args.threads)
-    shard, shards = (int(x) for x in args.shard.split("/"))
     csv_path = os.path.join(args.out, "noise_study.csv")
     load0, start = C.load_average(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bnll_noise_") as work, C.quiet():
@@ -467,7 +502,7 @@ def main(argv: list[str] | None = None) -> str:
         args.model = CT.model_name(args)
         config = config_key(args)
         if not args.report:
-            _run_missing(args, config, csv_path, shard, shards)
+            _run_missing(args, config, csv_path)
     from benchmarks import noise_report
 
     return noise_report.write(args, argv, config, csv_path, threads, (load0, C.load_average()),

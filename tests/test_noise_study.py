@@ -1,0 +1,127 @@
+"""benchmarks/noise_study.py: held-out items, disjoint training and probe rows, the noise rate asked, curves, resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import noise_study as NS  # noqa: E402
+from bnll_lightning.data import SFTDataModule  # noqa: E402
+
+
+def _args(tmp_path, **overrides):
+    args = NS.build_parser().parse_args(["--out", str(tmp_path), "--canonical_targets", "--num_eval", "50"])
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return args
+
+
+@pytest.mark.parametrize("name", sorted(NS.NOISE_TASKS))
+def test_no_evaluation_item_is_in_the_pool_or_any_seeds_rows(tmp_path, name):
+    task = NS.NOISE_TASKS[name]
+    args = _args(tmp_path)
+    evaluation = {r["prompt"] for r in NS.eval_rows(task, args)}
+    assert len(evaluation) == NS._num_eval(task, args)
+    rows, counts = NS.pool(task, args, str(tmp_path))
+    assert counts["kept"] == len(rows) and not evaluation & {r["prompt"] for r in rows}
+    seen_train = set()
+    for seed in range(3):
+        train_path, probe_path = NS.seed_rows(task, seed, args, str(tmp_path))
+        train = [json.loads(line)["prompt"] for line in open(train_path)]
+        held = [json.loads(line)["prompt"] for line in open(probe_path)]
+        assert len(train) == NS._num_train(task, args) and len(held) == args.probe_rows
+        assert not set(train) & set(held) and not (set(train) | set(held)) & evaluation
+        seen_train |= set(train)
+    assert len(seen_train) > NS._num_train(task, args)  # seeds draw different rows
+
+
+def test_capital_holds_out_90_countries_and_keeps_the_rest_for_the_pool(tmp_path):
+    task = NS.NOISE_TASKS["capital_self"]
+    args = _args(tmp_path, num_eval=200)
+    evaluation = {r["prompt"] for r in NS.eval_rows(task, args)}
+    candidates = NS.candidate_rows(task, task.pool, evaluation)
+    assert len(evaluation) == 90 and len(candidates) == 99  # 189 countries, every one used once
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.2, 0.4])
+def test_the_noise_rate_is_the_one_asked(tmp_path, tokenizer, rate):
+    task = NS.NOISE_TASKS["successor_self"]
+    args = _args(tmp_path)
+    train_path, _ = NS.seed_rows(task, 1, args, str(tmp_path))
+    data = NS.datamodule(train_path, 1, rate, tokenizer, args)
+    data.setup("fit")
+    assert data.stats["train"].get("noisy", 0) == round(rate * args.num_train)
+
+
+def test_the_plan_puts_the_core_grid_first_and_every_run_once():
+    args = NS.build_parser().parse_args([])
+    runs = NS.plan(args)
+    assert len(runs) == len(set(runs))
+    strong = [t for t in NS.NOISE_TASKS if NS.NOISE_TASKS[t].self_phrased]
+    assert runs[: len(NS.NOISE_TASKS)] == [(t, NS.BASE, None, None) for t in NS.NOISE_TASKS]
+    first = runs[len(NS.NOISE_TASKS): len(NS.NOISE_TASKS) + len(strong) * len(NS.CORE)]
+    assert {(t, k, n) for t, k, s, n in first} == {(t, k, 0.2) for t in strong for k in NS.CORE}
+    every = {(t, k, s, n) for t, k, s, n in runs}
+    for t in strong:  # the whole list at 20 %, the core objectives at every rate, 3 seeds
+        assert all((t, k, s, 0.2) in every for k in (*NS.CORE, *NS.REST) for s in range(3))
+        assert all((t, k, s, n) in every for k in NS.CORE for s in range(3) for n in (0.0, 0.2, 0.4))
+    assert all(("reverse3_long", k, s, 0.0) in every for k in NS.WEAK for s in range(3))
+
+
+def _study(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "noise_study.py"), "--quick", "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_quick_study_writes_curves_noise_and_resumes(tmp_path):
+    proc = _study(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = NS.read_csv(str(tmp_path / "noise_study.csv"))
+    quick = NS.QUICK
+    runs = [r for r in rows if r["objective"] != NS.BASE]
+    assert {r["task"] for r in rows} == set(quick["tasks"]) and len(runs) == len({(r["task"], r["objective"], r["seed"], r["noise"]) for r in runs})
+    for r in runs:
+        curve = json.loads(r["curve"])
+        assert [p["epoch"] for p in curve] == quick["eval_epochs"]  # a point after each asked epoch
+        assert curve[-1]["items"] == r["items"] and len(r["items"]) == quick["num_eval"]  # the last point is the result
+        assert r["noisy_rows"] == round(r["noise"] * quick["num_train"])
+        assert r["steps"] == quick["epochs"] * quick["num_train"] // quick["batch_size"]
+        assert len(json.loads(r["trace"])) == r["steps"]  # one trace entry per optimizer step
+    assert (tmp_path / "curves.png").stat().st_size > 0 and "Noise study" in (tmp_path / "noise_study.md").read_text()
+    again = _study(tmp_path)  # a rerun skips every finished run
+    assert again.returncode == 0 and "0 of the 0 runs left" in again.stderr
+    assert len(NS.read_csv(str(tmp_path / "noise_study.csv"))) == len(rows)
+
+
+def test_a_datamodule_keeps_the_answer_span_of_self_phrased_rows(tmp_path, tokenizer):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "Which number comes right after 4?", "response": "It is 5.", "answer": "5",
+                                "task": "successor", "answer_span": [6, 7]}) + "\n")  # fmt: skip
+    data = SFTDataModule(train=str(path), tokenizer=tokenizer, val_fraction=0.0, noise=1.0, seed=0)
+    data.setup("fit")
+    (row,) = data.raw_rows("train")
+    assert row["noisy"] and row["response"].startswith("It is ") and row["response"].endswith(".")
+    assert row["response"] != "It is 5."
+
+
+def test_processes_share_one_queue_and_a_dead_claim_is_taken_again(tmp_path):
+    csv_path = str(tmp_path / "noise_study.csv")
+    runs = [("t", "nll", s, 0.2) for s in range(3)]
+    assert NS.claim_next("c", csv_path, runs) == runs[0]  # claimed by this (live) process
+    assert NS.claim_next("c", csv_path, runs) == runs[1]
+    assert NS.claim_next("other config", csv_path, runs) == runs[0]  # claims are per configuration
+    NS.append_row(csv_path, {"config": "c", "task": "t", "objective": "nll", "seed": 2, "noise": 0.2})
+    assert NS.claim_next("c", csv_path, runs) is None  # 0, 1 claimed, 2 in the CSV
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with open(csv_path + ".claims", "w") as f:  # a process that died while running seed 0
+        f.write(json.dumps({"config": "c", "run": list(runs[0]), "pid": int(dead.stdout)}) + "\n")
+    assert NS.claim_next("c", csv_path, runs) == runs[0]
