@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -23,6 +24,7 @@ from typing import Any, Literal, Optional
 
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bnll_lightning.callbacks import GenerationEval, StepProgressBar
 from bnll_lightning.data import SFTDataModule
@@ -30,6 +32,7 @@ from bnll_lightning.evaluate import CHECKERS, evaluate_generation, write_jsonl
 from bnll_lightning.models import load_checkpoint_weights
 from bnll_lightning.module import SFTModule
 from bnll_lightning.probe import REPORT_KEYS, format_report, probe
+from bnll_lightning.signals import EXIT_CODE, Preempted
 from bnll_lightning.sources import DataError
 from bnll_lightning.tasks import TASKS
 
@@ -382,9 +385,22 @@ def one_line(error: BaseException) -> str:
     return " ".join(lines) if len(lines) <= 3 else f"{lines[0]} ... ({DEBUG_ENV}=1 for details)"
 
 
+def resume_command(args: list[str], stop: Preempted) -> str:
+    """The command that continues a run stopped by SIGTERM: the same arguments, with ``--ckpt_path``
+    the checkpoint it wrote (``last`` where that finds it: the run then logs into the same version)."""
+    kept: list[str] = []
+    for arg, before in zip(args, [None, *args]):
+        if arg == "--ckpt_path" or arg.startswith("--ckpt_path=") or before == "--ckpt_path":
+            continue
+        kept.append(arg)
+    return shlex.join([sys.executable, "-m", "bnll_lightning", *kept, "--ckpt_path",
+                       "last" if stop.found_by_last else stop.checkpoint])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point. Bad data, an invalid config value or a bad option exits with code 2 and one
-    line on stderr; a run stopped by NaN/Inf losses exits with 1. ``BNLL_DEBUG=1`` re-raises
+    line on stderr; a run stopped by NaN/Inf losses exits with 1; a fit stopped by SIGTERM writes
+    a checkpoint, prints the command that resumes it and exits with 143. ``BNLL_DEBUG=1`` re-raises
     with the traceback instead."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -403,3 +419,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"bnll_lightning: training stopped: {err}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as stop:  # SIGTERM: a checkpoint at the step boundary, then 143 and the way on
+        if stop.global_zero:
+            print(f"bnll_lightning: stopped by SIGTERM after optimizer step {stop.step}; checkpoint {stop.checkpoint}\n"
+                  f"resume with: {resume_command(args, stop)}", file=sys.stderr)
+        sys.exit(stop.code)
+    except SIGTERMException:  # Lightning's own stop: SIGTERM before training was under way
+        print("bnll_lightning: stopped by SIGTERM before training was under way: nothing to resume, run the "
+              "command again", file=sys.stderr)
+        sys.exit(EXIT_CODE)

@@ -313,7 +313,14 @@ class SFTDataModule(LightningDataModule):
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=self._loader_generator("train"),
         )
+
+    def _loader_generator(self, split: str) -> torch.Generator:
+        """A loader's own generator: each new iterator draws a worker seed from it, which would otherwise
+        come from the global one that dropout draws from, at points (an epoch's or a validation's start)
+        that a resumed run does not pass through where the checkpoint was written."""
+        return torch.Generator().manual_seed(_derive_seed(self.seed, "loader", split))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in order; ``[]`` (no validation) when there are no val rows."""
@@ -327,6 +334,7 @@ class SFTDataModule(LightningDataModule):
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=self._loader_generator("val"),
         )
 
     # -- public helpers ----------------------------------------------------------------------

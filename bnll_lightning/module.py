@@ -49,6 +49,7 @@ from bnll_lightning.optim import decay_groups, default_optimizer, resolve_warmup
 from bnll_lightning.packing import packing_unsupported_reason
 from bnll_lightning.reference import load_reference
 from bnll_lightning.sampling import rng_state, sample_batches, set_rng_state
+from bnll_lightning.signals import SignalCheckpoint
 from bnll_lightning.strategies import FSDP2Strategy, is_sharded
 from bnll_lightning.streaming import (
     forward_hidden,
@@ -529,11 +530,11 @@ class SFTModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Callbacks every fit gets without config: the export at the end of fit (``HFExport``), the
-        CUSTOM SCALARS layout (alpha next to the confidence that drives it), p histograms and the
-        learning rate per step. One the trainer already has (e.g. a configured ``HFExport`` or
-        ``LearningRateMonitor``) is not added."""
-        callbacks: list[L.Callback] = [HFExport(), ContinuumLayout()]
+        """Callbacks every fit gets without config: the export at the end of fit (``HFExport``), a
+        resumable checkpoint on SIGTERM (``SignalCheckpoint``), the CUSTOM SCALARS layout (alpha next
+        to the confidence that drives it), p histograms and the learning rate per step. One the trainer
+        already has (e.g. a configured ``HFExport`` or ``LearningRateMonitor``) is not added."""
+        callbacks: list[L.Callback] = [HFExport(), SignalCheckpoint(), ContinuumLayout()]
         if self.histogram_every_n_steps:
             callbacks.append(ProbabilityHistogram(self.histogram_every_n_steps))
         trainer = self._trainer

@@ -12,6 +12,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 
 from bnll_lightning.callbacks import CONTINUUM_LAYOUT, ContinuumLayout, ProbabilityHistogram
 from bnll_lightning.export import HFExport
+from bnll_lightning.signals import SignalCheckpoint
 
 
 class Toy(L.LightningModule):
@@ -92,13 +93,14 @@ def test_sft_module_adds_the_callbacks_by_default(tiny_model_dir, tmp_path):
     trainer = L.Trainer(logger=TensorBoardLogger(str(tmp_path)), callbacks=[LearningRateMonitor("epoch")])
     module.trainer = trainer
     kinds = {type(c): c for c in module.configure_callbacks()}
-    assert set(kinds) == {HFExport, ContinuumLayout, ProbabilityHistogram}  # the configured LearningRateMonitor is kept
+    # the configured LearningRateMonitor is kept
+    assert set(kinds) == {HFExport, SignalCheckpoint, ContinuumLayout, ProbabilityHistogram}
     assert kinds[ProbabilityHistogram].every_n_steps == 50
 
     module = SFTModule(tiny_model_dir, histogram_every_n_steps=0)
     module.trainer = L.Trainer(logger=TensorBoardLogger(str(tmp_path)))
     callbacks = module.configure_callbacks()
-    assert {type(c) for c in callbacks} == {HFExport, ContinuumLayout, LearningRateMonitor}
+    assert {type(c) for c in callbacks} == {HFExport, SignalCheckpoint, ContinuumLayout, LearningRateMonitor}
     assert callbacks[-1].logging_interval == "step"
     with pytest.raises(ValueError):
         SFTModule(tiny_model_dir, histogram_every_n_steps=-1)

@@ -9,95 +9,29 @@ model has attention dropout, so the random generators must resume where they wer
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from _resume_run import STEPS, TAGS, TESTS, config, only_version, scalars, write
 from bnll_lightning.cli import main
 
-TESTS = Path(__file__).parent
-STEPS, EVERY, KILL_AFTER = 10, 3, 6  # 4 optimizer steps per epoch: step 6 is half-way through epoch 2
-TAGS = ("train/loss", "train/alpha", "train/mean_p_ema", "train/mean_p", "lr-AdamW/pg1")
+KILL_AFTER = 6  # step 6 is half-way through epoch 2
 
 
-def config(model_dir: str, save_dir: Path, callbacks: list | None = None) -> dict:
-    return {
-        "seed_everything": 0,
-        "trainer": {
-            "max_steps": STEPS, "accumulate_grad_batches": 2, "log_every_n_steps": 1, "limit_val_batches": 0,
-            "accelerator": "cpu", "devices": 1, "enable_progress_bar": False, "enable_model_summary": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                       "init_args": {"save_dir": str(save_dir), "name": "auto"}},
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"save_last": True, "every_n_train_steps": EVERY, "save_top_k": -1}},
-                          *(callbacks or [])],
-        },
-        "model": {
-            "model": model_dir,
-            "objective": {"class_path": "bnll_lightning.objectives.AlphaFamily", "init_args": {"alpha": 0.0}},
-            # Thresholds around the random model's p (~2e-5) and a fast EMA: alpha moves every step.
-            "alpha_controller": {"class_path": "bnll_lightning.alpha.AdaptiveAlpha",
-                                 "init_args": {"low": 1.0e-5, "high": 1.0e-3, "ema_decay": 0.5, "max_delta": 0.2}},
-            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3.0e-3}},
-            "warmup": 2,
-            "histogram_every_n_steps": 0,
-        },
-        "data": {"train": "builtin:sort", "num_train": 16, "num_val": 0, "batch_size": 2, "max_length": 96},
-    }
-
-
-def write(path: Path, cfg: dict) -> str:
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
-
-
-def only_version(save_dir: Path) -> Path:
-    (log_dir,) = save_dir.glob("*/version_*")
-    return log_dir
-
-
-@pytest.fixture(scope="module")
-def dropout_model_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny model with attention dropout: every training step draws from the global generator."""
-    out = tmp_path_factory.mktemp("dropout_model") / "model"
-    shutil.copytree(tiny_model_dir, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["attention_dropout"] = 0.2
-    (out / "config.json").write_text(json.dumps(cfg))
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(dropout_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("uninterrupted")
-    main(["fit", "--config", write(root / "fit.yaml", config(dropout_model_dir, root / "runs"))])
-    return scalars(only_version(root / "runs"))
-
-
-def test_same_seed_same_trajectory(uninterrupted, dropout_model_dir, tmp_path):
+def test_same_seed_same_trajectory(uninterrupted_run, dropout_model_dir, tmp_path):
     main(["fit", "--config", write(tmp_path / "fit.yaml", config(dropout_model_dir, tmp_path / "runs"))])
     again = scalars(only_version(tmp_path / "runs"))
-    assert len(uninterrupted["train/loss"]) == STEPS
+    assert len(uninterrupted_run["train/loss"]) == STEPS
     for tag in TAGS:
-        assert again[tag] == uninterrupted[tag], tag  # bit-identical on the same machine
+        assert again[tag] == uninterrupted_run[tag], tag  # bit-identical on the same machine
 
 
 @pytest.mark.slow  # processes of their own: in `make test`, not in the fast loop
-def test_killed_mid_epoch_then_resumed_matches_uninterrupted(uninterrupted, dropout_model_dir, tmp_path):
+def test_killed_mid_epoch_then_resumed_matches_uninterrupted(uninterrupted_run, dropout_model_dir, tmp_path):
     runs = tmp_path / "runs"
     killer = {"class_path": "_killer.KillMidStep", "init_args": {"step": KILL_AFTER}}
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
@@ -122,8 +56,8 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted(uninterrupted, drop
     assert only_version(runs) == log_dir  # logged into the same version as the killed run
     resumed = scalars(log_dir)
     for tag in TAGS:
-        tail = {step: v for step, v in uninterrupted[tag].items() if step >= KILL_AFTER}
-        assert len(tail) >= STEPS - KILL_AFTER, (tag, uninterrupted[tag])
+        tail = {step: v for step, v in uninterrupted_run[tag].items() if step >= KILL_AFTER}
+        assert len(tail) >= STEPS - KILL_AFTER, (tag, uninterrupted_run[tag])
         got = {step: resumed[tag][step] for step in tail if step in resumed.get(tag, {})}
         assert got == pytest.approx(tail, rel=1e-6, abs=1e-9), tag
 
