@@ -1,9 +1,11 @@
-"""Command line: LightningCLI for fit/validate/test, and every subcommand of the project (probe, evaluate).
+"""Command line: LightningCLI for fit/validate/test, and every subcommand of the project (probe, evaluate, study, compare).
 
     python -m bnll_lightning fit --config configs/demo.yaml
     python -m bnll_lightning fit --config configs/demo.yaml --print_config
     python -m bnll_lightning probe --config configs/demo.yaml [--output report.json] [--max_batches N]
     python -m bnll_lightning evaluate --config configs/demo.yaml [--ckpt_path path.ckpt] [--output preds.jsonl] ...
+    python -m bnll_lightning study --config configs/demo.yaml [--objectives nll dft ...] [--seeds 3] [--val_rows 200]
+    python -m bnll_lightning compare runs/demo/NLL runs/demo/DFT [--step N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from bnll_lightning import compare, study
 from bnll_lightning.callbacks import GenerationEval, StepProgressBar
 from bnll_lightning.data import SFTDataModule
 from bnll_lightning.evaluate import CHECKERS, evaluate_generation, write_jsonl
@@ -71,6 +74,8 @@ def run_name(model_config: Any) -> str:
 class SFTCLI(LightningCLI):
     """LightningCLI wired for SFT: the module's tokenizer is handed to the data module."""
 
+    module_class: type[SFTModule] = SFTModule  # the study's subclass copies one in-memory base model
+
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)  # the module injects its own optimizer
@@ -80,7 +85,7 @@ class SFTCLI(LightningCLI):
         )
         # Parse errors are raised (not printed with the whole usage): main() reports them in one line.
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
-        super().__init__(SFTModule, SFTDataModule, *args, **kwargs)
+        super().__init__(self.module_class, SFTDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
@@ -346,8 +351,134 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     print(f"predictions: {output}")
 
 
+# ----------------------------------------------------------------------------- study and compare subcommands
+class StudyCLI(SFTCLI):
+    """The job's config plus the options of ``study``; its module copies the base model loaded once."""
+
+    module_class = study.StudyModule
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--objectives", type=str, nargs="+", default=list(study.DEFAULT_OBJECTIVES),
+                            help="Objectives to compare: overlay names of configs/objectives (nll, negprob, dft, "
+                                 "adaptive, linear, ...), YAML overlays, or Objective class paths.")
+        parser.add_argument("--seeds", type=int, default=3,
+                            help="Runs per objective, seeds 0..N-1: the training order and RNGs (the rows stay).")
+        parser.add_argument("--max_steps", type=Optional[int], default=None,
+                            help="Optimizer steps per run (None: the job's trainer.max_steps).")
+        parser.add_argument("--val_rows", type=int, default=200,
+                            help="Held-out rows every run is scored on: the first N of data.val, or held out "
+                                 "of the job's data when data.val is not set; never trained on (checked).")
+        parser.add_argument("--checker", type=Optional[Literal[tuple(CHECKERS)]], default=None,
+                            help="Answer checker (None: the job's GenerationEval's, else the built-in task's).")
+        parser.add_argument("--max_new_tokens", type=Optional[int], default=None,
+                            help="Generation budget per answer (None: the job's GenerationEval's, else 64); greedy.")
+        parser.add_argument("--out", type=str, default="runs/study",
+                            help="Output folder: study.csv (one row per run; a rerun skips finished runs), "
+                                 "study.md, study.png, recommendation.yaml.")
+        parser.add_argument("--bootstrap", type=int, default=4000, help="Bootstrap resamples per interval.")
+
+
+def study_main(argv: list[str] | None = None) -> compare.Comparison:
+    """``python -m bnll_lightning study --config job.yaml [--objectives ...] [--seeds N] [--max_steps N]
+    [--val_rows N] [--out DIR]``: fine-tune the job once per objective and seed on copies of the base model
+    (loaded once), score every run on the same held-out rows, and print the comparison."""
+    argv = list(argv or [])
+    with study.lightning_quiet():
+        cli = load_from_config(argv, StudyCLI)  # parses the job and loads the base model, once
+    cfg, trainer = cli.config, cli.trainer
+    if trainer.world_size > 1:
+        raise compare.StudyError(f"study runs in one process on one device; the job's trainer has {trainer.world_size}"
+                                 " processes: add --trainer.devices 1 (and --trainer.num_nodes 1)")
+    max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.trainer.max_steps
+    if max_steps is None or max_steps < 1 or cfg.seeds < 1:
+        raise compare.StudyError(f"need --max_steps >= 1 (or the job's trainer.max_steps) and --seeds >= 1, got "
+                                 f"{max_steps} and {cfg.seeds}")
+    names = list(dict.fromkeys(n.strip() for arg in cfg.objectives for n in arg.split(",") if n.strip()))
+    configs, saved = {}, {}
+    for name in names:
+        key = study.objective_key(name)
+        configs[key] = run_config = cli.parser.parse_args([*argv, *study.objective_args(name)])
+        model = run_config.model
+        saved[key] = {k: model[k].as_dict() if hasattr(model[k], "as_dict") else model[k]
+                      for k in ("objective", "alpha_controller", "warm_start_batches")}
+        schedule = model.alpha_controller
+        if schedule is not None and "steps" in (schedule.get("init_args") or {}):
+            schedule.init_args.steps = max_steps  # a schedule ramps over the study's run
+    data, rows = study.held_out(cli.datamodule, cfg.val_rows)
+    callback = next((c for c in trainer.callbacks if isinstance(c, GenerationEval)), None)
+    checker = cfg.checker or (callback.checker if callback is not None else None)
+    built_in = all(row.get("task") in TASKS for row in rows)
+    if (checker is None and callback is None or checker == "task") and not built_in:
+        raise compare.StudyError("the job has no answer checker for its rows (not a built-in task's): add "
+                                 "bnll_lightning.callbacks.GenerationEval to trainer.callbacks with checker: exact, "
+                                 "normalized or math, or pass --checker")
+    own = callback.generate_kwargs if callback is not None else {}
+    max_new_tokens = cfg.max_new_tokens or own.get("max_new_tokens", 64)
+    batch_size = own.get("batch_size", 16)
+    trainer_kwargs = {k: cfg.trainer[k] for k in study.TRAINER_KEYS
+                      if k in cfg.trainer and (k != "strategy" or isinstance(cfg.trainer[k], str))}  # fmt: skip
+    model_args = {k: v for k, v in cfg.model.as_dict().items() if k not in (
+        "objective", "alpha_controller", "warm_start_batches", "probe_batches", "histogram_every_n_steps", "export_dir")}
+    key = study.config_key(model_args, dict(data.hparams), trainer_kwargs, max_steps, checker, max_new_tokens, rows)
+    del cli.model  # the CLI's own copy: every run makes its own
+
+    def make_module(objective: str) -> SFTModule:
+        try:
+            return cli.parser.instantiate_classes(configs[objective]).model
+        except ValueError as err:
+            cause = _root_cause(err)
+            if not _raised_by_us(cause):
+                raise
+            raise ConfigError(f"--objectives {objective}: {cause}") from err
+
+    os.makedirs(cfg.out, exist_ok=True)
+    done = study.Study(
+        make_module, list(configs), range(cfg.seeds), data, rows, cfg.out, key, max_steps=max_steps,
+        trainer_kwargs=trainer_kwargs, checker=checker, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        objective_configs=saved, model=str(cfg.model.model),
+    ).run()  # fmt: skip
+    note = (f"study of {cfg.model.model} on {data.train}: {len(configs)} objectives x {cfg.seeds} seeds, "
+            f"{max_steps} steps each, scored on {len(rows)} held-out rows (checker {checker or 'auto'}, greedy, "
+            f"max_new_tokens {max_new_tokens}); config {key}")  # fmt: skip
+    result, text = study.report(done, list(configs), cfg.out, resamples=cfg.bootstrap, note=note)
+    print(text, flush=True)
+    return result
+
+
+def compare_main(argv: list[str] | None = None) -> compare.Comparison:
+    """``python -m bnll_lightning compare RUN_DIR... [--step N] [--reference LABEL] [--out DIR]``: the study's
+    table and plot from runs made with ``fit`` and GenerationEval, paired by item across runs."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bnll_lightning compare", exit_on_error=False,
+        description="Compare runs made with fit + GenerationEval on the same validation rows: accuracy per "
+                    "objective (the run's log-directory name) with paired bootstrap intervals over seeds x items.",
+    )  # fmt: skip
+    parser.add_argument("runs", nargs="+", help="Run directories (with predictions/), or folders of version_* runs.")
+    parser.add_argument("--step", type=int, default=None, help="Compare the predictions of this step (default: last).")
+    parser.add_argument("--reference", default="NLL", help="The objective differences are taken against.")
+    parser.add_argument("--out", default="runs/compare", help="Where compare.md, compare.png, recommendation.yaml go.")
+    parser.add_argument("--bootstrap", type=int, default=4000, help="Bootstrap resamples per interval.")
+    args = parser.parse_args(argv or [])
+    runs = [compare.read_run(path, args.step) for path in compare.find_runs(args.runs)]
+    result = compare.summarize(compare.match_items(runs), reference=args.reference, resamples=args.bootstrap)
+    configs = {run.label: run.config for run in runs if run.config is not None}
+    note = f"compare of {len(runs)} runs scored on the same {result.items} validation rows"
+    table, yaml_text = compare.markdown(result), compare.recommendation(result, configs, note)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "compare.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "recommendation.yaml"), "w", encoding="utf-8") as f:
+        f.write(yaml_text)
+    plotted = compare.plot(result, os.path.join(args.out, "compare.png"))
+    print("\n".join([table, "", yaml_text, f"files in {args.out}: compare.md, recommendation.yaml"
+                     + (", compare.png" if plotted else " (no plot: pip install matplotlib)")]), flush=True)
+    return result
+
+
 # Subcommands beyond Lightning's fit/validate/test/predict: name -> function(argv).
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"probe": probe_main, "evaluate": evaluate_main}
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"probe": probe_main, "evaluate": evaluate_main,
+                                                        "study": study_main, "compare": compare_main}
 
 
 # Lines of a jsonargparse error that describe its structure rather than what is wrong.
@@ -408,10 +539,10 @@ def main(argv: list[str] | None = None) -> None:
             EXTRA_COMMANDS[args[0]](args[1:])
             return
         SFTCLI(args=argv)  # None: LightningCLI reads sys.argv itself
-    except (DataError, ConfigError, argparse.ArgumentError) as err:
+    except (DataError, ConfigError, compare.StudyError, argparse.ArgumentError) as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        kind = "data" if isinstance(err, DataError) else "config"
+        kind = "data" if isinstance(err, DataError) else "study" if isinstance(err, compare.StudyError) else "config"
         print(f"bnll_lightning: {kind} error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as err:  # model.max_nonfinite_steps NaN/Inf steps in a row

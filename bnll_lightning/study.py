@@ -1,0 +1,569 @@
+"""The study's run loop: copies of one in-memory base model fine-tuned per objective and seed, scored on held-out rows.
+
+What ``python -m bnll_lightning study`` (wired in :mod:`bnll_lightning.cli`) and ``benchmarks/continuum.py``
+share, so that the loop exists once:
+
+* :class:`StudyModule` - ``SFTModule`` on a copy of a base model loaded once per process, without the
+  end-of-fit export; :func:`fine_tune` - a short ``Trainer.fit`` with no logger, checkpoint or validation;
+  :func:`answer` - greedy answers scored by a checker; :class:`AlphaTrace` - α and mean p per step;
+* :class:`RunsCSV` - one row per finished run, appended at once under a file lock, read back typed;
+  :func:`run_missing` - the runs of a plan that the CSV does not hold yet, with the projected time and a
+  progress bar across runs (an interrupted study continues where it stopped);
+* the study itself: :func:`objective_args` (overlay names or class paths), :func:`held_out` (validation
+  rows never trained on, checked), :class:`Study` and :func:`report` (table, plot, recommendation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import fcntl
+import gc
+import hashlib
+import importlib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+
+from bnll_lightning import compare
+from bnll_lightning.compare import BASE, StudyError
+from bnll_lightning.data import SFTDataModule
+from bnll_lightning.evaluate import EvalResult, evaluate_generation
+from bnll_lightning.export import HFExport
+from bnll_lightning.module import SFTModule
+from bnll_lightning.objectives import Objective
+
+__all__ = [
+    "DEFAULT_OBJECTIVES",
+    "AlphaTrace",
+    "RunsCSV",
+    "StudyModule",
+    "answer",
+    "fine_tune",
+    "held_out",
+    "items_string",
+    "objective_args",
+    "report",
+    "Study",
+    "run_missing",
+]
+
+# NLL, −p, DFT, the adaptive controller and the ramp: what the continuum study found worth telling apart
+# (α = 10 and thresholded NLL collapsed at short budgets; README "Which objective when").
+DEFAULT_OBJECTIVES = ("nll", "negprob", "dft", "adaptive", "linear")
+OVERLAYS = Path("configs") / "objectives"
+# The settings of the job's trainer a study run keeps; the rest (callbacks, logger, checkpoints, validation,
+# the budget) is the study's.
+TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "accumulate_grad_batches",
+                "gradient_clip_val", "gradient_clip_algorithm", "deterministic", "benchmark")  # fmt: skip
+STUDY_FIELDS = (
+    "config", "objective", "seed", "accuracy", "correct", "n", "items", "alpha_mean", "alpha_end",
+    "train_mean_p_first", "train_mean_p_last", "steps", "train_seconds", "eval_seconds", "model", "objective_config",
+    "finished",
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+class StudyModule(SFTModule):
+    """``SFTModule`` on a copy of an in-memory base model, without the end-of-fit export (HFExport).
+
+    ``base`` maps a model name to ``(tokenizer, model)``: filled by the first module built for that name (or
+    by the caller beforehand), copied by every later one, so a study loads the weights once and writes
+    no export per run. The name is the key: ``dtype`` and the loading options of later modules are not.
+    """
+
+    base: dict[str, tuple[Any, torch.nn.Module]] = {}
+
+    def load_pretrained(self, model: str, dtype: str | None, trust_remote_code: bool,
+                        load_in_4bit: bool) -> tuple[Any, torch.nn.Module]:  # fmt: skip
+        """A copy, in train mode, of the base model held for ``model`` (loaded now if none is)."""
+        if model not in self.base:
+            tokenizer, loaded = super().load_pretrained(model, dtype, trust_remote_code, load_in_4bit)
+            self.base[model] = (tokenizer, loaded.eval())
+        tokenizer, base = self.base[model]
+        return tokenizer, copy.deepcopy(base).train()
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [c for c in super().configure_callbacks() if not isinstance(c, HFExport)]  # no export per run
+
+
+class AlphaTrace(L.Callback):
+    """The α each optimizer step trains with, and the targets' mean and geometric-mean p per step."""
+
+    def __init__(self) -> None:
+        self.alphas: list[float] = []
+        self.mean_p: list[float] = []
+        self.geometric_p: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if pl_module.objective.alpha is not None:
+            self.alphas.append(float(pl_module.objective.alpha))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        stats = pl_module.last_step_stats
+        if stats and stats.get("weight"):  # summed row weights: the token count for unweighted data
+            self.mean_p.append(stats["p_sum"] / stats["weight"])
+            self.geometric_p.append(math.exp(-stats["nll_sum"] / stats["weight"]))
+
+    def summary(self, static_alpha: float | None = None) -> dict[str, Any]:
+        """The CSV's trace columns: mean and last α (``static_alpha`` when given), first and last mean p."""
+        alphas = self.alphas
+        return {
+            "alpha_mean": static_alpha if static_alpha is not None else (sum(alphas) / len(alphas) if alphas else None),
+            "alpha_end": alphas[-1] if alphas else static_alpha, "alphas": ";".join(f"{a:.3f}" for a in alphas),
+            "train_mean_p_first": self.mean_p[0] if self.mean_p else None,
+            "train_mean_p_last": self.mean_p[-1] if self.mean_p else None,
+            "trace": ";".join(f"{m:.4f},{g:.4f}" for m, g in zip(self.mean_p, self.geometric_p)),
+        }  # fmt: skip
+
+
+# What a study run does not want from a trainer: logs, checkpoints, validation, its own bar, a summary.
+RUN_SETTINGS = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    limit_val_batches=0, num_sanity_val_steps=0)  # fmt: skip
+
+
+def fine_tune(module: SFTModule, data: SFTDataModule, max_steps: int, trainer_kwargs: Mapping[str, Any],
+              callbacks: Sequence[L.Callback] = (), root_dir: str | None = None) -> tuple[L.Trainer, float]:  # fmt: skip
+    """``max_steps`` optimizer steps of ``module`` on ``data`` with the trainer settings ``trainer_kwargs``
+    (device, precision, accumulation, clipping); returns the trainer and the seconds the fit took."""
+    trainer = L.Trainer(**{**trainer_kwargs, **RUN_SETTINGS}, max_steps=max_steps, callbacks=list(callbacks),
+                        default_root_dir=root_dir)  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    return trainer, time.perf_counter() - start
+
+
+def answer(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], encoder: Any, checker: Any = None, *,
+           max_new_tokens: int = 64, batch_size: int = 16, trainer: L.Trainer | None = None) -> tuple[EvalResult, float]:  # fmt: skip
+    """Greedy answers of ``model`` (a module's ``.model`` or the model) to ``rows`` scored by ``checker``,
+    and the seconds it took. With ``trainer``: on its device, in its precision (Lightning moves a module
+    back to the CPU at the end of fit)."""
+    context: Any = contextlib.nullcontext
+    if trainer is not None:
+        model = trainer.precision_plugin.convert_module(model).to(trainer.strategy.root_device)
+        context = trainer.precision_plugin.forward_context
+    model = getattr(model, "model", model)
+    model.eval()
+    start = time.perf_counter()
+    with context():
+        result = evaluate_generation(model, tokenizer, rows, encoder, checker, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size)  # fmt: skip
+    return result, time.perf_counter() - start
+
+
+def items_string(result: EvalResult) -> str:
+    """Per-item correctness, in evaluation order: '1' right, '0' wrong (greedy: one answer per item)."""
+    return "".join("1" if p["correct"] else "0" for p in result.predictions)
+
+
+def items_array(items: str) -> np.ndarray:
+    """:func:`items_string` back to a 0/1 array."""
+    return np.frombuffer(items.encode(), dtype=np.uint8) - ord("0")
+
+
+@contextlib.contextmanager
+def lightning_quiet() -> Any:
+    """Lightning's per-fit INFO lines (devices, tips, "max_steps reached") off while runs follow each other."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _free(module: Any = None) -> None:
+    """Drop a finished run's model (module <-> trainer cycles hold it and its optimizer state)."""
+    if module is not None:
+        module.cpu()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- the CSV (append, resume)
+
+
+class RunsCSV:
+    """One row per finished run, appended under an exclusive lock (processes may share the file), read
+    back with numbers parsed. A file written before columns were added at the end gets the new header."""
+
+    def __init__(self, path: str | Path, fields: Sequence[str], numeric: Iterable[str] = (),
+                 integer: Iterable[str] = ()) -> None:  # fmt: skip
+        """
+        Args:
+            path: The CSV file (created with its header by the first append).
+            fields: Its columns, in order; a row's other keys are not written.
+            numeric: Columns read back as float (empty cells as None).
+            integer: Columns read back as int (empty cells as None).
+        """
+        self.path, self.fields = str(path), tuple(fields)
+        self.numeric, self.integer = set(numeric), set(integer)
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        """Append ``row`` and sync it to disk before returning."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a+", newline="", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+                f.seek(0)
+                header = f.readline().rstrip("\r\n").split(",")
+                if header != [""] and header != list(self.fields):
+                    self._widen_header(f, header)
+                f.seek(0, os.SEEK_END)
+                if f.tell() == 0:
+                    writer.writeheader()
+                writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in self.fields})
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _widen_header(self, f: Any, header: list[str]) -> None:
+        if header != list(self.fields[: len(header)]):
+            raise ValueError(f"{f.name}: columns {header} are not a prefix of {list(self.fields)}; use another --out")
+        f.seek(0)
+        body = f.read().split("\n", 1)[1]
+        f.seek(0)
+        f.truncate()
+        f.write(",".join(self.fields) + "\r\n" + body)
+
+    def read(self, config: str | None = None) -> list[dict[str, Any]]:
+        """The rows (of ``config`` if given: the ``config`` column), numbers parsed, empty cells None."""
+        if not os.path.exists(self.path):
+            return []
+        rows = []
+        with open(self.path, newline="", encoding="utf-8") as f:
+            for raw in csv.DictReader(f):
+                row: dict[str, Any] = dict(raw)
+                for k in self.numeric | self.integer:
+                    if k in row:
+                        row[k] = None if row[k] in ("", None) else (int(row[k]) if k in self.integer else float(row[k]))
+                if config is None or row.get("config") == config:
+                    rows.append(row)
+        return rows
+
+
+def run_missing(plan: Sequence[Hashable], done: set[Hashable], run: Callable[[Any], dict[str, Any]], csv_file: RunsCSV,
+                *, name: str, per_run_seconds: float, describe: Callable[[Any, dict[str, Any]], str] | None = None,
+                shard: tuple[int, int] | None = None, progress: bool = True) -> int:  # fmt: skip
+    """Run the runs of ``plan`` not in ``done`` (of this shard: every N-th from the K-th, for shards
+    started together), appending each row as it finishes; returns how many ran.
+
+    Prints the count and the projected time (``per_run_seconds`` each) first, and a bar across runs.
+    """
+    from tqdm import tqdm
+
+    left = [key for key in plan if key not in done]
+    k, n = shard or (0, 1)
+    todo = left[k::n]  # shards started together read the same CSV, so they split the same list
+    where = f"shard {k}/{n}: " if shard is not None else ""
+    print(f"[{name}] {where}{len(todo)} of the {len(left)} runs left to do ({len(plan) - len(left)} in the CSV);"
+          f" projected {len(todo) * per_run_seconds / 60:.0f} min at ~{per_run_seconds:.0f} s per run",
+          file=sys.stderr, flush=True)  # fmt: skip
+    bar = tqdm(todo, desc=f"{name} {k}/{n}" if shard else name, unit="run", file=sys.stderr, disable=not progress)
+    for key in bar:
+        bar.set_postfix_str(" ".join(map(str, key)) if isinstance(key, tuple) else str(key))
+        row = run(key)
+        _free()
+        csv_file.append(row)
+        if describe is not None:
+            tqdm.write(describe(key, row), file=sys.stderr)
+    return len(todo)
+
+
+# ----------------------------------------------------------------------------- the study: inputs
+
+
+def overlay_dirs() -> list[Path]:
+    """Where overlay names are looked up: ``configs/objectives`` of the working directory, then the
+    project's own (next to the package)."""
+    dirs = [Path.cwd() / OVERLAYS, Path(__file__).resolve().parents[1] / OVERLAYS]
+    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+
+
+def objective_args(name: str) -> list[str]:
+    """The command-line arguments that put objective ``name`` on top of a job config: an overlay of
+    ``configs/objectives/`` (``nll``, ``dft``, ...), a YAML file, or the class path of an Objective
+    (no controller). Each starts without a warm start (the adaptive overlay sets its own)."""
+    reset = "--model.warm_start_batches=0"
+    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        return [reset, "--config", name]
+    for folder in overlay_dirs():
+        if (folder / f"{name}.yaml").is_file():
+            return [reset, "--config", str(folder / f"{name}.yaml")]
+    if "." in name:
+        module, _, cls = name.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), cls, None)
+        except ImportError:
+            found = None
+        if isinstance(found, type) and issubclass(found, Objective):
+            return [f"--model.objective={name}", "--model.alpha_controller=null", reset]
+    names = sorted({p.stem for d in overlay_dirs() for p in d.glob("*.yaml")})
+    raise StudyError(f"--objectives: unknown objective {name!r}: not an overlay of configs/objectives "
+                     f"({', '.join(names) or 'none found'}) nor the class path of an Objective "
+                     "(e.g. bnll_lightning.objectives.DFT)")  # fmt: skip
+
+
+def objective_key(name: str) -> str:
+    """The table's name for ``name``: the overlay's stem, or the class's name."""
+    if name.endswith((".yaml", ".yml")):
+        return Path(name).stem
+    return name.rpartition(".")[2] if "." in name else name
+
+
+def _prompt_key(row: Mapping[str, Any]) -> str:
+    """What a row asks: its prompt, or its conversation up to the last assistant turn."""
+    if isinstance(row.get("prompt"), str):
+        return row["prompt"]
+    messages = list(row.get("messages") or [])
+    while messages and messages[-1].get("role") == "assistant":
+        messages.pop()
+    return json.dumps(messages, sort_keys=True)
+
+
+def held_out(data: SFTDataModule, n: int) -> tuple[SFTDataModule, list[dict[str, Any]]]:
+    """The (set up) data module and the first ``n`` rows of its validation split, none of whose prompts
+    is a training row's.
+
+    Without ``data.val`` the rows come out of the job's own data: a built-in task generates ``n`` of them
+    from its validation stream, file data holds out a larger fraction when ``val_fraction`` gives too few
+    (the data module is rebuilt from the job's arguments with that one changed).
+    """
+    if n < 1:
+        raise StudyError(f"--val_rows must be >= 1, got {n}")
+    data.setup("fit")
+    rows = data.raw_rows("val")
+    if len(rows) < n and data.val is None:
+        data = _hold_out_more(data, n)
+        rows = data.raw_rows("val")
+    if len(rows) < n:
+        where = f"data.val ({data.val})" if data.val is not None else f"the rows held out of data.train ({data.train})"
+        raise StudyError(f"--val_rows {n}: {where} gives only {len(rows)} usable rows; lower --val_rows"
+                         + (" or give data.val more rows" if data.val is not None else " or set data.val"))
+    rows = rows[:n]
+    trained = {_prompt_key(r) for r in data.raw_rows("train")}
+    seen = [r for r in rows if _prompt_key(r) in trained]
+    if seen:
+        raise StudyError(f"{len(seen)} of the {n} held-out rows ask a prompt that a training row asks too (first: "
+                         f"{_prompt_key(seen[0])[:60]!r}): accuracy there would measure memory; deduplicate "
+                         "the data or set data.val to rows training never sees")  # fmt: skip
+    return data, rows
+
+
+def _hold_out_more(data: SFTDataModule, n: int) -> SFTDataModule:
+    """``data`` rebuilt so that its validation split has about ``n`` rows (see :func:`held_out`)."""
+    changes: dict[str, Any] = {}
+    train = data.raw_rows("train")
+    if any("source" not in r for r in train):  # generated rows (built-in tasks) carry no source
+        changes["num_val"] = max(n, data.num_val)
+    if any("source" in r for r in train):  # file or hub rows: a larger fraction of them
+        total = data.stats["train"]["rows_in"] + data.stats["val"]["rows_in"]
+        fraction = (n + len(data.val_sources) + 1) / max(total, 1)
+        if fraction > 0.5:
+            raise StudyError(f"--val_rows {n}: data.train ({data.train}) holds {total} rows; holding {n} out would "
+                             "leave fewer than half to train on; lower --val_rows or set data.val")
+        changes["val_fraction"] = max(fraction, data.val_fraction)
+    accepted = inspect.signature(SFTDataModule.__init__).parameters  # hparams also hold the CLI's bookkeeping
+    args = {k: v for k, v in data.hparams.items() if k in accepted}
+    rebuilt = SFTDataModule(**{**args, **changes}, tokenizer=data.tokenizer)
+    rebuilt.setup("fit")
+    print(f"[study] held out of the job's data for scoring: {', '.join(f'data.{k} {v:g}' for k, v in changes.items())}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return rebuilt
+
+
+def config_key(*parts: Any) -> str:
+    """What makes two runs comparable (a rerun with the same key skips finished runs): a hash of ``parts``."""
+    blob = json.dumps(parts, sort_keys=True, default=_stable)
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def _stable(value: Any) -> str:
+    """A value JSON cannot write, as text that is the same in every process (a function by its name)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- the study: runs
+
+
+class Study:
+    """The runs of one study: every (objective, seed) and the base model, each appended to ``out/study.csv``
+    as it finishes; runs the CSV already holds for the same ``config`` are skipped."""
+
+    def __init__(
+        self,
+        make_module: Callable[[str], SFTModule],
+        objectives: Sequence[str],
+        seeds: Sequence[int],
+        data: SFTDataModule,
+        rows: Sequence[dict[str, Any]],
+        out: str | Path,
+        config: str,
+        *,
+        max_steps: int,
+        trainer_kwargs: Mapping[str, Any],
+        checker: Any = None,
+        max_new_tokens: int = 64,
+        batch_size: int = 16,
+        objective_configs: Mapping[str, Mapping[str, Any]] | None = None,
+        model: str = "",
+        progress: bool = True,
+    ) -> None:
+        """
+        Args:
+            make_module: objective -> a fresh module on a copy of the in-memory base (:class:`StudyModule`).
+            objectives: The objectives' names, in the table's order.
+            seeds: Each objective runs once per seed: the training order and the global RNGs.
+            data: The job's data module, set up: its split and noise are fixed, every run trains on it.
+            rows: The held-out rows every run answers (:func:`held_out`).
+            out: Folder of ``study.csv``.
+            config: What makes runs comparable (:func:`config_key`): the CSV's rows of another are not reused.
+            max_steps: Optimizer steps per run.
+            trainer_kwargs: The job's trainer settings a run keeps (:data:`TRAINER_KEYS`).
+            checker: Answer checker (a name of :data:`~bnll_lightning.evaluate.CHECKERS`; None: auto).
+            max_new_tokens: Generation budget per answer (greedy).
+            batch_size: Prompts generated together.
+            objective_configs: objective -> its ``model:`` keys, saved with its runs (for the recommendation).
+            model: The base model's name, saved with the runs.
+            progress: Show the bar across runs.
+        """
+        self.make_module, self.objectives, self.seeds = make_module, list(objectives), list(seeds)
+        self.data, self.rows, self.config = data, list(rows), config
+        self.max_steps, self.trainer_kwargs = max_steps, dict(trainer_kwargs)
+        self.checker, self.max_new_tokens, self.batch_size = checker, max_new_tokens, batch_size
+        self.objective_configs, self.model, self.progress = dict(objective_configs or {}), model, progress
+        self.table = RunsCSV(Path(out) / "study.csv", STUDY_FIELDS, numeric=("accuracy", "alpha_mean", "alpha_end",
+                             "train_mean_p_first", "train_mean_p_last", "train_seconds", "eval_seconds"),
+                             integer=("seed", "correct", "n", "steps"))  # fmt: skip
+        self.root = str(Path(out) / "work")
+
+    def plan(self) -> list[tuple[str, int]]:
+        """Every fine-tuning run, seed by seed (an interrupted study holds whole seeds)."""
+        return [(key, seed) for seed in self.seeds for key in self.objectives]
+
+    def run(self) -> list[dict[str, Any]]:
+        """Score the base model (first: its time is the projection's), measure a pilot, run what is
+        missing; returns the CSV's rows of this config."""
+        with lightning_quiet():
+            done = {(r["objective"], r["seed"]) for r in self.table.read(self.config)}
+            if (BASE, None) not in done:
+                print("[study] scoring the base model", file=sys.stderr, flush=True)
+                self.table.append(self.run_one((BASE, None)))
+            rows = self.table.read(self.config)
+            measured = [r["train_seconds"] + r["eval_seconds"] for r in rows if r["objective"] != BASE]
+            if measured:
+                per_run = sum(measured) / len(measured)
+            elif any(key not in done for key in self.plan()):
+                per_run = self.pilot() + next(r["eval_seconds"] for r in rows if r["objective"] == BASE)
+            else:
+                per_run = 0.0
+            run_missing(self.plan(), done, self.run_one, self.table, name="study", per_run_seconds=per_run,
+                        describe=_describe, progress=self.progress)  # fmt: skip
+        return self.table.read(self.config)
+
+    def score(self, module: SFTModule, trainer: L.Trainer) -> tuple[EvalResult, float]:
+        """``module``'s greedy answers to the held-out rows, on the trainer's device and precision."""
+        return answer(module, module.tokenizer, self.rows, self.data, self.checker,
+                      max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, trainer=trainer)  # fmt: skip
+
+    def run_one(self, key: tuple[str, int | None]) -> dict[str, Any]:
+        """One run's CSV row: fine-tune a fresh copy with ``key``'s objective and seed and score it (the base
+        model: scored only)."""
+        objective, seed = key
+        if objective == BASE:
+            module = self.make_module(self.objectives[0])
+            trainer = L.Trainer(**{**self.trainer_kwargs, **RUN_SETTINGS}, default_root_dir=self.root)
+            result, seconds = self.score(module, trainer)
+            figures: dict[str, Any] = {"steps": 0, "train_seconds": 0.0, "eval_seconds": seconds}
+        else:
+            L.seed_everything(seed, verbose=False)
+            self.data.seed = seed  # the training order (the sampler reads it when fit builds the loader); split fixed
+            module, trace = self.make_module(objective), AlphaTrace()
+            trainer, train_seconds = fine_tune(module, self.data, self.max_steps, self.trainer_kwargs, [trace],
+                                               self.root)  # fmt: skip
+            result, seconds = self.score(module, trainer)
+            static = None if module.alpha_controller is not None else module.objective.alpha
+            figures = {**trace.summary(static), "steps": trainer.global_step, "train_seconds": train_seconds,
+                       "eval_seconds": seconds, "objective_config": json.dumps(self.objective_configs.get(objective))}
+        _free(module)
+        return {"config": self.config, "objective": objective, "seed": seed, "model": self.model, **figures,
+                "accuracy": result.accuracy, "correct": result.correct, "n": result.n, "items": items_string(result),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+
+    def pilot(self) -> float:
+        """Seconds the training of a run will take, measured on 2 steps (setup included, so a little high)."""
+        steps = min(2, self.max_steps)
+        module = self.make_module(self.objectives[0])
+        self.data.seed = 0
+        _, seconds = fine_tune(module, self.data, steps, self.trainer_kwargs, (), self.root)
+        _free(module)
+        print(f"[study] pilot: {steps} training steps took {seconds:.1f} s", file=sys.stderr, flush=True)
+        return seconds / steps * self.max_steps
+
+
+def _describe(key: tuple[str, int | None], row: dict[str, Any]) -> str:
+    return (f"  {key[0]:<12} seed {key[1]!s:<4} accuracy {row['accuracy']:.3f} ({row['correct']}/{row['n']}; "
+            f"{row['train_seconds']:.0f} s training + {row['eval_seconds']:.0f} s scoring)")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the study: report
+
+
+def scores_of(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[Hashable, np.ndarray]]:
+    """objective -> seed -> 0/1 items, from the study's CSV rows (the base model under seed None)."""
+    out: dict[str, dict[Hashable, np.ndarray]] = {}
+    for r in rows:
+        out.setdefault(r["objective"], {})[r["seed"]] = items_array(r["items"])
+    return out
+
+
+def reference_of(objective_configs: Mapping[str, Mapping[str, Any] | None]) -> str | None:
+    """The objective that is plain NLL (no controller): the reference of the differences."""
+    for key, cfg in objective_configs.items():
+        objective = (cfg or {}).get("objective") or {}
+        if str(objective.get("class_path", "")).endswith(".NLL") and not (cfg or {}).get("alpha_controller"):
+            return key
+    return None
+
+
+def report(rows: Sequence[Mapping[str, Any]], objectives: Sequence[str], out: str | Path, *, resamples: int = 4000,
+           note: str = "") -> tuple[compare.Comparison, str]:  # fmt: skip
+    """Table (``study.md``), plot (``study.png``) and recommendation (``recommendation.yaml``) in ``out`` from
+    the study's CSV rows; returns the comparison and the text printed."""
+    rows = [r for r in rows if r["objective"] in (BASE, *objectives)]
+    configs = {r["objective"]: json.loads(r["objective_config"]) for r in rows
+               if r["objective"] != BASE and r.get("objective_config")}  # fmt: skip
+    result = compare.summarize(scores_of(rows), reference=reference_of(configs), resamples=resamples)
+    table = compare.markdown(result)
+    yaml_text = compare.recommendation(result, configs, note)
+    out = Path(out)
+    (out / "study.md").write_text(table + "\n", encoding="utf-8")
+    (out / "recommendation.yaml").write_text(yaml_text, encoding="utf-8")
+    plotted = compare.plot(result, out / "study.png")
+    files = ["study.csv", "study.md", "recommendation.yaml"] + (["study.png"] if plotted else [])
+    text = "\n".join([table, "", yaml_text, f"files in {out}: {', '.join(files)}"
+                      + ("" if plotted else " (no plot: pip install matplotlib)")])  # fmt: skip
+    return result, text
