@@ -21,6 +21,10 @@ Design (what keeps it honest):
   per-item correctness), and a rerun with the same arguments skips finished runs: an interrupted
   study continues where it stopped. ``--shard K/N`` splits the runs left between processes started
   together (one torch thread each uses 2 cores better than one process with two); ``--report`` only summarises.
+* **One implementation.** The run loop (the base-model copies, the fine-tune, the scoring, the locked CSV,
+  resume) is :mod:`bnll_lightning.study`'s and the bootstrap :mod:`bnll_lightning.compare`'s, which
+  ``python -m bnll_lightning study`` runs on a user's own job; this script is their use on the built-in
+  tasks, with the study's own tables (roles, controllers against the ramp, the diagnosis).
 
 Outputs in ``--out``: ``continuum.csv`` (one row per run), ``continuum.md`` (tables), ``continuum.png``
 (accuracy per task and objective with 95 % intervals).
@@ -34,14 +38,9 @@ Outputs in ``--out``: ``continuum.csv`` (one row per run), ``continuum.md`` (tab
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
-import fcntl
 import functools
-import gc
 import hashlib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -60,15 +59,16 @@ import numpy as np
 import torch
 
 from benchmarks import _common as C
+from bnll_lightning import study
 from bnll_lightning.alpha import AdaptiveAlpha, LinearAlpha
+from bnll_lightning.compare import bootstrap, format_ci, verdict
 from bnll_lightning.data import SFTDataModule
-from bnll_lightning.evaluate import evaluate_generation
-from bnll_lightning.export import HFExport
 from bnll_lightning.models import load_model, load_tokenizer
-from bnll_lightning.module import SFTModule
 from bnll_lightning.objectives import DFT, NLL, AlphaFamily, NegProb, ThresholdedNLL
 from bnll_lightning.probe import probe
+from bnll_lightning.study import AlphaTrace, StudyModule
 from bnll_lightning.tasks import TASKS
+
 
 
 @dataclass(frozen=True)
@@ -218,46 +218,10 @@ def datamodule(path: str, seed: int, noise: float, tokenizer: Any, args: argpars
 # ----------------------------------------------------------------------------- one run
 
 
-class StudyModule(SFTModule):
-    """``SFTModule`` on a copy of the study's in-memory base model, without the end-of-fit export (HFExport)."""
-
-    base: dict[str, tuple[Any, torch.nn.Module]] = {}  # model name -> (tokenizer, base model), loaded once
-
-    def load_pretrained(self, model, dtype, trust_remote_code, load_in_4bit):
-        tokenizer, base = self.base[model]
-        return tokenizer, copy.deepcopy(base).train()
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        return [c for c in super().configure_callbacks() if not isinstance(c, HFExport)]  # no export per run
-
-
-class AlphaTrace(L.Callback):
-    """The α each optimizer step trains with, and the targets' mean and geometric-mean p per step."""
-
-    def __init__(self) -> None:
-        self.alphas: list[float] = []
-        self.mean_p: list[float] = []
-        self.geometric_p: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if pl_module.objective.alpha is not None:
-            self.alphas.append(float(pl_module.objective.alpha))
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        stats = pl_module.last_step_stats
-        if stats and stats.get("weight"):  # summed row weights: the token count for unweighted data
-            self.mean_p.append(stats["p_sum"] / stats["weight"])
-            self.geometric_p.append(math.exp(-stats["nll_sum"] / stats["weight"]))
-
-
 def answer(module_or_model: Any, tokenizer: Any, rows: list[dict[str, Any]], data: SFTDataModule, args) -> tuple[Any, float]:
     """Greedy answers to ``rows`` scored by the task's checker, and the seconds it took."""
-    model = getattr(module_or_model, "model", module_or_model)
-    model.eval()
-    start = time.perf_counter()
-    result = evaluate_generation(model, tokenizer, rows, data, "task", max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.eval_batch_size)  # fmt: skip
-    return result, time.perf_counter() - start
+    return study.answer(module_or_model, tokenizer, rows, data, "task", max_new_tokens=args.max_new_tokens,
+                        batch_size=args.eval_batch_size)  # fmt: skip
 
 
 def run_base(task: StudyTask, args: argparse.Namespace, work: str) -> dict[str, Any]:
@@ -287,34 +251,21 @@ def run_one(task: StudyTask, key: str, seed: int, args: argparse.Namespace, work
     )  # fmt: skip
     data = datamodule(_rows_file(task, seed, args, work), seed, task.noise, module.tokenizer, args)
     trace = AlphaTrace()
-    trainer = L.Trainer(
-        accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=args.steps,
-        gradient_clip_val=1.0, logger=False, callbacks=[trace], enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        default_root_dir=work,
-    )  # fmt: skip
-    start = time.perf_counter()
-    trainer.fit(module, data)
-    train_seconds = time.perf_counter() - start
-    with trainer.precision_plugin.forward_context():
-        result, eval_seconds = answer(module, module.tokenizer, eval_rows(task, args.num_eval), data, args)
-    alphas = trace.alphas
+    trainer, train_seconds = study.fine_tune(
+        module, data, args.steps, dict(accelerator=args.accelerator, devices=1, precision=args.precision,
+                                       gradient_clip_val=1.0), [trace], work)  # fmt: skip
+    result, eval_seconds = study.answer(module, module.tokenizer, eval_rows(task, args.num_eval), data, "task",
+                                        max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
+                                        trainer=trainer)  # fmt: skip
     return {
         "objective": key, "label": entry.label, "seed": seed, "accuracy": result.accuracy, "correct": result.correct,
-        "n": result.n, "items": _items(result),
-        "alpha_mean": entry.alpha if entry.alpha is not None else (sum(alphas) / len(alphas) if alphas else None),
-        "alpha_end": alphas[-1] if alphas else entry.alpha, "alphas": ";".join(f"{a:.3f}" for a in alphas),
-        "train_mean_p_first": trace.mean_p[0] if trace.mean_p else None,
-        "train_mean_p_last": trace.mean_p[-1] if trace.mean_p else None,
-        "trace": ";".join(f"{m:.4f},{g:.4f}" for m, g in zip(trace.mean_p, trace.geometric_p)),
+        "n": result.n, "items": _items(result), **trace.summary(entry.alpha),
         "noisy_rows": data.stats["train"].get("noisy", 0), "steps": trainer.global_step,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
     }  # fmt: skip
 
 
-def _items(result: Any) -> str:
-    """Per-item correctness, in evaluation order: '1' right, '0' wrong (greedy: one sample per item)."""
-    return "".join("1" if p["correct"] else "0" for p in result.predictions)
+_items = study.items_string  # per-item correctness, '1' right, '0' wrong, in evaluation order
 
 
 def _rows_file(task: StudyTask, seed: int, args: argparse.Namespace, work: str) -> str:
@@ -338,56 +289,23 @@ def config_key(args: argparse.Namespace) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def append_row(path: str, row: dict[str, Any]) -> None:
-    """Append one run to the CSV under an exclusive lock (shards share the file)."""
-    with open(path, "a+", newline="", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            f.seek(0)
-            header = f.readline().rstrip("\r\n").split(",")
-            if header != [""] and header != list(CSV_FIELDS):
-                _widen_header(f, header)
-            f.seek(0, os.SEEK_END)
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS})
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _widen_header(f: Any, header: list[str]) -> None:
-    """A CSV written before columns were added at the end: rewrite its header (old rows read them as empty)."""
-    if header != list(CSV_FIELDS[: len(header)]):
-        raise ValueError(f"{f.name}: columns {header} are not a prefix of {list(CSV_FIELDS)}; use another --out")
-    f.seek(0)
-    body = f.read().split("\n", 1)[1]
-    f.seek(0)
-    f.truncate()
-    f.write(",".join(CSV_FIELDS) + "\r\n" + body)
-
-
 _NUMERIC = {"accuracy", "alpha_mean", "alpha_end", "train_mean_p_first", "train_mean_p_last", "base_mean_p",
             "base_geometric_mean_p", "noise", "lr", "train_seconds", "eval_seconds"}  # fmt: skip
 _INTEGER = {"seed", "correct", "n", "noisy_rows", "steps", "batch_size", "num_train"}
 
 
+def _table(path: str) -> study.RunsCSV:
+    return study.RunsCSV(path, CSV_FIELDS, _NUMERIC, _INTEGER)
+
+
+def append_row(path: str, row: dict[str, Any]) -> None:
+    """Append one run to the CSV under an exclusive lock (shards share the file)."""
+    _table(path).append(row)
+
+
 def read_csv(path: str, config: str | None = None) -> list[dict[str, Any]]:
     """Rows of ``continuum.csv`` with numbers parsed (empty cells -> None), of ``config`` if given."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for raw in csv.DictReader(f):
-            row: dict[str, Any] = dict(raw)
-            for k in _NUMERIC | _INTEGER:
-                if k in row:
-                    row[k] = None if row[k] in ("", None) else (int(row[k]) if k in _INTEGER else float(row[k]))
-            if config is None or row["config"] == config:
-                rows.append(row)
-    return rows
+    return _table(path).read(config)
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, int | None]]:
@@ -403,36 +321,13 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int | None]]:
 # ----------------------------------------------------------------------------- statistics
 
 
-def bootstrap(a: np.ndarray, b: np.ndarray | None = None, resamples: int = 4000, seed: int = 0):
-    """Mean of ``a`` (or of ``a − b``, paired) and its 95 % percentile interval.
-
-    ``a`` and ``b`` are [seeds, items] arrays of 0/1 over the same seeds and items. Each resample draws
-    seeds and items with replacement, independently (a two-way bootstrap: seed-to-seed variation of the
-    training runs and item-to-item variation of the test set both count); the paired difference uses
-    the same draw for both arrays.
-    """
-    x = np.asarray(a, dtype=np.float64) - (0.0 if b is None else np.asarray(b, dtype=np.float64))
-    if x.ndim != 2 or 0 in x.shape:
-        raise ValueError(f"need a [seeds, items] array, got shape {x.shape}")
-    rng = np.random.default_rng(seed)
-    s, n = x.shape
-    means = np.empty(resamples)
-    for start in range(0, resamples, 500):  # bounded memory: 500 x seeds x items at a time
-        k = min(500, resamples - start)
-        si = rng.integers(0, s, size=(k, s))
-        ii = rng.integers(0, n, size=(k, n))
-        means[start:start + k] = x[si[:, :, None], ii[:, None, :]].mean(axis=(1, 2))
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(x.mean()), float(lo), float(hi)
-
-
 def matrices(rows: Sequence[dict[str, Any]], task: str) -> dict[str, dict[int, np.ndarray]]:
     """objective -> seed -> 0/1 item vector, for ``task`` (the base model under seed -1)."""
     out: dict[str, dict[int, np.ndarray]] = {}
     for r in rows:
         if r["task"] == task:
             seed = -1 if r["seed"] is None else r["seed"]
-            out.setdefault(r["objective"], {})[seed] = np.frombuffer(r["items"].encode(), dtype=np.uint8) - ord("0")
+            out.setdefault(r["objective"], {})[seed] = study.items_array(r["items"])
     return out
 
 
@@ -518,12 +413,7 @@ def diagnosis(summary: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- outputs
 
 
-def _ci(x: tuple[float, float, float] | None, signed: bool = False) -> str:
-    if x is None:
-        return "–"
-    m, lo, hi = x
-    f = "{:+.3f}" if signed else "{:.3f}"
-    return f"{f.format(m)} [{f.format(lo)}, {f.format(hi)}]"
+_ci = format_ci  # "0.512 [0.470, 0.553]"
 
 
 def markdown(rows: Sequence[dict[str, Any]], summaries: Sequence[dict[str, Any]] | None = None) -> str:
@@ -578,13 +468,9 @@ def markdown(rows: Sequence[dict[str, Any]], summaries: Sequence[dict[str, Any]]
 
 
 def _verdict(x: tuple[float, float, float] | None) -> str:
-    if x is None:
-        return "–"
-    if x[1] > 0:
-        return "better"
-    if x[2] < 0:
-        return "**worse**"
-    return "tied"
+    """The package's verdict (better / tied / worse) with "worse" in bold for the tables."""
+    v = verdict(x)
+    return "**worse**" if v == "worse" else v
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | None = None, summaries=None):
@@ -705,34 +591,30 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def _run_missing(args, tasks, config, csv_path, work, shard, shards) -> None:
-    """Run this shard's runs that the CSV does not hold yet, appending each as it finishes."""
-    from tqdm import tqdm
-
+    """Run this shard's runs that the CSV does not hold yet, appending each as it finishes (the package's loop)."""
     tokenizer = load_tokenizer(args.model_path)
     StudyModule.base[args.model_path] = (tokenizer, load_model(args.model_path).eval())
-    done_rows = read_csv(csv_path, config)
-    done = {(r["task"], r["objective"], r["seed"]) for r in done_rows}
-    runs = plan(args)
-    left = [run for run in runs if run not in done]
-    todo = left[shard::shards]  # shards started together read the same CSV, so they split the same list
+    table = _table(csv_path)
+    done_rows = table.read(config)
     per_run = _mean([r["train_seconds"] + r["eval_seconds"] for r in done_rows if r["objective"] != BASE])
     per_run = per_run or args.steps * 4.5 + args.num_eval * 0.12  # measured: 1 thread, 2 shards on 2 cores
-    print(f"[continuum] shard {shard}/{shards}: {len(todo)} of the {len(left)} runs left to do ({len(runs) - len(left)} in"
-          " the CSV);"
-          f" projected {len(todo) * per_run / 60:.0f} min at ~{per_run:.0f} s per run", file=sys.stderr, flush=True)
     by_name = {t.name: t for t in tasks}
-    bar = tqdm(todo, desc=f"continuum {shard}/{shards}", unit="run", file=sys.stderr, disable=args.quick)
-    for task_name, key, seed in bar:
+
+    def run(key: tuple[str, str, int | None]) -> dict[str, Any]:
+        task_name, objective, seed = key
         task = by_name[task_name]
-        bar.set_postfix_str(f"{task_name} {key} seed {seed}")
-        row = run_base(task, args, work) if key == BASE else run_one(task, key, seed, args, work)
-        gc.collect()  # module <-> trainer cycles hold a model copy and its optimizer state: free them now
+        row = run_base(task, args, work) if objective == BASE else run_one(task, objective, seed, args, work)
         row.update(config=config, task=task.name, role=task.role, noise=task.noise, batch_size=args.batch_size,
                    lr=args.lr, num_train=args.num_train, model=args.model, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        append_row(csv_path, row)
-        if not args.quick:
-            tqdm.write(f"  {task_name:<16} {row['label']:<24} seed {row['seed']!s:<2} accuracy {row['accuracy']:.3f}"
-                       f" ({row['train_seconds']:.0f} + {row['eval_seconds']:.0f} s)", file=sys.stderr)
+        return row
+
+    def describe(key: tuple[str, str, int | None], row: dict[str, Any]) -> str:
+        return (f"  {key[0]:<16} {row['label']:<24} seed {row['seed']!s:<2} accuracy {row['accuracy']:.3f}"
+                f" ({row['train_seconds']:.0f} + {row['eval_seconds']:.0f} s)")  # fmt: skip
+
+    study.run_missing(plan(args), {(r["task"], r["objective"], r["seed"]) for r in done_rows}, run, table,
+                      name="continuum", per_run_seconds=per_run, describe=None if args.quick else describe,
+                      shard=(shard, shards), progress=not args.quick)  # fmt: skip
 
 
 def model_name(args: argparse.Namespace) -> str:
