@@ -32,6 +32,7 @@ from bnll_lightning import compare, study
 from bnll_lightning.callbacks import GenerationEval, StepProgressBar
 from bnll_lightning.data import SFTDataModule
 from bnll_lightning.evaluate import CHECKERS, evaluate_generation, write_jsonl
+from bnll_lightning.export import ExportFailed, unwritable_reason
 from bnll_lightning.models import load_checkpoint_weights
 from bnll_lightning.module import SFTModule
 from bnll_lightning.probe import REPORT_KEYS, format_report, probe
@@ -101,6 +102,8 @@ class SFTCLI(LightningCLI):
                 resuming = self.subcommand == "fit" and config.get("ckpt_path") == "last"
                 if resuming and item.get("class_path") == TENSORBOARD:
                     _continue_last_version(item["init_args"])
+        if self.subcommand == "fit":
+            _check_output_dirs(config)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, with :class:`StepProgressBar` as its progress bar unless the config names one
@@ -159,6 +162,24 @@ def _continue_last_version(logger_args: Any) -> None:
     ]
     if versions:
         logger_args["version"] = max(versions)
+
+
+def _check_output_dirs(config: Any) -> None:
+    """Before anything loads: every directory fit writes to (logs, checkpoints, the export) can be
+    written, else a :class:`ConfigError` naming the option. Found after training, the export's would lose it."""
+    trainer = config.get("trainer") or {}
+    dirs = [("trainer.default_root_dir", trainer.get("default_root_dir"))]
+    logger = trainer.get("logger")
+    for item in logger if isinstance(logger, list) else [logger]:
+        args = (item.get("init_args") or {}) if hasattr(item, "get") else {}
+        dirs += [(f"trainer.logger.init_args.{key}", args.get(key)) for key in ("save_dir", "root_dir")]
+    for item in trainer.get("callbacks") or []:
+        if hasattr(item, "get") and str(item.get("class_path", "")).endswith("ModelCheckpoint"):
+            dirs.append(("ModelCheckpoint's dirpath", (item.get("init_args") or {}).get("dirpath")))
+    dirs.append(("model.export_dir", (config.get("model") or {}).get("export_dir")))
+    for key, path in dirs:
+        if path and (reason := unwritable_reason(str(path))):
+            raise ConfigError(f"{key}: {path} cannot be written ({reason})")
 
 
 def load_from_config(argv: list[str], cli_class: type[SFTCLI] = SFTCLI) -> SFTCLI:
@@ -516,21 +537,22 @@ def one_line(error: BaseException) -> str:
     return " ".join(lines) if len(lines) <= 3 else f"{lines[0]} ... ({DEBUG_ENV}=1 for details)"
 
 
-def resume_command(args: list[str], stop: Preempted) -> str:
-    """The command that continues a run stopped by SIGTERM: the same arguments, with ``--ckpt_path``
-    the checkpoint it wrote (``last`` where that finds it: the run then logs into the same version)."""
+def resume_command(args: list[str], checkpoint: str, found_by_last: bool) -> str:
+    """The command that continues a stopped run (SIGTERM, a failed export): the same arguments, with
+    ``--ckpt_path`` the checkpoint it wrote (``last`` where that finds it: the run then logs into the same version)."""
     kept: list[str] = []
     for arg, before in zip(args, [None, *args]):
         if arg == "--ckpt_path" or arg.startswith("--ckpt_path=") or before == "--ckpt_path":
             continue
         kept.append(arg)
     return shlex.join([sys.executable, "-m", "bnll_lightning", *kept, "--ckpt_path",
-                       "last" if stop.found_by_last else stop.checkpoint])
+                       "last" if found_by_last else checkpoint])
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point. Bad data, an invalid config value or a bad option exits with code 2 and one
-    line on stderr; a run stopped by NaN/Inf losses exits with 1; a fit stopped by SIGTERM writes
+    line on stderr (a directory fit would write to that cannot be written, too); a run stopped by
+    NaN/Inf losses or a failed export (its weights in a checkpoint) exits with 1; a fit stopped by SIGTERM writes
     a checkpoint, prints the command that resumes it and exits with 143. ``BNLL_DEBUG=1`` re-raises
     with the traceback instead."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -553,8 +575,14 @@ def main(argv: list[str] | None = None) -> None:
     except Preempted as stop:  # SIGTERM: a checkpoint at the step boundary, then 143 and the way on
         if stop.global_zero:
             print(f"bnll_lightning: stopped by SIGTERM after optimizer step {stop.step}; checkpoint {stop.checkpoint}\n"
-                  f"resume with: {resume_command(args, stop)}", file=sys.stderr)
+                  f"resume with: {resume_command(args, stop.checkpoint, stop.found_by_last)}", file=sys.stderr)
         sys.exit(stop.code)
+    except ExportFailed as err:  # after training: the weights went to a checkpoint, which the message names
+        print(f"bnll_lightning: {err}", file=sys.stderr)
+        if err.checkpoint:
+            print("export them, once there is room or with another --model.export_dir, with: "
+                  f"{resume_command(args, err.checkpoint, err.found_by_last)}", file=sys.stderr)
+        sys.exit(1)
     except SIGTERMException:  # Lightning's own stop: SIGTERM before training was under way
         print("bnll_lightning: stopped by SIGTERM before training was under way: nothing to resume, run the "
               "command again", file=sys.stderr)

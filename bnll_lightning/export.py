@@ -1,4 +1,4 @@
-"""The end of fit: a ``save_pretrained`` directory (model and tokenizer) with a model card."""
+"""The end of fit: a ``save_pretrained`` directory (model and tokenizer) with a model card, written whole or not at all."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as L
@@ -14,9 +16,68 @@ from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from bnll_lightning.lora import export_lora, is_peft_model
+from bnll_lightning.signals import checkpoint_path, remove_stopgap
 from bnll_lightning.strategies import is_sharded
 
-__all__ = ["HFExport", "gathered_state_dict", "model_card", "save_pretrained"]
+__all__ = ["ExportFailed", "HFExport", "gathered_state_dict", "model_card", "replace_directory", "save_pretrained",
+           "unwritable_reason"]
+
+#: The checkpoint a failed export leaves (the name starts with "last": ``--ckpt_path last`` finds it).
+FAILED_EXPORT_CHECKPOINT = "last-export-failed.ckpt"
+
+
+class ExportFailed(RuntimeError):
+    """The end-of-fit export could not be written. Nothing that looks like a model is left at ``directory``;
+    the trained weights are in the resumable ``checkpoint`` (None: no checkpoint could be written either)."""
+
+    def __init__(self, directory: str, error: str, checkpoint: str | None, found_by_last: bool = False) -> None:
+        where = (f"the trained weights are in the checkpoint {checkpoint}" if checkpoint else
+                 "no checkpoint of the trained weights could be written either")
+        super().__init__(f"export to {directory} failed ({error}); {where}")
+        self.directory, self.error, self.checkpoint, self.found_by_last = directory, error, checkpoint, found_by_last
+
+
+def unwritable_reason(directory: str) -> str | None:
+    """None if ``directory`` can be created and written (a file is made and removed in it, or in the
+    nearest folder above it that exists); else why not, as the system says it."""
+    path = os.path.abspath(directory)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path} is a file, not a directory"
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"{existing}: {err.strerror or err}"
+    return None
+
+
+def replace_directory(directory: str, write: Callable[[str], None]) -> str:
+    """Run ``write(tmp)`` on a new folder beside ``directory``, then rename it to ``directory`` (replacing
+    what was there only once the new one is complete). If ``write`` fails the folder is removed: nothing
+    half-written ever sits at ``directory``."""
+    path = os.path.abspath(directory)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the export gets the usual permissions
+        write(tmp)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+            os.replace(path, old)  # a directory (unwritable_reason refuses a file) onto the empty one
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 class HFExport(L.Callback):
@@ -27,6 +88,11 @@ class HFExport(L.Callback):
     (``model.lora_export``). Beside them: ``README.md``, a model card (base model, objective, α's
     trajectory, data, steps, final validation metrics, how to reproduce), and ``training_config.yaml``,
     the run's resolved config. ``SFTModule`` adds this callback to every fit unless one is configured.
+
+    The directory is checked writable when fit starts, written in a folder beside it and renamed into
+    place when complete. If writing fails anyway (a full disk), the partial folder is removed, the
+    trained weights go to a checkpoint (``last-export-failed.ckpt`` beside the periodic ones, else in
+    the system's temporary folder) that ``fit --ckpt_path`` exports from, and :class:`ExportFailed` says where.
     """
 
     def __init__(self, model_card: bool = True) -> None:
@@ -36,6 +102,19 @@ class HFExport(L.Callback):
         """
         self.model_card = model_card
         self.alphas: list[float] = []
+        self.exported: str | None = None  # the directory, once written
+
+    @staticmethod
+    def directory(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        """Where the export goes: ``model.export_dir``, else ``<log dir>/hf_model``."""
+        return getattr(pl_module, "export_dir", None) or os.path.join(trainer.log_dir or ".", "hf_model")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.exported = None
+        if stage == "fit" and trainer.is_global_zero:  # before the first step, not after the last
+            reason = unwritable_reason(self.directory(trainer, pl_module))
+            if reason:
+                raise ValueError(f"model.export_dir: {self.directory(trainer, pl_module)} cannot be written ({reason})")
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         # Before the module's own hook, which moves α: this is the α the step trained with.
@@ -44,12 +123,36 @@ class HFExport(L.Callback):
             self.alphas.append(float(alpha))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._export(trainer, pl_module)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed from a checkpoint of its last step (a failed export's) trains nothing, and
+        # Lightning then skips on_train_end: export here.
+        if self.exported is None:
+            self._export(trainer, pl_module)
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Every rank runs this: log_dir broadcasts from rank 0 and the sharded gather is a collective.
         log_dir = trainer.log_dir
-        directory = pl_module.export_dir or os.path.join(log_dir or ".", "hf_model")
+        directory = self.directory(trainer, pl_module)
         state_dict = gathered_state_dict(trainer, pl_module)
-        if not trainer.is_global_zero:
-            return
+        error = None
+        if trainer.is_global_zero:
+            try:
+                replace_directory(directory, lambda tmp: self._write(tmp, trainer, pl_module, state_dict, log_dir))
+            except Exception as err:  # whatever broke (safetensors raises its own type for a full disk), keep the weights
+                error = f"{type(err).__name__}: {err}"
+        error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            raise self._save_weights(trainer, directory, error)
+        self.exported = directory
+        remove_stopgap(trainer, FAILED_EXPORT_CHECKPOINT)  # exported now: the weights are safe
+        root = getattr(pl_module.logger, "save_dir", None) or os.path.dirname(log_dir or ".")
+        rank_zero_info(f"[bnll] TensorBoard logs: {log_dir}  (tensorboard --logdir {root})")
+        rank_zero_info(f"[bnll] exported model: {directory}")
+
+    def _write(self, directory: str, trainer: L.Trainer, pl_module: L.LightningModule,
+               state_dict: dict[str, Tensor] | None, log_dir: str | None) -> None:  # fmt: skip
         save_pretrained(pl_module, directory, state_dict)
         if self.model_card:
             config = os.path.join(log_dir or "", "config.yaml")  # LightningCLI's SaveConfigCallback
@@ -58,9 +161,21 @@ class HFExport(L.Callback):
                 shutil.copyfile(config, os.path.join(directory, "training_config.yaml"))
             with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
                 f.write(model_card(trainer, pl_module, self.alphas, has_config))
-        root = getattr(pl_module.logger, "save_dir", None) or os.path.dirname(log_dir or ".")
-        rank_zero_info(f"[bnll] TensorBoard logs: {log_dir}  (tensorboard --logdir {root})")
-        rank_zero_info(f"[bnll] exported model: {directory}")
+
+    def _save_weights(self, trainer: L.Trainer, directory: str, error: str) -> ExportFailed:
+        """The export failed: write a checkpoint of the trained weights where one fits, and say where."""
+        path, found_by_last = checkpoint_path(trainer, FAILED_EXPORT_CHECKPOINT)
+        fallback = os.path.join(tempfile.gettempdir(), f"bnll-{os.getpid()}-{FAILED_EXPORT_CHECKPOINT}")
+        for where, by_last in ((path, found_by_last), (fallback, False)):
+            try:
+                trainer.save_checkpoint(where)
+                return ExportFailed(directory, error, where, by_last)
+            except OSError:
+                if trainer.world_size > 1:
+                    trainer.strategy.barrier("bnll.export_checkpoint")  # the ranks that wrote nothing wait in one
+                if trainer.is_global_zero and os.path.exists(where):
+                    os.remove(where)  # a partial checkpoint would not load
+        return ExportFailed(directory, error, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {"alphas": self.alphas}

@@ -170,7 +170,9 @@ class SFTModule(L.LightningModule):
             probe_batches: Deprecated name of ``warm_start_batches`` (goes in the next release).
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["objective", "alpha_controller", "optimizer", "lr_scheduler"])
+        # export_dir is where the run writes, not what it trains: left out, since LightningCLI gives a checkpoint's
+        # hyperparameters precedence over the command line, and a resumed run may export elsewhere.
+        self.save_hyperparameters(ignore=["objective", "alpha_controller", "optimizer", "lr_scheduler", "export_dir"])
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if max_nonfinite_steps < 1:

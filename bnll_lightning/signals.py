@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-__all__ = ["CHECKPOINT_NAME", "EXIT_CODE", "Preempted", "SignalCheckpoint"]
+__all__ = ["CHECKPOINT_NAME", "EXIT_CODE", "Preempted", "SignalCheckpoint", "checkpoint_path", "remove_stopgap"]
 
 #: The checkpoint a SIGTERM writes; its name starts with "last", so ``--ckpt_path last`` finds it.
 CHECKPOINT_NAME = "last-sigterm.ckpt"
@@ -101,10 +101,7 @@ class SignalCheckpoint(L.Callback):
         self.saved = Preempted(path, trainer.global_step, found_by_last, trainer.is_global_zero)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The run completed (a SIGTERM at its last step included): a SIGTERM checkpoint is behind it.
-        path, _ = checkpoint_path(trainer)
-        if os.path.exists(path):
-            trainer.strategy.remove_checkpoint(path)
+        remove_stopgap(trainer, CHECKPOINT_NAME)  # the run completed (a SIGTERM at its last step included)
         if self.saved is not None:
             rank_zero_info("[bnll] SIGTERM arrived in the last optimizer step: the run finished instead of stopping")
             self.saved = None
@@ -114,11 +111,21 @@ class SignalCheckpoint(L.Callback):
             raise self.saved
 
 
-def checkpoint_path(trainer: L.Trainer) -> tuple[str, bool]:
-    """Where :class:`SignalCheckpoint` writes, and whether ``--ckpt_path last`` finds it there (it
-    does in a ``ModelCheckpoint``'s folder: Lightning looks for ``last*.ckpt`` files in it)."""
+def remove_stopgap(trainer: L.Trainer, name: str) -> None:
+    """Once a run has gone past it: remove the checkpoint called ``name`` that a stopped run left, in this
+    run's checkpoint folder and the one this run resumed from."""
+    paths = {checkpoint_path(trainer, name)[0], str(trainer.ckpt_path or "")}
+    for path in paths:
+        if os.path.basename(path) == name and os.path.isfile(path) and trainer.is_global_zero:
+            trainer.strategy.remove_checkpoint(path)
+
+
+def checkpoint_path(trainer: L.Trainer, name: str = CHECKPOINT_NAME) -> tuple[str, bool]:
+    """Where a checkpoint to resume from called ``name`` goes (beside the periodic ones, else in
+    ``<log dir>/checkpoints``), and whether ``--ckpt_path last`` finds it there (it does in a
+    ``ModelCheckpoint``'s folder, for a name that starts with "last")."""
     callback = trainer.checkpoint_callback
     if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-        return os.path.join(str(callback.dirpath), CHECKPOINT_NAME), True
+        return os.path.join(str(callback.dirpath), name), name.startswith("last")
     root = trainer.log_dir or trainer.default_root_dir
-    return os.path.join(str(root), "checkpoints", CHECKPOINT_NAME), False
+    return os.path.join(str(root), "checkpoints", name), False

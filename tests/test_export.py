@@ -1,13 +1,20 @@
-"""The end-of-fit export: a loadable save_pretrained directory with a model card and the run's config."""
+"""The end-of-fit export: a loadable save_pretrained directory with a model card and the run's config, written whole or not
+at all; directories that cannot be written found before training; the weights kept when the export fails."""
 
+import os
 import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
 
 from bnll_lightning.cli import main
+from bnll_lightning.export import replace_directory, unwritable_reason
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -43,6 +50,120 @@ def test_fit_exports_model_card_and_config(tmp_path, tiny_model_dir, capsys):
         main(["fit", "--config", str(export / "training_config.yaml"), "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["model"]["alpha_controller"]["init_args"]["steps"] == 3
 
-    from transformers import AutoModelForCausalLM
-
     assert AutoModelForCausalLM.from_pretrained(export).config.vocab_size > 0
+
+
+# ----------------------------------------------------------------------------- directories that cannot take it
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this process cannot write: its mode for a user, a read-only mount for root (whom modes do not stop)."""
+    path = tmp_path / "read_only"
+    if os.geteuid() != 0:
+        path.mkdir()
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+    elif _mount_tmpfs(path, "ro,size=64k"):
+        yield path
+        subprocess.run(["umount", "-l", str(path)], check=False)
+    else:
+        pytest.skip("running as root without the right to mount a read-only filesystem")
+
+
+@pytest.fixture
+def full_dir(tmp_path):
+    """A directory on a filesystem of 256 KiB: room for a config file, not for a model's weights."""
+    path = tmp_path / "small_fs"
+    if not _mount_tmpfs(path, "size=256k"):
+        pytest.skip("no right to mount a small filesystem")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fit_args(model_dir, tmp_path, *extra):
+    return ["fit", "--model.model", model_dir, "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            "--data.train", "builtin:add", "--data.num_train", "8", "--data.num_val", "0", "--data.batch_size", "4",
+            "--model.histogram_every_n_steps", "0", *extra]
+
+
+@pytest.mark.parametrize("option", ["--model.export_dir", "--trainer.logger.init_args.save_dir"])
+def test_an_unwritable_output_directory_is_one_line_before_anything_loads(option, read_only_dir, tmp_path, capsys,
+                                                                           monkeypatch):  # fmt: skip
+    monkeypatch.delenv("BNLL_DEBUG", raising=False)
+    target = read_only_dir / "out"
+    # A model that does not exist: the directories are checked before it would load.
+    with pytest.raises(SystemExit) as stopped:
+        main([*fit_args("/nonexistent/model", tmp_path), option, str(target)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith(f"bnll_lightning: config error: {option[2:]}: {target} cannot be written ({read_only_dir}: ")
+    assert not list(tmp_path.glob("runs/*/version_*"))  # nothing ran, nothing left behind
+
+
+def test_unwritable_reason_names_the_folder_and_the_cause(read_only_dir, tmp_path):
+    assert unwritable_reason(str(tmp_path / "new" / "deeper")) is None  # creatable
+    assert unwritable_reason(str(read_only_dir / "x")).startswith(f"{read_only_dir}: ")
+    (tmp_path / "file").write_text("")
+    assert "is a file" in unwritable_reason(str(tmp_path / "file"))
+
+
+def test_a_full_disk_at_export_leaves_no_partial_model_and_keeps_the_weights_resumable(
+        full_dir, tiny_model_dir, tmp_path, capsys, monkeypatch):  # fmt: skip
+    """Checkpointing off: before, the export's traceback came after the last step and the trained weights were gone."""
+    monkeypatch.delenv("BNLL_DEBUG", raising=False)
+    export = full_dir / "model"
+    args = fit_args(tiny_model_dir, tmp_path, "--trainer.enable_checkpointing", "false", "--model.export_dir", str(export))
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and "Traceback" not in err, err
+    assert not export.exists() and not list(full_dir.iterdir())  # no config without weights, no partial folder
+    (log_dir,) = tmp_path.glob("runs/*/version_*")
+    checkpoint = log_dir / "checkpoints" / "last-export-failed.ckpt"
+    assert f"bnll_lightning: export to {export} failed (" in err and "No space left on device" in err
+    assert f"the trained weights are in the checkpoint {checkpoint}" in err
+    state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+    assert state["global_step"] == 2
+
+    (command,) = [line.split("with: ", 1)[1] for line in err.splitlines() if line.startswith("export them")]
+    python, dash_m, package, *again = shlex.split(command)
+    assert again == [*args, "--ckpt_path", str(checkpoint)]
+    elsewhere = tmp_path / "exported"
+    main([*again, "--model.export_dir", str(elsewhere)])  # trains nothing more: exports the checkpoint's weights
+    exported = AutoModelForCausalLM.from_pretrained(elsewhere).state_dict()
+    for key, value in state["state_dict"].items():
+        if key.startswith("model."):
+            torch.testing.assert_close(exported[key[len("model."):]], value, msg=key)
+    assert not checkpoint.exists()  # exported: the stop-gap checkpoint is gone
+
+
+def test_replace_directory_swaps_in_a_complete_folder_or_leaves_the_old_one(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+
+    def fail(folder):
+        Path(folder, "config.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        replace_directory(str(target), fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (target / "old.txt").exists()
+    replace_directory(str(target), lambda folder: Path(folder, "new.txt").write_text("new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and sorted(os.listdir(target)) == ["new.txt"]
+    assert target.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

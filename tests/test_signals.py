@@ -14,7 +14,7 @@ import torch
 
 from _resume_run import STEPS, TAGS, TESTS, config, only_version, scalars, write
 from bnll_lightning.cli import main, resume_command
-from bnll_lightning.signals import CHECKPOINT_NAME, EXIT_CODE, Preempted
+from bnll_lightning.signals import CHECKPOINT_NAME, EXIT_CODE
 
 
 
@@ -68,10 +68,10 @@ def test_sigterm_in_the_last_step_lets_the_run_finish(dropout_model_dir, tmp_pat
 
 def test_resume_command_replaces_the_checkpoint_argument():
     args = ["fit", "--config", "a b.yaml", "--ckpt_path", "old.ckpt", "--ckpt_path=other", "--trainer.max_steps", "9"]
-    by_last = resume_command(args, Preempted("runs/x/checkpoints/last-sigterm.ckpt", 3, found_by_last=True))
+    by_last = resume_command(args, "runs/x/checkpoints/last-sigterm.ckpt", found_by_last=True)
     assert shlex.split(by_last)[3:] == ["fit", "--config", "a b.yaml", "--trainer.max_steps", "9", "--ckpt_path", "last"]
     # Without a ModelCheckpoint, Lightning's "last" does not look in that folder: the path itself.
-    by_path = resume_command(args[:3], Preempted("/r/checkpoints/last-sigterm.ckpt", 3, found_by_last=False))
+    by_path = resume_command(args[:3], "/r/checkpoints/last-sigterm.ckpt", found_by_last=False)
     assert shlex.split(by_path)[3:] == ["fit", "--config", "a b.yaml", "--ckpt_path", "/r/checkpoints/last-sigterm.ckpt"]
 
 
