@@ -56,6 +56,8 @@ def summarize(rows: Sequence[dict[str, Any]], resamples: int = 4000) -> list[dic
         if static:
             best = max(static, key=static.get)
             s["best_static"] = best
+            s["tied_with_best"] = [k for k in static
+                                   if k == best or CT.bootstrap(mats[best], mats[k], resamples)[1] <= 0.0]
             for k, v in s["objectives"].items():
                 if not entries[k].static:
                     v["vs_best"] = CT.bootstrap(mats[k], mats[best], resamples)
@@ -162,7 +164,8 @@ def write(args, argv, config, csv_path, threads, load, seconds) -> str:
         plot_statistics(rows, os.path.join(args.out, "statistics.png"))
     done = sum((r["train_seconds"] or 0) + (r["eval_seconds"] or 0) for r in rows)
     table = "\n".join(["Tasks and the base model (training targets of seed 0):", "", base_table(rows), "",
-                       markdown(summaries), "", "What a controller could read during NLL training (mean over seeds):",
+                       markdown(summaries), "", "The diagnosis against the outcome:", "", diagnosis_table(summaries), "",
+                       "What a controller could read during NLL training (mean over seeds):",
                        "", statistics_table(rows)])  # fmt: skip
     conditions = [
         f"model: {args.model}, {args.precision}, {args.accelerator}; every run starts from the same in-memory weights",
@@ -244,3 +247,25 @@ def plot_statistics(rows: Sequence[dict[str, Any]], path: str | None = None, obj
     if path is not None:
         fig.savefig(path, dpi=100)
     return fig
+
+
+def diagnosis_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """``probe``'s rules (the paper's mean p of the training targets, and base accuracy; −p at >= 0.5,
+    else NLL) against the study's outcome: a hit when the pick is the best static objective or tied with it."""
+    entries = _entries()
+    lines, hits = [], {}
+    for s in summaries:
+        base = s["base"]
+        if base is None or "tied_with_best" not in s:
+            continue
+        for rule, value in (("mean p (paper)", base["base_mean_p"]), ("base accuracy", base["accuracy"])):
+            pick = "negprob" if value >= 0.5 else "nll"
+            if pick not in s["objectives"]:
+                continue
+            hit = pick in s["tied_with_best"]
+            hits.setdefault(rule, []).append(hit)
+            lines.append([f"{s['task']} ({s['role']}), noise {s['noise']:.0%}", rule, f"{value:.3f}", entries[pick].label,
+                          ", ".join(entries[k].label for k in s["tied_with_best"]), "hit" if hit else "miss"])
+    table = C.markdown_table(["task (role), noise", "rule", "value", "recommends", "best static and its ties", "outcome"],
+                             lines)  # fmt: skip
+    return table + "\n\nHit rate: " + "; ".join(f"{r} {sum(h)}/{len(h)}" for r, h in hits.items())

@@ -113,7 +113,9 @@ for _e in (
              lambda a: (AlphaFamily(0.0), AdaptiveAlpha(statistic="quantile", quantile=0.5)), None, False, True),
 ):
     ENTRIES[_e.key] = _e
-CORE = ("nll", "negprob", "alpha05", "adaptive", "linear")  # the noise grid's objectives
+# The noise grid's objectives; adaptive_median joined after the first dev runs showed the per-step traces
+# (the controller's candidate: chosen or not on the dev task, reported on the others either way).
+CORE = ("nll", "negprob", "alpha05", "adaptive", "linear", "adaptive_median")
 REST = ("dft", "eaft", "asft", "token")  # the rest of the list, at the middle noise rate
 WEAK = ("nll", "negprob", "adaptive", "linear")  # the weak + long regime
 BASE = CT.BASE
@@ -433,7 +435,8 @@ def _run_missing(args: argparse.Namespace, config: str, csv_path: str) -> None:
           f" {len(left) * per_run / 60:.0f} min of run time at ~{per_run:.0f} s per run, divided among the"
           " processes started on this --out", file=sys.stderr, flush=True)  # fmt: skip
     bar = tqdm(total=len(left), desc="noise study", unit="run", file=sys.stderr, disable=args.quick)
-    while (run := claim_next(config, csv_path, runs)) is not None:
+    stop = os.path.join(args.out, "STOP")  # touch it to let every process finish its run and exit
+    while not os.path.exists(stop) and (run := claim_next(config, csv_path, runs)) is not None:
         name, key, seed, noise = run
         task = NOISE_TASKS[name]
         bar.set_postfix_str(f"{name} {key} seed {seed} noise {noise}")

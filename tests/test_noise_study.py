@@ -98,7 +98,7 @@ def test_quick_study_writes_curves_noise_and_resumes(tmp_path):
         assert len(json.loads(r["trace"])) == r["steps"]  # one trace entry per optimizer step
     assert (tmp_path / "curves.png").stat().st_size > 0 and "Noise study" in (tmp_path / "noise_study.md").read_text()
     again = _study(tmp_path)  # a rerun skips every finished run
-    assert again.returncode == 0 and "0 of the 0 runs left" in again.stderr
+    assert again.returncode == 0 and "0 of the 20 runs left (20 in the CSV)" in again.stderr
     assert len(NS.read_csv(str(tmp_path / "noise_study.csv"))) == len(rows)
 
 
