@@ -17,19 +17,22 @@ import json
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bnll_lightning import compare, study
 from bnll_lightning.callbacks import GenerationEval, StepProgressBar
+from bnll_lightning.constraints import ConfigError
 from bnll_lightning.data import SFTDataModule
 from bnll_lightning.evaluate import CHECKERS, evaluate_generation, write_jsonl
 from bnll_lightning.export import ExportFailed, unwritable_reason
@@ -43,10 +46,6 @@ from bnll_lightning.tasks import TASKS
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
 AUTO_NAME = "auto"
 DEBUG_ENV = "BNLL_DEBUG"  # set to 1 for full tracebacks instead of one-line errors
-
-
-class ConfigError(ValueError):
-    """A config value that parses but that a class rejects when it is built."""
 
 
 def _short(class_path: str) -> str:
@@ -104,6 +103,7 @@ class SFTCLI(LightningCLI):
                     _continue_last_version(item["init_args"])
         if self.subcommand == "fit":
             _check_output_dirs(config)
+        self._data_read = _read_data(config)  # a data error before the model loads (15-30 s)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, with :class:`StepProgressBar` as its progress bar unless the config names one
@@ -113,18 +113,60 @@ class SFTCLI(LightningCLI):
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             kwargs.setdefault("callbacks", [*callbacks, StepProgressBar()])
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        log_dir = getattr(trainer.logger, "log_dir", None)
+        if log_dir and not os.path.exists(log_dir):
+            trainer.callbacks.append(_RemoveLogDirIfNothingRan(log_dir))
+        return trainer
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except DataError:
+        except (DataError, ConfigError):
             raise
         except ValueError as err:  # a class of ours rejected a value of the config: one line
             cause = _root_cause(err)
             if not _raised_by_us(cause):
                 raise  # a ValueError from inside torch or transformers is a bug or their message: keep its trace
             raise ConfigError(str(cause)) from err
+        if self._data_read is not None and self.datamodule is not None:
+            self.datamodule.use_rows_of(self._data_read)
+
+
+class _RemoveLogDirIfNothingRan(Callback):
+    """Bad input found once fit has begun (data that needs the tokenizer, packing refused) leaves no empty
+    ``version_N`` behind: Lightning creates the folder before the data module's and the model's setup."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = os.path.abspath(log_dir)
+        self.existed = self.log_dir  # the nearest folder above it that is there before fit
+        while not os.path.exists(self.existed):
+            self.existed = os.path.dirname(self.existed)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if isinstance(exception, (DataError, ConfigError)) and trainer.global_step == 0 and trainer.is_global_zero:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+            parent = os.path.dirname(self.log_dir)
+            while parent != self.existed and len(parent) > len(self.existed) and not os.listdir(parent):
+                os.rmdir(parent)  # the run name's folder, made for this version
+                parent = os.path.dirname(parent)
+
+
+def _read_data(config: Any) -> SFTDataModule | None:
+    """The config's data module with its rows read, before any model loads (None: data settings that its
+    ``__init__`` rejects, which are reported with their option when the classes are built)."""
+    data = config.get("data")
+    if data is None:
+        return None
+    args = {k: v for k, v in (data.as_dict() if hasattr(data, "as_dict") else dict(data)).items() if k != "tokenizer"}
+    try:
+        module = SFTDataModule(**args)
+    except DataError:
+        raise
+    except (TypeError, ValueError):
+        return None
+    module.read()
+    return module
 
 
 def _raised_by_us(err: BaseException) -> bool:
@@ -308,7 +350,7 @@ class EvaluateCLI(SFTCLI):
                             help="Nucleus sampling mass (None: the config's GenerationEval, else 1).")
         parser.add_argument("--num_samples", type=Optional[int], default=None,
                             help="Answers per prompt, temperature > 0 (None: the config's GenerationEval, else 1).")
-        parser.add_argument("--pass_k", type=Optional[list[int]], default=None,
+        parser.add_argument("--pass_k", type=Optional[Union[int, list[int]]], default=None,
                             help="k of the unbiased pass@k with num_samples > 1 (None: the config's "
                                  "GenerationEval, else num_samples); maj@num_samples is printed too.")
         parser.add_argument("--output", type=Optional[str], default=None,
@@ -332,14 +374,25 @@ def generation_settings(cfg: Any, callbacks: Sequence[Any]) -> dict[str, Any]:
     callback = next((c for c in callbacks if isinstance(c, GenerationEval)), None)
     own = {} if callback is None else {**callback.generate_kwargs, "checker": callback.checker}
     own.pop("seed", None)
-    return {key: getattr(cfg, key) if getattr(cfg, key) is not None else own.get(key, default)
-            for key, default in _GENERATION_DEFAULTS.items()}
+    settings = {key: getattr(cfg, key) if getattr(cfg, key) is not None else own.get(key, default)
+                for key, default in _GENERATION_DEFAULTS.items()}
+    if isinstance(settings["pass_k"], int):
+        settings["pass_k"] = [settings["pass_k"]]
+    ks, n = settings["pass_k"], settings["num_samples"]
+    if n == 1 and cfg.pass_k is None:
+        settings["pass_k"] = None  # one answer per prompt (the command line's): the config's pass@k does not apply
+    elif ks is not None and not all(1 <= k <= n for k in ks):
+        given = "" if cfg.pass_k is not None else " (the config's GenerationEval)"
+        raise ConfigError(f"--pass_k {ks}{given}: each k must lie in [1, num_samples = {n}] (pass@k draws k of a "
+                          "prompt's samples); raise --num_samples")
+    return settings
 
 
 def evaluate_main(argv: list[str] | None = None) -> None:
     """``python -m bnll_lightning evaluate --config X.yaml [--ckpt_path ...] [--split val] ...``"""
     cli = load_from_config(list(argv or []), EvaluateCLI)
     cfg, data, trainer = cli.config, cli.datamodule, cli.trainer
+    settings = generation_settings(cfg, trainer.callbacks)
     module = _ready_module(cli)
     rows = data.raw_rows(cfg.split)[: cfg.num_rows]
     if not rows:
@@ -347,7 +400,6 @@ def evaluate_main(argv: list[str] | None = None) -> None:
             f"evaluate: the data has no {cfg.split} rows (train={data.train!r}, val={data.val!r}); nothing to "
             "evaluate. For file data set data.val or data.val_fraction > 0, or use --split train."
         )
-    settings = generation_settings(cfg, trainer.callbacks)
     checker = settings.pop("checker")
     start = time.perf_counter()
     with trainer.precision_plugin.forward_context():
@@ -504,7 +556,7 @@ EXTRA_COMMANDS: dict[str, Callable[[list[str]], Any]] = {"probe": probe_main, "e
 
 # Lines of a jsonargparse error that describe its structure rather than what is wrong.
 _STRUCTURE = re.compile(
-    r"(Does not validate against|Subtypes:|Errors:|- Problem with given class_path|- Expected a|Given value)"
+    r"(Does not validate against|Subtypes:|Errors:|Problem with given class_path|Expected a|Given value)"
 )
 
 
@@ -522,16 +574,34 @@ def _no_such_class(match: re.Match) -> str:
     return f"no class {name} in module {module_name}; it has: {', '.join(sorted(usable or classes))}"
 
 
+def _single_line_causes(error: BaseException) -> list[str]:
+    """The one-line messages down ``error``'s chain of causes (and contexts), outermost first, past the
+    structure: jsonargparse drops the given value from a nested union's complaint ("does not conform to
+    restriction v<1"), which the exception it wraps still has ("1.5 does not conform ...")."""
+    out, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).strip()
+        if text and "\n" not in text and not _STRUCTURE.match(text) and not text.startswith("Parser key"):
+            out.append(_NO_ATTRIBUTE.sub(_no_such_class, text))
+        error = error.__cause__ or error.__context__
+    return out
+
+
 def one_line(error: BaseException) -> str:
     """A parse error's message in one line: the option's dotted key and the innermost reason."""
+    chain = _single_line_causes(error)
     error = _root_cause(error)
-    lines = [_NO_ATTRIBUTE.sub(_no_such_class, line.strip()) for line in str(error).strip().splitlines() if line.strip()]
+    lines = [_NO_ATTRIBUTE.sub(_no_such_class, line.strip().removeprefix("- ")) for line in str(error).strip().splitlines()
+             if line.strip()]  # fmt: skip
     keys, reason = [], None
     for line in lines:
         if match := re.fullmatch(r'Parser key "([^"]+)":?', line):
             keys.append(match.group(1))
         elif reason is None and not _STRUCTURE.match(line):
             reason = line  # the innermost complaint, past jsonargparse's union bookkeeping
+    if keys and chain:
+        reason = chain[0]
     if keys and reason:
         return f"{'.'.join(keys)}: {reason}"
     return " ".join(lines) if len(lines) <= 3 else f"{lines[0]} ... ({DEBUG_ENV}=1 for details)"

@@ -171,6 +171,7 @@ class SFTDataModule(LightningDataModule):
         self._rows: dict[str, list[dict[str, Any]]] = {}
         self._datasets: dict[str, Dataset] = {}
         self._ready = False
+        self._splits: Any = None  # the rows read (train and val, each with its source indices): see read()
         self._formatter: tuple[tuple, Formatter] | None = None
         self._train_entries = resolve_entries(train, "train")
         self._val_entries = resolve_entries(val, "val") if val is not None else None
@@ -231,6 +232,20 @@ class SFTDataModule(LightningDataModule):
                 if src.kind == "hub":
                     read_hub(src.name, src.config, split, max_rows=1)
 
+    def read(self) -> None:
+        """Read and check every source's rows (no tokenizer needed), once: a data error shows before a model
+        is loaded (the CLI calls this first). ``setup`` calls it if nobody has."""
+        if self._splits is None:
+            self._splits = self._load_splits()
+
+    def use_rows_of(self, other: SFTDataModule) -> None:
+        """Take the rows ``other``, a data module of the same settings, has read (instead of reading them again)."""
+        def settings(module: SFTDataModule) -> dict[str, Any]:  # LightningCLI adds "_instantiator"
+            return {k: v for k, v in module.hparams.items() if not k.startswith("_")}
+
+        if other._splits is not None and settings(other) == settings(self):
+            self._splits = other._splits
+
     def setup(self, stage: str | None = None) -> None:
         """Load, split, corrupt (``noise``), tokenize, mix and pack once; cached afterwards."""
         if self._ready:
@@ -238,7 +253,8 @@ class SFTDataModule(LightningDataModule):
         tok = self._require_tokenizer()
         if self.use_chat_template and not getattr(tok, "chat_template", None):
             rank_zero_warn("use_chat_template=True but the tokenizer has no chat template: using plain formatting")
-        (train_rows, train_tags), (val_rows, val_tags) = self._load_splits()
+        self.read()
+        (train_rows, train_tags), (val_rows, val_tags) = self._splits
         noisy = 0
         if self.noise > 0:
             train_rows = _tasks.noise(train_rows, self.noise, _derive_seed(self.seed, "noise"))

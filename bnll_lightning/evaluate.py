@@ -306,7 +306,7 @@ def _sample_metrics(
         by_row.setdefault(p["index"], []).append(p)
     if not by_row or num_samples < 2:
         return {}, None
-    ks = sorted({int(k) for k in (pass_k if pass_k is not None else [num_samples]) if 1 <= int(k) <= num_samples})
+    ks = sorted({int(k) for k in (pass_k if pass_k is not None else [num_samples])})
     name = checker if isinstance(checker, str) or checker is None else None
     pass_sums, maj_sum = dict.fromkeys(ks, 0.0), 0.0
     for samples in by_row.values():
@@ -354,13 +354,17 @@ def evaluate_generation(
         checker: A name in :data:`CHECKERS`, a callable ``(prediction, row) -> bool``, or None
             (``auto``: the built-in task's checker, else ``normalized``).
         max_new_tokens, batch_size, temperature, top_p, num_samples, seed: see :func:`generate`.
-        pass_k: With ``num_samples > 1``: the k of pass@k (each <= num_samples; None: num_samples).
+        pass_k: With ``num_samples > 1``: the k of pass@k (each in [1, num_samples], else ValueError;
+            None: num_samples).
 
     Returns:
         :class:`EvalResult`; ``predictions`` holds one dict per row and sample, in row order:
         ``index``, ``sample``, ``task``, ``prompt``, ``prediction``, ``answer``, ``correct``,
         ``new_tokens``. With ``num_samples > 1`` also ``pass_at`` and ``maj`` (maj@num_samples).
     """
+    if pass_k is not None and not all(1 <= int(k) <= num_samples for k in pass_k):
+        raise ValueError(f"pass_k must lie in [1, num_samples={num_samples}] (pass@k draws k of the samples), "
+                         f"got {list(pass_k)}")
     check = checker if callable(checker) else get_checker(checker)
     encode = getattr(encoder, "encode_prompt", encoder)
     prompts = [encode(row) for row in rows]

@@ -1,4 +1,4 @@
-"""The end of fit: a ``save_pretrained`` directory (model and tokenizer) with a model card, written whole or not at all."""
+"""The end of fit: a ``save_pretrained`` directory (model, tokenizer, model card), written whole or not at all."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from bnll_lightning.constraints import ConfigError
 from bnll_lightning.lora import export_lora, is_peft_model
 from bnll_lightning.signals import checkpoint_path, remove_stopgap
 from bnll_lightning.strategies import is_sharded
@@ -114,7 +115,7 @@ class HFExport(L.Callback):
         if stage == "fit" and trainer.is_global_zero:  # before the first step, not after the last
             reason = unwritable_reason(self.directory(trainer, pl_module))
             if reason:
-                raise ValueError(f"model.export_dir: {self.directory(trainer, pl_module)} cannot be written ({reason})")
+                raise ConfigError(f"model.export_dir: {self.directory(trainer, pl_module)} cannot be written ({reason})")
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         # Before the module's own hook, which moves α: this is the α the step trained with.
@@ -140,7 +141,7 @@ class HFExport(L.Callback):
         if trainer.is_global_zero:
             try:
                 replace_directory(directory, lambda tmp: self._write(tmp, trainer, pl_module, state_dict, log_dir))
-            except Exception as err:  # whatever broke (safetensors raises its own type for a full disk), keep the weights
+            except Exception as err:  # whatever broke (safetensors has its own error for a full disk): keep the weights
                 error = f"{type(err).__name__}: {err}"
         error = trainer.strategy.broadcast(error, src=0)
         if error is not None:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from bnll_lightning.constraints import ConfigError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
@@ -162,7 +164,7 @@ def is_embedded(name_or_path: str) -> bool:
     return str(name_or_path).strip().lower() in _EMBEDDED_ALIASES
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(ConfigError):
     """A model name that is neither ``embedded``, a model directory, nor a hub id that can be had."""
 
 
@@ -274,7 +276,19 @@ def load_checkpoint_weights(module: torch.nn.Module, path: str, weights_only: bo
     """Load a Lightning checkpoint's ``state_dict`` into ``module`` (strict).
 
     ``weights_only`` (None: True) uses torch's safe loader; False unpickles arbitrary objects
-    (only for checkpoints you trust, e.g. with custom classes in their hyper-parameters).
+    (only for checkpoints you trust, e.g. with custom classes in their hyper-parameters). A checkpoint
+    of another model (weights missing, unexpected or of other shapes) is a :class:`ConfigError`.
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True if weights_only is None else weights_only)
-    module.load_state_dict(checkpoint.get("state_dict", checkpoint))
+    state = checkpoint.get("state_dict", checkpoint)
+    own = module.state_dict()
+    shapes = [k for k in state.keys() & own.keys() if tuple(state[k].shape) != tuple(own[k].shape)]
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if shapes or missing or unexpected:
+        first = sorted(shapes)[0] if shapes else None
+        detail = (f"{first} is {tuple(state[first].shape)} there, {tuple(own[first].shape)} here" if first else
+                  f"{(missing or unexpected)[0]} is {'missing' if missing else 'unexpected'}")
+        model = getattr(module, "hparams", {}).get("model", "")
+        raise ConfigError(f"--ckpt_path {path}: a checkpoint of another model than model.model {model!r} (weights: "
+                          f"{len(shapes)} of other shapes, {len(missing)} missing, {len(unexpected)} unexpected; {detail})")
+    module.load_state_dict(state)

@@ -32,7 +32,7 @@ from torchmetrics import MeanMetric
 
 from bnll_lightning.alpha import AdaptiveAlpha, AlphaController, finalize_statistic, step_statistic
 from bnll_lightning.callbacks import ContinuumLayout, ProbabilityHistogram
-from bnll_lightning.constraints import NonNegativeInt, PositiveFloat, UnitIntervalClosedOpen
+from bnll_lightning.constraints import ConfigError, NonNegativeInt, PositiveFloat, UnitIntervalClosedOpen
 from bnll_lightning.export import HFExport
 from bnll_lightning.lora import apply_lora, load_4bit_model
 from bnll_lightning.models import EMBEDDED, load_model, load_tokenizer
@@ -47,7 +47,7 @@ from bnll_lightning.objectives import (
 )
 from bnll_lightning.optim import decay_groups, default_optimizer, resolve_warmup, warmup_cosine
 from bnll_lightning.packing import packing_unsupported_reason
-from bnll_lightning.reference import load_reference
+from bnll_lightning.reference import load_reference, reference_source
 from bnll_lightning.sampling import rng_state, sample_batches, set_rng_state
 from bnll_lightning.signals import SignalCheckpoint
 from bnll_lightning.strategies import FSDP2Strategy, is_sharded
@@ -218,6 +218,8 @@ class SFTModule(L.LightningModule):
             raise ValueError("model.load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: set model.lora_r > 0")
         self.lora_export = lora_export
 
+        if self.objective.requires.reference:
+            reference_source(self.objective, model)  # a reference path that is no model: said before anything loads
         self.tokenizer, self.model = self.load_pretrained(model, dtype, trust_remote_code, load_in_4bit)
         if self.objective.requires.reference:  # ASFT: a frozen copy of the base model, unless it names another
             self.objective.bind_reference(load_reference(self.objective, model, dtype, trust_remote_code))
@@ -314,7 +316,7 @@ class SFTModule(L.LightningModule):
             self._metric_attributes = None  # Lightning's cache of where logged metrics live
         if stage == "fit" and getattr(data, "packing", False):
             if (reason := packing_unsupported_reason(self.model)) is not None:
-                raise ValueError(f"data.packing: {reason}; set data.packing: false for this model")
+                raise ConfigError(f"data.packing: {reason}; set data.packing: false for this model")
 
     def on_fit_start(self) -> None:
         # Rows the data module dropped (empty or fully truncated responses, ...) and rows per source:
@@ -343,7 +345,7 @@ class SFTModule(L.LightningModule):
         controller there. The batches are a seeded sample drawn apart from the training order."""
         controller, trainer = self.alpha_controller, self.trainer
         if is_sharded(trainer.strategy):
-            raise ValueError(
+            raise ConfigError(
                 "model.warm_start_batches runs the model outside the sharded wrapper, which FSDP cannot do: set"
                 " model.warm_start_batches: 0 and start the controller with alpha_controller.init_args.initial, the"
                 " statistic `python -m bnll_lightning probe` reports for the base model"

@@ -120,11 +120,28 @@ class FrozenReference:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
 
 
+def reference_source(objective: Any, model: str) -> str:
+    """The model the reference of ``objective`` is loaded from: its ``reference_name``, else ``model``. A
+    name that cannot be a model raises :class:`~bnll_lightning.models.ModelSourceError` saying it is the
+    reference's (checked before any model loads)."""
+    from bnll_lightning.models import ModelSourceError, resolve_model_path
+
+    if not objective.reference_name:
+        return model
+    try:
+        resolve_model_path(objective.reference_name)
+    except ModelSourceError as err:
+        owner = type(objective).__name__
+        # from None: the CLI reports the innermost error of a chain, and this one says whose model it is
+        raise ModelSourceError(f"model.objective.init_args.reference, the reference model of {owner}: {err}") from None
+    return objective.reference_name
+
+
 def load_reference(objective: Any, model: str, dtype: str | None = None, trust_remote_code: bool = False) -> FrozenReference:
     """The frozen reference an objective asks for: its ``reference_name`` if set, else ``model`` (the
     policy's source), in its ``reference_dtype`` (else ``dtype``), int8 if ``reference_load_in_8bit``."""
     return FrozenReference(
-        objective.reference_name or model,
+        reference_source(objective, model),
         dtype=objective.reference_dtype if objective.reference_dtype is not None else dtype,
         load_in_8bit=objective.reference_load_in_8bit,
         trust_remote_code=trust_remote_code,

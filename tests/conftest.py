@@ -1,6 +1,8 @@
 """Shared fixtures: everything offline, tiny models built from a config."""
 
 import os
+import subprocess
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,3 +52,34 @@ def uninterrupted_run(dropout_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     main(["fit", "--config", write(root / "fit.yaml", config(dropout_model_dir, root / "runs"))])
     return scalars(only_version(root / "runs"))
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this process cannot write: its mode for a user, a read-only mount for root (whom modes do not stop)."""
+    path = tmp_path / "read_only"
+    if os.geteuid() != 0:
+        path.mkdir()
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+    elif _mount_tmpfs(path, "ro,size=64k"):
+        yield path
+        subprocess.run(["umount", "-l", str(path)], check=False)
+    else:
+        pytest.skip("running as root without the right to mount a read-only filesystem")
+
+
+@pytest.fixture
+def full_dir(tmp_path):
+    """A directory on a filesystem of 256 KiB: room for a config file, not for a model's weights."""
+    path = tmp_path / "small_fs"
+    if not _mount_tmpfs(path, "size=256k"):
+        pytest.skip("no right to mount a small filesystem")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=False)

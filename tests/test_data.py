@@ -27,7 +27,7 @@ def tokenizer():
 from bnll_lightning.data import SFTDataModule  # noqa: E402
 from bnll_lightning.objectives import IGNORE_INDEX  # noqa: E402
 from bnll_lightning.packing import Collator  # noqa: E402
-from bnll_lightning.sources import DataError, resolve_sources  # noqa: E402
+from bnll_lightning.sources import DataError, load_rows, resolve_sources  # noqa: E402
 from bnll_lightning.tasks import get_task  # noqa: E402
 
 EOT = "<|im_end|>"
@@ -455,3 +455,18 @@ def test_cli_can_build_the_datamodule_from_arguments():
     assert cfg.data.train == "builtin:add" and cfg.data.truncation == "drop" and cfg.data.val_batch_size == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["--data.truncation=left"])
+
+
+def test_the_cli_reads_the_data_once_and_before_the_model(tmp_path, tiny_model_dir, monkeypatch):
+    """The rows are read (and checked) before the model loads, and the data module the run uses takes them."""
+    from bnll_lightning import data as data_lib
+    from bnll_lightning.cli import load_from_config
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(6)))
+    calls = []
+    monkeypatch.setattr(data_lib, "load_rows", lambda *a, **k: calls.append(a) or load_rows(*a, **k))
+    cli = load_from_config(["--model.model", tiny_model_dir, "--data.train", str(path), "--trainer.logger", "false"])
+    assert len(calls) == 1  # read before the model, not again when the classes were built
+    cli.datamodule.setup()
+    assert len(calls) == 1 and len(cli.datamodule.raw_rows("train")) + len(cli.datamodule.raw_rows("val")) == 6

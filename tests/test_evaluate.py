@@ -220,6 +220,7 @@ def test_evaluate_cli_without_rows_exits_with_a_message(untied_dir, tmp_path):
 # ------------------------------------------------------------------ pass@k and maj@k
 
 from bnll_lightning.cli import generation_settings  # noqa: E402
+from bnll_lightning.constraints import ConfigError  # noqa: E402
 from bnll_lightning.evaluate import EvalResult, majority_index, pass_at_k  # noqa: E402
 
 
@@ -314,7 +315,16 @@ def test_evaluate_takes_generation_settings_from_the_configs_callback():
                         "top_p": 1.0, "num_samples": 16, "pass_k": [1, 16]}
     cli.temperature, cli.num_samples = 0.0, 1  # the command line wins
     assert generation_settings(cli, [callback])["num_samples"] == 1
+    assert generation_settings(cli, [callback])["pass_k"] is None  # one answer a prompt: the config's pass@k is moot
     assert generation_settings(cli, [])["max_new_tokens"] == 64
+    cli.pass_k = 3  # a plain number is one k; more than the samples drawn is an error, not a metric left out
+    with pytest.raises(ConfigError, match=r"--pass_k \[3\]: each k must lie in \[1, num_samples = 1\]"):
+        generation_settings(cli, [callback])
+    cli.pass_k, cli.num_samples, cli.temperature = None, 4, None
+    with pytest.raises(ConfigError, match=r"--pass_k \[1, 16\] \(the config's GenerationEval\)"):
+        generation_settings(cli, [callback])
+    cli.pass_k = 2
+    assert generation_settings(cli, [callback])["pass_k"] == [2]
 
 
 def test_paper_math_protocol_config_layers_on_the_maths_job(capsys):
@@ -359,3 +369,18 @@ def test_callback_logs_pass_and_maj_with_sampling(untied_dir, tmp_path):
     result = callback.last_result
     assert logged["val/pass@1"] == pytest.approx(logged["val/accuracy"])
     assert logged["val/pass@2"] == pytest.approx(result.pass_at[2]) and logged["val/maj@2"] == pytest.approx(result.maj)
+
+
+def test_pass_k_beyond_the_samples_is_an_error_not_a_metric_left_out():
+    with pytest.raises(ValueError, match=r"pass_k must lie in \[1, num_samples=2\]"):
+        evaluate_generation(None, None, [], None, None, num_samples=2, temperature=1.0, pass_k=[4])
+
+
+def test_evaluate_takes_pass_k_as_a_plain_number(capsys, monkeypatch):
+    from bnll_lightning.cli import main as cli_main
+
+    monkeypatch.delenv("BNLL_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:  # parsed: what stops it is the model, which does not exist
+        cli_main(["evaluate", "--model.model", "/nonexistent/model", "--pass_k", "2", "--num_samples", "2"])
+    assert exit_info.value.code == 2
+    assert "model '/nonexistent/model': no such directory" in capsys.readouterr().err

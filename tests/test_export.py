@@ -4,7 +4,6 @@ at all; directories that cannot be written found before training; the weights ke
 import os
 import re
 import shlex
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -54,37 +53,6 @@ def test_fit_exports_model_card_and_config(tmp_path, tiny_model_dir, capsys):
 
 
 # ----------------------------------------------------------------------------- directories that cannot take it
-
-
-def _mount_tmpfs(path: Path, options: str) -> bool:
-    path.mkdir()
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
-
-
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A directory this process cannot write: its mode for a user, a read-only mount for root (whom modes do not stop)."""
-    path = tmp_path / "read_only"
-    if os.geteuid() != 0:
-        path.mkdir()
-        path.chmod(0o555)
-        yield path
-        path.chmod(0o755)
-    elif _mount_tmpfs(path, "ro,size=64k"):
-        yield path
-        subprocess.run(["umount", "-l", str(path)], check=False)
-    else:
-        pytest.skip("running as root without the right to mount a read-only filesystem")
-
-
-@pytest.fixture
-def full_dir(tmp_path):
-    """A directory on a filesystem of 256 KiB: room for a config file, not for a model's weights."""
-    path = tmp_path / "small_fs"
-    if not _mount_tmpfs(path, "size=256k"):
-        pytest.skip("no right to mount a small filesystem")
-    yield path
-    subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def fit_args(model_dir, tmp_path, *extra):

@@ -4,6 +4,9 @@ values, skipped rows, NaN losses, remote code."""
 from __future__ import annotations
 
 import json
+import os
+import re
+from pathlib import Path
 
 import lightning.pytorch as L
 import pytest
@@ -332,3 +335,125 @@ def test_a_value_error_from_outside_the_package_keeps_its_traceback(tmp_path, ti
     monkeypatch.setattr(module_lib, "load_tokenizer", load_tokenizer)
     with pytest.raises(ValueError, match="something inside transformers"):
         main(["fit", "--model.model", tiny_model_dir, "--trainer.logger.init_args.save_dir", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- the bad-input table of docs/scaling.md
+# Each case: the arguments of the command (from the test's folder, the tiny model and a model that cannot keep packed
+# rows apart) and the one line it must print, exit code 2. docs/scaling.md's table is these rows, regenerated with
+#   BNLL_WRITE_DOCS=1 python -m pytest tests/test_robustness.py -k bad_input_table
+# The messages are compared with <tmp> for the test's folder and <model> for the model's.
+NO_MODEL = "/nonexistent/model"  # the data and directories are checked before a model would load: none is needed
+
+
+def _jsonl(tmp, text):
+    (tmp / "train.jsonl").write_text(text)
+    return str(tmp / "train.jsonl")
+
+
+def _fit(tmp, *args):
+    return ["fit", "--trainer.max_steps", "1", "--trainer.logger.init_args.save_dir", str(tmp / "runs"), *args]
+
+
+def _foreign_checkpoint(tmp, model):
+    """A Lightning checkpoint of the tiny Llama, for a command about another model."""
+    torch.save({"state_dict": SFTModule(model).state_dict()}, tmp / "llama.ckpt")
+    return str(tmp / "llama.ckpt")
+
+
+BAD_INPUT = [
+    ("a malformed JSON line",
+     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--data.train", _jsonl(tmp, '{"prompt": "a", "response": "b"}\n{"prompt": "c"\n')),
+     "data error: <tmp>/train.jsonl: line 2: malformed JSON: Expecting ',' delimiter (column 15)"),
+    ("a row without its response",
+     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--data.train", _jsonl(tmp, '{"prompt": "a", "answer": "b"}\n')),
+     "data error: <tmp>/train.jsonl: row 0 (line 1): missing field 'response' (found fields: ['answer', 'prompt'])"),
+    ("an out-of-range value",
+     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--model.objective", "ThresholdedNLL", "--model.objective.tau", "1.5"),
+     "config error: model.objective.tau: Not of type UnitIntervalClosedOpen: 1.5 does not conform to restriction v>=0 and v<1"),
+    ("an out-of-range value of an optional (deprecated) argument",
+     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--model.objective", "AlphaFamily", "--model.alpha_controller",
+                         "AdaptiveAlpha", "--model.alpha_controller.ema", "1.5"),
+     "config error: model.alpha_controller.ema: Not of type UnitIntervalClosedOpen: 1.5 does not conform to restriction "
+     "v>=0 and v<1"),
+    ("a class that does not exist, on the command line",
+     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--model.objective", "bnll_lightning.objectives.NoSuchObjective"),
+     "config error: model.objective: no class NoSuchObjective in module bnll_lightning.objectives; it has: ASFT, "
+     "AlphaFamily, DFT, EAFT, Focal, NLL, NegProb, ThresholdedNLL, TokenAlpha, TopFraction"),
+    ("a model that does not exist",
+     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL),
+     "config error: model '/nonexistent/model': no such directory; pass a save_pretrained directory, a hub id the "
+     "machine can reach, or 'embedded'"),
+    ("an ASFT reference model that does not exist",
+     lambda tmp, m: _fit(tmp, "--model.model", m, "--model.objective", "ASFT", "--model.objective.reference", "/no/ref"),
+     "config error: model.objective.init_args.reference, the reference model of ASFT: model '/no/ref': no such "
+     "directory; pass a save_pretrained directory, a hub id the machine can reach, or 'embedded'"),
+    ("an export directory that cannot be written",
+     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--model.export_dir", str(tmp / "read_only" / "model")),
+     "config error: model.export_dir: <tmp>/read_only/model cannot be written (<tmp>/read_only: <why>)"),
+    ("packing for a model whose attention crosses rows",
+     lambda tmp, m: _fit(tmp, "--model.model", _mamba(tmp, m), "--data.packing", "true"),
+     "config error: data.packing: a row packed after another differs from the row alone by <err>: attention crosses "
+     "rows; set data.packing: false for this model"),
+    ("`evaluate` with a checkpoint of another model",
+     lambda tmp, m: ["evaluate", "--model.model", _mamba(tmp, m), "--ckpt_path", _foreign_checkpoint(tmp, m)],
+     "config error: --ckpt_path <tmp>/llama.ckpt: a checkpoint of another model than model.model '<tmp>/mamba' "
+     "(weights: 1 of other shapes, 22 missing, 20 unexpected; model.lm_head.weight is (49152, 32) there, (49152, 16) "
+     "here)"),
+    ("`evaluate` with pass@k for more samples than drawn",
+     lambda tmp, m: ["evaluate", "--model.model", m, "--num_samples", "2", "--temperature", "1", "--pass_k", "4"],
+     "config error: --pass_k [4]: each k must lie in [1, num_samples = 2] (pass@k draws k of a prompt's samples); "
+     "raise --num_samples"),
+]
+
+
+def _mamba(tmp, model_dir):
+    """A tiny random Mamba: its state runs on from one packed row into the next (packing_unsupported_reason)."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from bnll_lightning.models import load_tokenizer
+
+    out = tmp / "mamba"
+    if not out.exists():
+        tokenizer = load_tokenizer(model_dir)
+        torch.manual_seed(0)
+        MambaForCausalLM(MambaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, state_size=4,
+                                     use_cache=False)).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def _normalized(line: str, tmp, model_dir) -> str:
+    """The parts that vary from run to run as placeholders: folders, a float, the system's words for a
+    read-only folder (Permission denied for a user, Read-only file system for root)."""
+    line = line.removeprefix("bnll_lightning: ").replace(str(tmp), "<tmp>").replace(str(model_dir), "<model>")
+    line = re.sub(r"(read_only): (Permission denied|Read-only file system)\)", r"\1: <why>)", line)
+    return re.sub(r"differs from the row alone by [\d.e+-]+", "differs from the row alone by <err>", line)
+
+
+@pytest.mark.parametrize("what, args, expected", BAD_INPUT, ids=[case[0] for case in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_and_leaves_no_run_behind(what, args, expected, tmp_path, tiny_model_dir, capsys,
+                                                               monkeypatch, request):  # fmt: skip
+    monkeypatch.delenv("BNLL_DEBUG", raising=False)
+    if "<why>" in expected:
+        request.getfixturevalue("read_only_dir")  # <tmp>/read_only
+    monkeypatch.chdir(tmp_path)  # evaluate's default output, had it run
+    code, err = run_main(args(tmp_path, tiny_model_dir), capsys)
+    assert code == 2 and len(err) == 1, err
+    assert _normalized(err[0], tmp_path, tiny_model_dir) == expected
+    assert not (tmp_path / "runs").exists()  # nothing ran, so no empty version_N either
+
+
+TABLE_START = "<!-- the bad-input table: generated from tests/test_robustness.py (BAD_INPUT) -->"
+TABLE_END = "<!-- end of the bad-input table -->"
+
+
+def test_bad_input_table_in_the_docs_is_the_tested_one():
+    rows = [f"| {what} | `{expected}` |" for what, _, expected in BAD_INPUT]
+    table = "\n".join([TABLE_START, "| input | the line on stderr (after `bnll_lightning: `), exit code 2 |", "|---|---|",
+                       *rows, TABLE_END])
+    docs = Path(__file__).parents[1] / "docs" / "scaling.md"
+    text = docs.read_text()
+    start, end = text.index(TABLE_START), text.index(TABLE_END) + len(TABLE_END)
+    if os.environ.get("BNLL_WRITE_DOCS"):
+        docs.write_text(text[:start] + table + text[end:])
+    assert text[start:end] == table, "docs/scaling.md's bad-input table is stale: BNLL_WRITE_DOCS=1 regenerates it"
