@@ -468,7 +468,8 @@ class SFTDataModule(LightningDataModule):
     def _warn(self, split: str, stats: dict[str, int]) -> None:
         problems = {
             k: stats[k]
-            for k in ("truncated", "skipped_empty_response", "skipped_truncated", "skipped_too_long")
+            for k in ("truncated", "skipped_empty_response", "skipped_truncated", "skipped_too_long",
+                      "dropped_trailing_turns")
             if stats[k]
         }
         if problems:

@@ -6,7 +6,10 @@ prompt) and up to the end of that turn are rendered and tokenized too; both must
 prefixes of the full conversation (checked, :class:`~bnll_lightning.sources.DataError` otherwise).
 The tokens in between are the turn's targets: its content and end-of-turn token (``<|im_end|>``); a
 template separator after the end-of-turn token (ChatML's ``"\\n"``) stays masked. Every assistant
-turn with non-empty content is trained; system/user turns and turn headers are masked. A template
+turn with non-empty content is trained; system/user turns and turn headers are masked; turns after the
+last assistant turn train nothing and are left out (counted: ``dropped_trailing_turns``); a conversation
+that opens with the assistant's turn is a :class:`~bnll_lightning.sources.DataError` (a template
+renders an assistant turn after the turns before it, and there are none). A template
 that marks the assistant's tokens with ``{% generation %}`` is trusted instead: transformers'
 ``apply_chat_template(..., return_assistant_tokens_mask=True)`` gives the targets.
 
@@ -37,6 +40,7 @@ STAT_KEYS = (
     "skipped_truncated",  # rows whose targets were entirely cut away (truncation="right")
     "skipped_too_long",  # rows longer than max_length (truncation="drop")
     "skipped_zero_weight",  # training rows of weight 0 (they would train nothing)
+    "dropped_trailing_turns",  # conversations whose turns after the last assistant turn were left out (kept)
     "noisy",  # rows whose response was corrupted (train only)
 )
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -151,6 +155,12 @@ class Formatter:
         targets = [i for i, m in enumerate(msgs) if m["role"] == "assistant" and m["content"].strip()]
         if not targets:
             return None
+        if msgs[0]["role"] == "assistant":
+            raise DataError(
+                f"{row.get('source', 'row')}: the conversation opens with the assistant's turn, which a chat template "
+                "renders after the turns before it: start it with a user (or system) turn, set data.system_prompt, "
+                "or set data.use_chat_template: false to train it as plain text"
+            )
         if self.marks_generation:
             out = self.tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True,
                                                      return_assistant_tokens_mask=True)
@@ -247,6 +257,9 @@ class Formatter:
             if encoded is None:
                 stats["skipped_empty_response"] += 1
                 continue
+            msgs = row.get("messages") or []
+            if msgs and msgs[-1]["role"] != "assistant":
+                stats["dropped_trailing_turns"] += 1  # kept, and trained up to its last assistant turn
             ids, labels = encoded
             if len(ids) > max_length:
                 if truncation == "drop":

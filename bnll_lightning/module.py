@@ -329,6 +329,8 @@ class SFTModule(L.LightningModule):
             metrics["data/skipped"] = float(sum(skipped.values()))
             metrics["data/truncated"] = float(train.get("truncated", 0))
             metrics.update({f"data/{k}": float(v) for k, v in skipped.items()})
+        if train.get("dropped_trailing_turns"):
+            metrics["data/dropped_trailing_turns"] = float(train["dropped_trailing_turns"])
         if metrics:
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=0)

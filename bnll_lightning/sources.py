@@ -268,9 +268,12 @@ def _check_messages(messages: Any, where: str, field: str = "messages") -> list[
     return out
 
 
-def _weight(value: Any, where: str, column: str) -> float:
-    """A row's weight: a finite number >= 0 (CSV cells are text, so numeric text counts)."""
+def _weight(value: Any, where: str, column: str, text_cells: bool = False) -> float:
+    """A row's weight: a finite number >= 0. ``text_cells`` (CSV, where every cell is text): numeric text counts;
+    elsewhere a string is an error, since a file that quotes its weights may hold other mistakes."""
     number = value
+    if isinstance(value, str) and not text_cells:
+        raise DataError(f"{where}: field {column!r} must be a number, got the string {value!r} (write it unquoted)")
     if isinstance(value, str):
         try:
             number = float(value)
@@ -281,20 +284,21 @@ def _weight(value: Any, where: str, column: str) -> float:
     return float(number)
 
 
-def normalize_row(row: Any, where: str, weight_column: str = "weight") -> dict[str, Any]:
+def normalize_row(row: Any, where: str, weight_column: str = "weight", text_cells: bool = False) -> dict[str, Any]:
     """Validate one raw row and return its canonical form (a new dict).
 
     Canonical forms: ``{"prompt": str, "response": str, ...}`` or ``{"messages": [...], ...}``,
     plus ``answer`` / ``task`` / ``noisy`` (and ``answer_span`` for prompt/response rows) when present, ``weight`` (float, from ``weight_column``;
     absent when the row has none, null or empty) and ``source`` (= ``where``).
     A null response becomes ``""`` (skipped later as empty). Raises :class:`DataError` naming
-    the missing/invalid field and ``where`` (file and row index).
+    the missing/invalid field and ``where`` (file and row index). ``text_cells``: the file's cells are all
+    text (CSV), so a numeric text weight counts.
     """
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with fields, got {type(row).__name__}")
     out: dict[str, Any] = {k: row[k] for k in ("answer", "task", "noisy") if row.get(k) is not None}
     if row.get(weight_column) not in (None, ""):
-        out["weight"] = _weight(row[weight_column], where, weight_column)
+        out["weight"] = _weight(row[weight_column], where, weight_column, text_cells)
     out["source"] = where
     if row.get("messages") is not None:
         out["messages"] = _check_messages(row["messages"], where)
@@ -345,4 +349,5 @@ def load_rows(
         rows, where = read_hub(source.name, source.config, split, max_rows)
     else:
         raise ValueError(f"load_rows does not handle {source.kind} sources")
-    return [normalize_row(row, w, weight_column) for row, w in zip(rows, where)]
+    text_cells = source.kind == "file" and Path(source.name).suffix.lower() == ".csv"
+    return [normalize_row(row, w, weight_column, text_cells) for row, w in zip(rows, where)]

@@ -470,3 +470,36 @@ def test_the_cli_reads_the_data_once_and_before_the_model(tmp_path, tiny_model_d
     assert len(calls) == 1  # read before the model, not again when the classes were built
     cli.datamodule.setup()
     assert len(calls) == 1 and len(cli.datamodule.raw_rows("train")) + len(cli.datamodule.raw_rows("val")) == 6
+
+
+# ----------------------------------------------------------------------------- conversations at their edges
+
+
+def _chats(path, conversations):
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    return str(path)
+
+
+def test_a_conversation_that_opens_with_the_assistant_is_a_data_error_with_a_chat_template(tmp_path, tokenizer):
+    rows = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+            [{"role": "assistant", "content": "I speak first"}]]
+    path = _chats(tmp_path / "chats.jsonl", rows)
+    with pytest.raises(DataError, match=r"chats\.jsonl: row 1 \(line 2\): the conversation opens with the assistant's"):
+        SFTDataModule(train=path, val_fraction=0.0, tokenizer=tokenizer).setup()
+    # A system turn before it (data.system_prompt) gives the template a prompt; plain text trains it as it is.
+    for kwargs in ({"system_prompt": "Be brief."}, {"use_chat_template": False}):
+        dm = SFTDataModule(train=path, val_fraction=0.0, tokenizer=tokenizer, **kwargs)
+        dm.setup()
+        assert dm.stats["train"]["rows"] == 2
+
+
+def test_turns_after_the_last_assistant_turn_are_left_out_and_counted(tmp_path, tokenizer, recwarn):
+    ends_on_user = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": "and then?"}]
+    path = _chats(tmp_path / "chats.jsonl", [ends_on_user, ends_on_user[:2]])
+    dm = SFTDataModule(train=path, val_fraction=0.0, tokenizer=tokenizer)
+    dm.setup()
+    assert dm.stats["train"]["rows"] == 2 and dm.stats["train"]["dropped_trailing_turns"] == 1
+    first, second = dm.train_dataset.features
+    assert first == second  # the trailing user turn adds nothing: not a target, not even context
+    assert any("dropped_trailing_turns=1" in str(w.message) for w in recwarn)

@@ -354,6 +354,11 @@ def _fit(tmp, *args):
     return ["fit", "--trainer.max_steps", "1", "--trainer.logger.init_args.save_dir", str(tmp / "runs"), *args]
 
 
+def _fit_on(tmp, text, model=NO_MODEL):
+    """fit on a train.jsonl of ``text``."""
+    return _fit(tmp, "--model.model", model, "--data.train", _jsonl(tmp, text))
+
+
 def _foreign_checkpoint(tmp, model):
     """A Lightning checkpoint of the tiny Llama, for a command about another model."""
     torch.save({"state_dict": SFTModule(model).state_dict()}, tmp / "llama.ckpt")
@@ -362,21 +367,33 @@ def _foreign_checkpoint(tmp, model):
 
 BAD_INPUT = [
     ("a malformed JSON line",
-     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--data.train", _jsonl(tmp, '{"prompt": "a", "response": "b"}\n{"prompt": "c"\n')),
+     lambda tmp, m: _fit_on(tmp, '{"prompt": "a", "response": "b"}\n{"prompt": "c"\n'),
      "data error: <tmp>/train.jsonl: line 2: malformed JSON: Expecting ',' delimiter (column 15)"),
     ("a row without its response",
-     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--data.train", _jsonl(tmp, '{"prompt": "a", "answer": "b"}\n')),
+     lambda tmp, m: _fit_on(tmp, '{"prompt": "a", "answer": "b"}\n'),
      "data error: <tmp>/train.jsonl: row 0 (line 1): missing field 'response' (found fields: ['answer', 'prompt'])"),
+    ("a weight given as a string (JSON)",
+     lambda tmp, m: _fit_on(tmp, '{"prompt": "a", "response": "b", "weight": "2"}\n'),
+     "data error: <tmp>/train.jsonl: row 0 (line 1): field 'weight' must be a number, got the string '2' (write it "
+     "unquoted)"),
+    ("a conversation that opens with the assistant, with a chat template",
+     lambda tmp, m: _fit_on(tmp, '{"messages": [{"role": "assistant", "content": "hi"}]}\n', m),
+     "data error: <tmp>/train.jsonl: row 0 (line 1): the conversation opens with the assistant's turn, which a chat "
+     "template renders after the turns before it: start it with a user (or system) turn, set data.system_prompt, or "
+     "set data.use_chat_template: false to train it as plain text"),
     ("an out-of-range value",
-     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--model.objective", "ThresholdedNLL", "--model.objective.tau", "1.5"),
-     "config error: model.objective.tau: Not of type UnitIntervalClosedOpen: 1.5 does not conform to restriction v>=0 and v<1"),
+     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--model.objective", "ThresholdedNLL",
+                         "--model.objective.tau", "1.5"),
+     "config error: model.objective.tau: Not of type UnitIntervalClosedOpen: 1.5 does not conform to restriction "
+     "v>=0 and v<1"),
     ("an out-of-range value of an optional (deprecated) argument",
      lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--model.objective", "AlphaFamily", "--model.alpha_controller",
                          "AdaptiveAlpha", "--model.alpha_controller.ema", "1.5"),
-     "config error: model.alpha_controller.ema: Not of type UnitIntervalClosedOpen: 1.5 does not conform to restriction "
-     "v>=0 and v<1"),
+     "config error: model.alpha_controller.ema: Not of type UnitIntervalClosedOpen: 1.5 does not conform to "
+     "restriction v>=0 and v<1"),
     ("a class that does not exist, on the command line",
-     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--model.objective", "bnll_lightning.objectives.NoSuchObjective"),
+     lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--model.objective",
+                         "bnll_lightning.objectives.NoSuchObjective"),
      "config error: model.objective: no class NoSuchObjective in module bnll_lightning.objectives; it has: ASFT, "
      "AlphaFamily, DFT, EAFT, Focal, NLL, NegProb, ThresholdedNLL, TokenAlpha, TopFraction"),
     ("a model that does not exist",
@@ -384,7 +401,8 @@ BAD_INPUT = [
      "config error: model '/nonexistent/model': no such directory; pass a save_pretrained directory, a hub id the "
      "machine can reach, or 'embedded'"),
     ("an ASFT reference model that does not exist",
-     lambda tmp, m: _fit(tmp, "--model.model", m, "--model.objective", "ASFT", "--model.objective.reference", "/no/ref"),
+     lambda tmp, m: _fit(tmp, "--model.model", m, "--model.objective", "ASFT",
+                         "--model.objective.reference", "/no/ref"),
      "config error: model.objective.init_args.reference, the reference model of ASFT: model '/no/ref': no such "
      "directory; pass a save_pretrained directory, a hub id the machine can reach, or 'embedded'"),
     ("an export directory that cannot be written",
@@ -449,8 +467,8 @@ TABLE_END = "<!-- end of the bad-input table -->"
 
 def test_bad_input_table_in_the_docs_is_the_tested_one():
     rows = [f"| {what} | `{expected}` |" for what, _, expected in BAD_INPUT]
-    table = "\n".join([TABLE_START, "| input | the line on stderr (after `bnll_lightning: `), exit code 2 |", "|---|---|",
-                       *rows, TABLE_END])
+    header = "| input | the line on stderr (after `bnll_lightning: `), exit code 2 |"
+    table = "\n".join([TABLE_START, header, "|---|---|", *rows, TABLE_END])
     docs = Path(__file__).parents[1] / "docs" / "scaling.md"
     text = docs.read_text()
     start, end = text.index(TABLE_START), text.index(TABLE_END) + len(TABLE_END)

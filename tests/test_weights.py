@@ -61,7 +61,7 @@ def step_gradient(module: SFTModule, batch) -> tuple[dict[str, torch.Tensor], to
 
 def test_weights_are_read_with_their_column_and_zero_weight_rows_train_nothing(tmp_path, tokenizer):
     items = rows(4)
-    items[0]["w"], items[1]["w"], items[2]["w"] = 2, "0.5", 0  # CSV-like numeric text counts
+    items[0]["w"], items[1]["w"], items[2]["w"] = 2, 0.5, 0
     dm = SFTDataModule(train=write_jsonl(tmp_path / "a.jsonl", items), val_fraction=0.0, weight_column="w",
                        tokenizer=tokenizer)
     dm.setup()
@@ -77,13 +77,17 @@ def test_weights_are_read_with_their_column_and_zero_weight_rows_train_nothing(t
     assert set(plain) == {"input_ids", "attention_mask", "labels"}
 
 
-@pytest.mark.parametrize("value, shown", [(-1, "-1"), (float("nan"), "nan"), ("heavy", "'heavy'"), (True, "True"),
-                                          ([1], r"\[1\]")])  # fmt: skip
-def test_bad_weights_are_data_errors_naming_file_line_and_value(value, shown, tmp_path, tokenizer):
+@pytest.mark.parametrize("value, says", [
+    (-1, "a finite number >= 0, got -1"), (float("nan"), "a finite number >= 0, got nan"),
+    (True, "a finite number >= 0, got True"), ([1], r"a finite number >= 0, got \[1\]"),
+    # A quoted number in JSON is not taken as one (CSV cells are all text: there it is)
+    ("2", r"a number, got the string '2' \(write it unquoted\)"), ("heavy", "a number, got the string 'heavy'"),
+])  # fmt: skip
+def test_bad_weights_are_data_errors_naming_file_line_and_value(value, says, tmp_path, tokenizer):
     items = rows(3)
     items[1]["weight"] = value
     path = write_jsonl(tmp_path / "bad.jsonl", items)
-    match = rf"bad\.jsonl: row 1 \(line 2\): field 'weight' must be a finite number >= 0, got {shown}"
+    match = rf"bad\.jsonl: row 1 \(line 2\): field 'weight' must be {says}"
     with pytest.raises(DataError, match=match):
         SFTDataModule(train=path, tokenizer=tokenizer).setup()
 
