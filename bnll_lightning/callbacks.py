@@ -6,12 +6,13 @@
 * :class:`ProbabilityHistogram` - the distribution of the target tokens' p, every N optimizer steps
   (TensorBoard's HISTOGRAMS / DISTRIBUTIONS tabs, tag ``train/p``).
 * :class:`StepProgressBar` - the console's training bar counts optimizer steps out of ``max_steps``.
+* :class:`StepLearningRateMonitor` - the learning rate, once per optimizer step (``lr-<optimizer>/pg<N>``).
 * :class:`ContinuumLayout` - a CUSTOM SCALARS layout that draws α next to the confidence that
   drives it (``train/alpha``, ``train/mean_p``, ``train/mean_p_ema`` on one chart) and the objective
   next to the NLL of the same tokens.
 
-``SFTModule.configure_callbacks`` adds ProbabilityHistogram and ContinuumLayout (and a ``LearningRateMonitor``)
-to every fit; both act only on :class:`~lightning.pytorch.loggers.TensorBoardLogger` loggers.
+``SFTModule.configure_callbacks`` adds ProbabilityHistogram and ContinuumLayout (both act only on
+:class:`~lightning.pytorch.loggers.TensorBoardLogger` loggers) and StepLearningRateMonitor to every fit.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric, SumMetric
@@ -30,7 +31,8 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 from bnll_lightning.evaluate import EvalResult, evaluate_generation, get_checker, write_jsonl
 from bnll_lightning.strategies import is_sharded
 
-__all__ = ["ContinuumLayout", "GenerationEval", "ProbabilityHistogram", "StepProgressBar", "CONTINUUM_LAYOUT"]
+__all__ = ["ContinuumLayout", "GenerationEval", "ProbabilityHistogram", "StepLearningRateMonitor", "StepProgressBar",
+           "CONTINUUM_LAYOUT"]
 
 # Tags are regular expressions in a custom-scalars layout: anchor them, or "train/mean_p" would
 # also pick up "train/mean_p_ema".
@@ -151,6 +153,29 @@ class StepProgressBar(TQDMProgressBar):
         if not self._by_steps(trainer):
             return super().on_train_epoch_end(trainer, pl_module)
         self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor(logging_interval="step")``, logging once per optimizer step.
+
+    Lightning's logs at every micro-batch, at the step count, so under gradient accumulation each
+    step's learning rate was written once per micro-batch (3 points at one step with
+    ``accumulate_grad_batches: 3``). Here only the first micro-batch of a step logs: the rate the
+    step's update uses (the schedule moves after the update).
+    """
+
+    def __init__(self, log_momentum: bool = False, log_weight_decay: bool = False) -> None:
+        """
+        Args:
+            log_momentum: Also log the optimizer's momentum (or Adam's beta1).
+            log_weight_decay: Also log the weight decay.
+        """
+        super().__init__(logging_interval="step", log_momentum=log_momentum, log_weight_decay=log_weight_decay)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int,
+                             *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # Lightning's windows start at each epoch's batch 0
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx, *args, **kwargs)
 
 
 def _logged_step(trainer: L.Trainer) -> int:

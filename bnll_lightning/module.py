@@ -22,7 +22,6 @@ from typing import Any, Literal
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
@@ -31,7 +30,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from bnll_lightning.alpha import AdaptiveAlpha, AlphaController, finalize_statistic, step_statistic
-from bnll_lightning.callbacks import ContinuumLayout, ProbabilityHistogram
+from bnll_lightning.callbacks import ContinuumLayout, ProbabilityHistogram, StepLearningRateMonitor
 from bnll_lightning.constraints import ConfigError, NonNegativeInt, PositiveFloat, UnitIntervalClosedOpen
 from bnll_lightning.export import HFExport
 from bnll_lightning.lora import apply_lora, load_4bit_model
@@ -336,9 +335,25 @@ class SFTModule(L.LightningModule):
                 logger.log_metrics(metrics, step=0)
 
     def on_train_start(self) -> None:
+        self._warn_short_steps()
         # A resumed run (or a second fit of this module) already has a controller state: keep it.
         if self.warm_start_batches and self.trainer.ckpt_path is None and self.alpha_controller.step == 0:
             self._warm_start_controller()
+
+    def _warn_short_steps(self) -> None:
+        """Say once, with the count, when accumulation does not divide an epoch: Lightning then steps on
+        the epoch's last micro-batches without a word."""
+        trainer = self.trainer
+        n, k = trainer.num_training_batches, trainer.accumulate_grad_batches
+        if k < 2 or not math.isfinite(n) or not n % k:
+            return
+        per_epoch = math.ceil(n / k)
+        short = int(trainer.estimated_stepping_batches) // per_epoch
+        rank_zero_warn(
+            f"accumulate_grad_batches={k} does not divide the {int(n)} training batches of an epoch: the last optimizer "
+            f"step of each epoch accumulates {int(n) % k} micro-batches instead of {k} ({short} such step(s) in this run;"
+            " the loss stays token-exact, divided by that step's own target tokens)"
+        )
 
     @torch.no_grad()
     def _warm_start_controller(self) -> None:
@@ -545,9 +560,9 @@ class SFTModule(L.LightningModule):
             callbacks.append(ProbabilityHistogram(self.histogram_every_n_steps))
         trainer = self._trainer
         if trainer is not None and trainer.loggers:  # LearningRateMonitor refuses to run without a logger
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
-        present = {type(c) for c in trainer.callbacks} if trainer is not None else set()
-        return [c for c in callbacks if type(c) not in present]
+            callbacks.append(StepLearningRateMonitor())
+        present = tuple({type(c) for c in trainer.callbacks} - {L.Callback}) if trainer is not None else ()
+        return [c for c in callbacks if not isinstance(c, present)]  # a configured LearningRateMonitor stays alone
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,

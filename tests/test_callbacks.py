@@ -10,7 +10,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from bnll_lightning.callbacks import CONTINUUM_LAYOUT, ContinuumLayout, ProbabilityHistogram
+from bnll_lightning.callbacks import (
+    CONTINUUM_LAYOUT, ContinuumLayout, ProbabilityHistogram, StepLearningRateMonitor,
+)
 from bnll_lightning.export import HFExport
 from bnll_lightning.signals import SignalCheckpoint
 
@@ -100,7 +102,7 @@ def test_sft_module_adds_the_callbacks_by_default(tiny_model_dir, tmp_path):
     module = SFTModule(tiny_model_dir, histogram_every_n_steps=0)
     module.trainer = L.Trainer(logger=TensorBoardLogger(str(tmp_path)))
     callbacks = module.configure_callbacks()
-    assert {type(c) for c in callbacks} == {HFExport, SignalCheckpoint, ContinuumLayout, LearningRateMonitor}
+    assert {type(c) for c in callbacks} == {HFExport, SignalCheckpoint, ContinuumLayout, StepLearningRateMonitor}
     assert callbacks[-1].logging_interval == "step"
     with pytest.raises(ValueError):
         SFTModule(tiny_model_dir, histogram_every_n_steps=-1)
@@ -183,3 +185,27 @@ def test_generation_counts_combine_over_ranks_with_torchmetrics(tmp_path):
     mp.spawn(_combine_on_two_ranks, args=(port, out), nprocs=2)
     accuracy, n, other = torch.load(out)
     assert accuracy == pytest.approx(4 / 6, abs=1e-12) and n == 6 and other == pytest.approx(0.9, abs=1e-12)
+
+
+def test_accumulation_that_does_not_divide_the_epoch_is_said_once_and_the_lr_is_logged_once_a_step(
+        tmp_path, tiny_model_dir):  # fmt: skip
+    """8 batches an epoch, 3 micro-batches a step: steps of 3, 3, 2 micro-batches, said once with the count;
+    before, nothing was said and the learning rate was logged at every micro-batch (3 points a step)."""
+    from bnll_lightning.cli import main
+
+    with pytest.warns(UserWarning) as warned:
+        main(["fit", "--model.model", tiny_model_dir, "--trainer.max_steps", "6", "--trainer.accumulate_grad_batches", "3",
+              "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--data.num_train", "16",
+              "--data.num_val", "0", "--data.batch_size", "2", "--model.histogram_every_n_steps", "0"])
+    said = [str(w.message) for w in warned if "does not divide" in str(w.message)]
+    assert said == ["accumulate_grad_batches=3 does not divide the 8 training batches of an epoch: the last optimizer "
+                    "step of each epoch accumulates 2 micro-batches instead of 3 (2 such step(s) in this run; the loss "
+                    "stays token-exact, divided by that step's own target tokens)"]
+    (log_dir,) = (tmp_path / "runs").glob("*/version_*")
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    lr_tags = [t for t in acc.Tags()["scalars"] if t.startswith("lr-")]  # one per parameter group
+    assert lr_tags and all([e.step for e in acc.Scalars(t)] == list(range(6)) for t in lr_tags)  # once a step
+    tokens = [e.value for e in acc.Scalars("train/tokens")]
+    assert tokens[2] < min(tokens[0], tokens[1]) and tokens[5] < min(tokens[3], tokens[4])  # the short steps
