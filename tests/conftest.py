@@ -83,3 +83,12 @@ def full_dir(tmp_path):
         pytest.skip("no right to mount a small filesystem")
     yield path
     subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture(autouse=True)
+def _console_restored():
+    """A test that builds the CLI without main() (load_from_config) leaves its quiet console on: undo it."""
+    yield
+    from bnll_lightning import console
+
+    console.restore()
