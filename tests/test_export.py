@@ -30,7 +30,9 @@ def test_fit_exports_model_card_and_config(tmp_path, tiny_model_dir, capsys):
     (log_dir,) = list(save_dir.glob("*/version_*"))
     export = log_dir / "hf_model"
     card = (export / "README.md").read_text()
-    assert f"`{tiny_model_dir}`" in card and "LinearAlpha" in card and "builtin:add" in card
+    assert f"**Base model:** {tiny_model_dir}" in card and "builtin:add" in card
+    # The objective as configured (α 0.0), the controller that moved α, and α's course apart (it ended elsewhere).
+    assert "**Objective:** `AlphaFamily(alpha=0.0" in card and "α controller `LinearAlpha(start=0.0, end=1.0" in card
     assert "3 optimizer steps" in card
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
     acc.Reload()
@@ -135,3 +137,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_the_card_of_the_embedded_model_names_the_model_and_its_source():
+    from types import SimpleNamespace
+
+    from bnll_lightning.export import model_card
+    from bnll_lightning.objectives import AlphaFamily
+
+    module = SimpleNamespace(hparams={"model": "embedded"}, objective=AlphaFamily(0.25), alpha_controller=None)
+    trainer = SimpleNamespace(datamodule=None, global_step=2, precision="32-true", world_size=1, callback_metrics={})
+    card = model_card(trainer, module, [0.25, 0.25])
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "**Base model:** SmolLM2-135M-Instruct (HuggingFaceTB/SmolLM2-135M-Instruct, from the " in card
+    assert "`embedded`" not in card and "**Objective:** `AlphaFamily(alpha=0.25)`" in card

@@ -408,6 +408,11 @@ BAD_INPUT = [
     ("an export directory that cannot be written",
      lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--model.export_dir", str(tmp / "read_only" / "model")),
      "config error: model.export_dir: <tmp>/read_only/model cannot be written (<tmp>/read_only: <why>)"),
+    ("checkpointing off with a ModelCheckpoint in the callbacks (Lightning's check)",
+     lambda tmp, m: _fit(tmp, "--model.model", m, "--trainer.enable_checkpointing", "false",
+                         "--trainer.callbacks+=ModelCheckpoint"),
+     "config error: Trainer was configured with `enable_checkpointing=False` but found `ModelCheckpoint` in callbacks "
+     "list."),
     ("packing for a model whose attention crosses rows",
      lambda tmp, m: _fit(tmp, "--model.model", _mamba(tmp, m), "--data.packing", "true"),
      "config error: data.packing: a row packed after another differs from the row alone by <err>: attention crosses "
@@ -466,7 +471,7 @@ TABLE_END = "<!-- end of the bad-input table -->"
 
 
 def test_bad_input_table_in_the_docs_is_the_tested_one():
-    rows = [f"| {what} | `{expected}` |" for what, _, expected in BAD_INPUT]
+    rows = [f"| {what} | `` {expected} `` |" for what, _, expected in BAD_INPUT]  # a message may hold backticks
     header = "| input | the line on stderr (after `bnll_lightning: `), exit code 2 |"
     table = "\n".join([TABLE_START, header, "|---|---|", *rows, TABLE_END])
     docs = Path(__file__).parents[1] / "docs" / "scaling.md"
