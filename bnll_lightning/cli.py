@@ -662,8 +662,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except Preempted as stop:  # SIGTERM: a checkpoint at the step boundary, then 143 and the way on
         if stop.global_zero:
+            # fit resumes from the checkpoint; a study (its runs are fits too) continues when run again
+            again = (f"resume with: {resume_command(args, stop.checkpoint, stop.found_by_last)}" if args[:1] == ["fit"]
+                     else "run the same command again to continue")
             print(f"bnll_lightning: stopped by SIGTERM after optimizer step {stop.step}; checkpoint {stop.checkpoint}\n"
-                  f"resume with: {resume_command(args, stop.checkpoint, stop.found_by_last)}", file=sys.stderr)
+                  f"{again}", file=sys.stderr)
         sys.exit(stop.code)
     except ExportFailed as err:  # after training: the weights went to a checkpoint, which the message names
         print(f"bnll_lightning: {err}", file=sys.stderr)
