@@ -10,7 +10,7 @@ LAYERS = {
     **dict.fromkeys(["constraints", "objectives", "streaming", "alpha", "optim", "sampling"], 0),  # pure torch
     # models, tasks, and the data's Lightning-free parts: rows from sources, formatting, packing
     **dict.fromkeys(["models", "tasks", "reference", "lora", "sources", "formatting", "packing"], 1),
-    **dict.fromkeys(["evaluate", "probe", "compare"], 2),  # generation, answer checking, diagnosis, comparison
+    **dict.fromkeys(["evaluate", "probe", "compare", "self_targets"], 2),  # generation, answer checking, diagnosis, comparison
     # Lightning: the module, callbacks, the data module, the study loop
     **dict.fromkeys(["module", "callbacks", "console", "signals", "strategies", "export", "data", "study"], 3),
     **dict.fromkeys(["cli", "__main__", "__init__"], 4),  # command line, package entry points
