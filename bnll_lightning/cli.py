@@ -510,9 +510,9 @@ def study_main(argv: list[str] | None = None) -> compare.Comparison:
     trainer_kwargs = {k: cfg.trainer[k] for k in study.TRAINER_KEYS
                       if k in cfg.trainer and (k != "strategy" or isinstance(cfg.trainer[k], str))}  # fmt: skip
     model_args = {k: v for k, v in cfg.model.as_dict().items() if k not in (
-        "objective", "alpha_controller", "warm_start_batches", "probe_batches", "histogram_every_n_steps", "export_dir")}
+        "objective", "alpha_controller", "warm_start_batches", "histogram_every_n_steps", "export_dir")}
     key = study.config_key(model_args, dict(data.hparams), trainer_kwargs, max_steps, checker, max_new_tokens, rows)
-    del cli.model  # the CLI's own copy: every run makes its own
+    cli.model = cli.config_init["model"] = None  # the CLI's own copy of the base: every run makes its own
 
     def make_module(objective: str) -> SFTModule:
         try:

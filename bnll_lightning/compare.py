@@ -192,8 +192,17 @@ def markdown(c: Comparison) -> str:
     lines += ["", f"Accuracy on {c.items} held-out items, mean over {'/'.join(map(str, seeds))} seed(s) × items; "
               f"95 % intervals from a two-way bootstrap (seeds and items resampled, {c.resamples} resamples); "
               "differences paired over the seeds both objectives ran and the same items. Tied: the interval of "
-              "the difference holds 0."]  # fmt: skip
+              "the difference holds 0." + _one_seed(c)]  # fmt: skip
     return "\n".join(lines)
+
+
+def _one_seed(c: Comparison) -> str:
+    """A warning when some objective ran once: its intervals then hold the items' variation, not the seeds'."""
+    once = [c.labels[k] for k, seeds in c.seeds.items() if len(seeds) == 1]
+    if not once:
+        return ""
+    return (f" One seed for {', '.join(once)}: those intervals hold item-to-item variation only, not run-to-run; "
+            "run 2 or more seeds before trusting a verdict.")
 
 
 def plot(c: Comparison, path: str | Path, title: str = "") -> bool:
@@ -255,6 +264,8 @@ def recommendation(c: Comparison, configs: Mapping[str, Mapping[str, Any]] | Non
         others = [name[k] for k in c.tied if k != best]
         lines.append(f"# verdict: tied: {name[best]} with {', '.join(others)} (any of them)" if others
                      else f"# verdict: {name[best]} is better than every other objective measured")  # fmt: skip
+    if warning := _one_seed(c):
+        lines.append("#" + warning)
     lines.append("# accuracy: " + "; ".join(f"{name[k]} {format_ci(c.accuracy[k])}" for k in c.accuracy))
     config = (configs or {}).get(pick)
     if config is None:

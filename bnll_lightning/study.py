@@ -191,7 +191,8 @@ def lightning_quiet() -> Any:
 
 
 def _free(module: Any = None) -> None:
-    """Drop a finished run's model (module <-> trainer cycles hold it and its optimizer state)."""
+    """Collect finished runs (module <-> trainer cycles hold a model copy and its optimizer state; call it
+    where they are unreachable); ``module``: moved off the accelerator first."""
     if module is not None:
         module.cpu()
     gc.collect()
@@ -472,6 +473,7 @@ class Study:
             if (BASE, None) not in done:
                 print("[study] scoring the base model", file=sys.stderr, flush=True)
                 self.table.append(self.run_one((BASE, None)))
+                _free()
             rows = self.table.read(self.config)
             measured = [r["train_seconds"] + r["eval_seconds"] for r in rows if r["objective"] != BASE]
             if measured:
@@ -516,10 +518,9 @@ class Study:
     def pilot(self) -> float:
         """Seconds the training of a run will take, measured on 2 steps (setup included, so a little high)."""
         steps = min(2, self.max_steps)
-        module = self.make_module(self.objectives[0])
         self.data.seed = 0
-        _, seconds = fine_tune(module, self.data, steps, self.trainer_kwargs, (), self.root)
-        _free(module)
+        _, seconds = fine_tune(self.make_module(self.objectives[0]), self.data, steps, self.trainer_kwargs, (), self.root)
+        _free()  # the pilot's module, optimizer state and trainer: unreachable now
         print(f"[study] pilot: {steps} training steps took {seconds:.1f} s", file=sys.stderr, flush=True)
         return seconds / steps * self.max_steps
 

@@ -64,6 +64,11 @@ def test_summary_finds_the_best_and_its_ties_and_recommends_accordingly():
     text = compare.recommendation(tied, {"nll": {"objective": NLL}, "dft": {"objective": DFT}})
     assert "verdict: tied" in text and "keep nll" in text
     assert yaml.safe_load(text)["model"]["objective"] == NLL  # tied: the standard stays
+    assert "One seed" not in compare.markdown(tied) + text
+
+    once = compare.summarize({"nll": runs(30, seeds=(0,)), "dft": runs(60)}, resamples=200)
+    assert "One seed for nll: those intervals hold item-to-item variation only" in compare.markdown(once)
+    assert "# One seed for nll" in compare.recommendation(once)
 
 
 def test_compare_identical_runs_are_tied(tmp_path, capsys):
