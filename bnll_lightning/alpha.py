@@ -344,7 +344,6 @@ class AdaptiveAlpha(AlphaController):
         statistic: Literal["mean", "geometric", "quantile"] = "mean",
         quantile: OpenUnitInterval = 0.1,
         initial: Optional[ClosedUnitInterval] = None,
-        ema: Optional[UnitIntervalClosedOpen] = None,
     ) -> None:
         """
         Args:
@@ -374,7 +373,6 @@ class AdaptiveAlpha(AlphaController):
             initial: optional starting value of the EMA, in [0, 1], e.g. the base model's mean
                 p from a probe pass before training; α then starts at ``target(initial)``.
                 ``None`` starts the EMA from the first fed value and α from 0 (NLL).
-            ema: deprecated name of ``ema_decay`` (goes in the next release).
         """
         super().__init__()
         owner = "AdaptiveAlpha"
@@ -389,10 +387,6 @@ class AdaptiveAlpha(AlphaController):
                 f"{owner}: low must be < high (0 < low < high < 1), got low={low!r}, high={high!r}"
             )
         self.low, self.high = low, high
-        if ema is not None:  # FutureWarning: Python shows it to config users (a DeprecationWarning it hides)
-            warnings.warn("AdaptiveAlpha(ema=...) is deprecated and goes in the next release; use ema_decay",
-                          FutureWarning, stacklevel=2)
-            ema_decay = ema
         decay = float(ema_decay)
         if not (0.0 <= decay < 1.0):
             raise ValueError(f"{owner}: ema_decay must satisfy 0 <= ema_decay < 1, got ema_decay={ema_decay!r}")
@@ -475,12 +469,6 @@ class AdaptiveAlpha(AlphaController):
             "quantile": self.quantile,
             "initial": self.initial,
         }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        config = dict(state.get("config", {}))
-        if "ema" in config:  # a checkpoint from before the rename to ema_decay
-            config["ema_decay"] = config.pop("ema")
-        super().load_state_dict({**state, "config": config})
 
     def _extra_state(self) -> dict[str, Any]:
         return {"ema_m": self._m, "ema_w": self._w, "n_observed": self.n_observed}

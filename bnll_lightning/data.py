@@ -259,7 +259,7 @@ class SFTDataModule(LightningDataModule):
         if self.noise > 0:
             train_rows = _tasks.noise(train_rows, self.noise, _derive_seed(self.seed, "noise"))
             noisy = sum(bool(r.get("noisy")) for r in train_rows)
-        # Unweighted data carries no weight tensor at all: its loss is computed exactly as before weights existed.
+        # Unweighted data carries no weight tensor at all, so its loss is the plain mean, not one weighted by ones.
         weighted, fmt = any("weight" in r for r in train_rows), self.formatter
         kept, features, self.stats["train"] = fmt.tokenize(train_rows, self.max_length, self.truncation, weighted)
         self.stats["train"]["noisy"] = noisy

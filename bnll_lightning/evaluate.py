@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from bnll_lightning.formatting import end_of_turn_ids
+from bnll_lightning.modes import eval_mode
 from bnll_lightning.tasks import TASKS
 
 __all__ = [
@@ -190,26 +190,21 @@ def generate(
     # Longest first: similar lengths share a batch (little padding), and memory peaks at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[list[int]]] = [[] for _ in prompts]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                batch = tokenizer.pad(
-                    [{"input_ids": list(prompts[i])} for i in chunk],
-                    padding=True,
-                    padding_side="left",
-                    return_tensors="pt",
-                ).to(device)
-                tokens = model.generate(**batch, generation_config=config)
-                new = tokens[:, batch["input_ids"].shape[1] :].tolist()
-                for k, ids in enumerate(new):
-                    cut = next((j for j, t in enumerate(ids) if t in stop_set), len(ids))
-                    out[chunk[k // num_samples]].append(ids[:cut])
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = tokenizer.pad(
+                [{"input_ids": list(prompts[i])} for i in chunk],
+                padding=True,
+                padding_side="left",
+                return_tensors="pt",
+            ).to(device)
+            tokens = model.generate(**batch, generation_config=config)
+            new = tokens[:, batch["input_ids"].shape[1] :].tolist()
+            for k, ids in enumerate(new):
+                cut = next((j for j, t in enumerate(ids) if t in stop_set), len(ids))
+                out[chunk[k // num_samples]].append(ids[:cut])
     return out
 
 
@@ -399,13 +394,3 @@ def write_jsonl(path: str, records: Sequence[dict[str, Any]]) -> str:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
-
-
-def __getattr__(name: str) -> Any:
-    """The moved ``GenerationEval`` (now in :mod:`bnll_lightning.callbacks`), with a warning, for one release."""
-    if name == "GenerationEval":
-        warnings.warn("bnll_lightning.evaluate.GenerationEval is deprecated and goes in the next release; "
-                      "use bnll_lightning.callbacks.GenerationEval", FutureWarning, stacklevel=2)
-        from bnll_lightning.callbacks import GenerationEval  # lazy: callbacks imports this module
-        return GenerationEval
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

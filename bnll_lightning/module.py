@@ -15,7 +15,6 @@ averages over ranks; both factors are undone here.) Clipping runs after this hoo
 from __future__ import annotations
 
 import math
-import warnings
 from functools import partial
 from typing import Any, Literal
 
@@ -35,6 +34,7 @@ from bnll_lightning.constraints import ConfigError, NonNegativeInt, PositiveFloa
 from bnll_lightning.export import HFExport
 from bnll_lightning.lora import apply_lora, load_4bit_model
 from bnll_lightning.models import EMBEDDED, load_model, load_tokenizer
+from bnll_lightning.modes import eval_mode
 from bnll_lightning.objectives import (
     IGNORE_INDEX,
     NLL,
@@ -114,7 +114,6 @@ class SFTModule(L.LightningModule):
         lora_target_modules: list[str] | str = "all-linear",
         lora_export: Literal["merged", "adapter"] = "merged",
         load_in_4bit: bool = False,
-        probe_batches: int | None = None,
     ):
         """Fine-tune a causal LM with a probability-based objective.
 
@@ -166,7 +165,6 @@ class SFTModule(L.LightningModule):
                 plain transformers model) or ``adapter`` (peft's adapter directory, loaded on the base).
             load_in_4bit: QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes; CUDA only) and train
                 LoRA adapters on it (needs lora_r > 0; export with lora_export: adapter).
-            probe_batches: Deprecated name of ``warm_start_batches`` (goes in the next release).
         """
         super().__init__()
         # export_dir is where the run writes, not what it trains: left out, since LightningCLI gives a checkpoint's
@@ -196,10 +194,6 @@ class SFTModule(L.LightningModule):
         if histogram_every_n_steps < 0:
             raise ValueError(f"histogram_every_n_steps must be >= 0, got {histogram_every_n_steps}")
         self.histogram_every_n_steps = histogram_every_n_steps
-        if probe_batches is not None:  # FutureWarning: Python shows it to config users (a DeprecationWarning it hides)
-            warnings.warn("model.probe_batches is deprecated and goes in the next release; use "
-                          "model.warm_start_batches", FutureWarning, stacklevel=2)
-            warm_start_batches = probe_batches
         if warm_start_batches < 0:
             raise ValueError(f"warm_start_batches must be >= 0, got {warm_start_batches}")
         if warm_start_batches and not isinstance(alpha_controller, AdaptiveAlpha):
@@ -371,18 +365,13 @@ class SFTModule(L.LightningModule):
             trainer.train_dataloader, self.warm_start_batches, rank=trainer.global_rank, world_size=trainer.world_size
         )
         acc = torch.zeros(2, device=self.device)
-        modes = {m: m.training for m in self.modules()}
-        self.eval()
-        try:
+        with eval_mode(self):
             for batch in batches:
                 batch = trainer.strategy.batch_to_device(batch)
                 with trainer.precision_plugin.forward_context():
                     logp, mask, _ = self.eval_logprobs(batch)
                 weights = target_weights(batch)
                 acc += torch.stack(step_statistic(logp, mask, controller.statistic, controller.quantile, weights))
-        finally:
-            for m, training in modes.items():
-                m.training = training
         if trainer.world_size > 1:
             acc = trainer.strategy.reduce(acc, reduce_op="sum")
         value = finalize_statistic(acc[0], acc[1], controller.statistic)

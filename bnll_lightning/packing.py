@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from bnll_lightning.modes import eval_mode
 from bnll_lightning.objectives import IGNORE_INDEX
 from bnll_lightning.streaming import forward_hidden
 
@@ -128,14 +129,9 @@ def packing_unsupported_reason(model: torch.nn.Module) -> str | None:
     emb = model.get_input_embeddings()
     ids = torch.randint(0, emb.num_embeddings, (1, 8), generator=torch.Generator().manual_seed(0))
     ids = ids.to(emb.weight.device)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with eval_mode(model):
         packed = forward_hidden(model, ids, None, position_ids=torch.arange(8, device=ids.device)[None] % 5)
         alone = forward_hidden(model, ids[:, 5:], torch.ones_like(ids[:, 5:]))
-    finally:
-        for m, training in modes.items():
-            m.training = training
     err = (packed[:, 5:].float() - alone.float()).abs().max().item()
     tol = 1e-4 if packed.dtype == torch.float32 else 2**-5
     return None if err <= tol * (1 + alone.float().abs().max().item()) else (

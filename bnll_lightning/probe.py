@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from bnll_lightning.modes import eval_mode
 from bnll_lightning.sampling import sample_batches
 
 __all__ = [
@@ -243,17 +244,13 @@ def probe(
         raise ValueError(f"no {split} data to probe")
     batches = sample_batches(loader, max_batches)
     total = len(batches) if hasattr(batches, "__len__") else max_batches
-    was_training = module.training
-    module.eval()
     logps, hits, n_batches = [], [], 0
-    try:
+    with eval_mode(module):
         stream = target_logprobs(module, batches, device=device, context=context)
         for logp, correct in tqdm(stream, total=total, desc="probe", unit="batch", disable=not progress):
             logps.append(logp)
             hits.append(correct)
             n_batches += 1
-    finally:
-        module.train(was_training)
     if not logps:
         raise ValueError(f"no {split} batches to probe")
     rows = len(batches.dataset) if isinstance(batches, DataLoader) else None

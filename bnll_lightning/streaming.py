@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.distributed.fsdp import FSDPModule
 
+from bnll_lightning.modes import eval_mode
 from bnll_lightning.objectives import IGNORE_INDEX, TokenStats
 
 __all__ = [
@@ -578,16 +579,12 @@ def streaming_unsupported_reason(model: nn.Module, check: bool = True) -> str | 
     if linear is None or not check:
         return reason
     head = StreamingHead(linear.weight, linear.bias, *_logit_transform(model))
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        reason = _check_against_logits(model, head)
+        with eval_mode(model):
+            reason = _check_against_logits(model, head)
     except (TypeError, ValueError, NotImplementedError) as e:
         # A model that cannot run on text alone (it wants pixel values, ...): do not stream it. Anything
         # else (out of memory, a bug) surfaces here, not as a silent fall-back and a later, misleading OOM.
         reason = f"{type(e).__name__}: {e}"
-    finally:
-        for m, training in modes.items():
-            m.training = training
     return None if reason is None else f"check: {reason} (scale={head.scale}, softcap={head.softcap})"
 

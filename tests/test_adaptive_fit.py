@@ -7,7 +7,6 @@ same α trajectory (no jump, no second probe).
 """
 
 import math
-import warnings
 from pathlib import Path
 
 import pytest
@@ -164,21 +163,3 @@ def test_warm_start_batches_needs_an_adaptive_controller_without_initial(tiny_mo
         SFTModule(tiny_model_dir, objective=AlphaFamily(), alpha_controller=LinearAlpha(), warm_start_batches=2)
     with pytest.raises(ValueError, match="initial"):
         SFTModule(tiny_model_dir, objective=AlphaFamily(), alpha_controller=AdaptiveAlpha(initial=0.3), warm_start_batches=2)
-
-
-def test_old_names_keep_working_for_one_release(tiny_model_dir):
-    """``model.probe_batches`` and ``AdaptiveAlpha(ema=...)`` were renamed; the old names still work, with a warning."""
-    from bnll_lightning.module import SFTModule
-    from bnll_lightning.objectives import AlphaFamily
-
-    with pytest.warns(FutureWarning, match="ema_decay"):
-        controller = AdaptiveAlpha(ema=0.5)
-    assert controller.ema_decay == 0.5 and controller.ema is None  # .ema is the EMA's value, not the decay
-    with pytest.warns(FutureWarning, match="warm_start_batches"):
-        module = SFTModule(tiny_model_dir, objective=AlphaFamily(), alpha_controller=controller, probe_batches=3)
-    assert module.warm_start_batches == 3
-    saved = AdaptiveAlpha(ema_decay=0.5).state_dict()
-    saved["config"]["ema"] = saved["config"].pop("ema_decay")  # a checkpoint written before the rename
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the same config: no mismatch warning
-        AdaptiveAlpha(ema_decay=0.5).load_state_dict(saved)

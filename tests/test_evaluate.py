@@ -301,15 +301,6 @@ def test_sampled_evaluation_reports_pass_and_maj(untied, tokenizer):
     assert result.pass_at[1] <= result.pass_at[4] <= 1 and result.maj is not None
 
 
-def test_old_generation_eval_path_still_works_and_warns():
-    import bnll_lightning.evaluate as evaluate
-
-    with pytest.warns(FutureWarning, match="bnll_lightning.callbacks.GenerationEval"):
-        assert evaluate.GenerationEval is GenerationEval
-    with pytest.raises(AttributeError):
-        evaluate.NoSuchName
-
-
 def test_generation_eval_validates_pass_k():
     with pytest.raises(ValueError, match="pass_k"):
         GenerationEval(temperature=1.0, num_samples=4, pass_k=[8])

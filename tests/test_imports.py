@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bnll_lightning"
 
 # Every module's layer: a module imports from its own layer or below, never above.
 LAYERS = {
-    **dict.fromkeys(["constraints", "objectives", "streaming", "alpha", "optim", "sampling"], 0),  # pure torch
+    **dict.fromkeys(["constraints", "modes", "objectives", "streaming", "alpha", "optim", "sampling"], 0),  # pure torch
     # models, tasks, and the data's Lightning-free parts: rows from sources, formatting, packing
     **dict.fromkeys(["models", "tasks", "reference", "lora", "sources", "formatting", "packing"], 1),
     **dict.fromkeys(["evaluate", "probe", "compare", "self_targets"], 2),  # generation, answer checking, diagnosis, comparison
@@ -16,10 +16,7 @@ LAYERS = {
     **dict.fromkeys(["cli", "__main__", "__init__"], 4),  # command line, package entry points
 }
 # (module, imported module, name) -> why it may import upwards (function-local: nothing runs at import time).
-UPWARD = {
-    ("evaluate", "callbacks", "GenerationEval"): "the deprecated path bnll_lightning.evaluate.GenerationEval, "
-    "kept for one release by evaluate's module __getattr__",
-}
+UPWARD: dict[tuple[str, str, str], str] = {}
 
 
 def imports() -> dict[str, list[tuple[str, str]]]:
