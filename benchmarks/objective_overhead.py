@@ -112,7 +112,7 @@ def run(
             _, objective, controller = entries[order[self.step]]
             pl_module.objective, pl_module.alpha_controller = objective, controller
             if controller is not None:
-                objective.alpha = controller.alpha
+                objective.set_alpha(controller.alpha)
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -40,6 +40,7 @@ from bnll_lightning.objectives import (
     NLL,
     Objective,
     StatsRequest,
+    SupportsAlpha,
     TokenStats,
     token_logprobs,
     token_stats,
@@ -177,13 +178,14 @@ class SFTModule(L.LightningModule):
         self.objective = objective if objective is not None else NLL()
         self.alpha_controller = alpha_controller
         if alpha_controller is not None:
-            if (reason := self.objective.alpha_controller_error) is not None:
+            if not isinstance(self.objective, SupportsAlpha):
+                reason = getattr(self.objective, "why_no_alpha", "it is not a member of the f_alpha family")
                 raise ValueError(
                     "model.alpha_controller moves alpha of the f_alpha family: set model.objective to "
                     "bnll_lightning.objectives.AlphaFamily or TokenAlpha "
                     f"(got {type(self.objective).__name__}: {reason})"
                 )
-            self.objective.alpha = alpha_controller.alpha
+            self.objective.set_alpha(alpha_controller.alpha)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.warmup, self.min_lr_ratio = warmup, min_lr_ratio
@@ -378,7 +380,7 @@ class SFTModule(L.LightningModule):
         if value is None:
             rank_zero_warn("warm_start_batches: no target tokens in those batches; the controller starts as configured")
             return
-        self.objective.alpha = controller.start(value)
+        self.objective.set_alpha(controller.start(value))
         tokens = int(acc[1].item())
         rank_zero_info(
             f"[bnll] warm start from the base model: {controller.statistic} p = {value:.4g} over {tokens} target tokens"
@@ -448,7 +450,7 @@ class SFTModule(L.LightningModule):
             "train/mean_p": s["p_sum"] / weight,
             "train/tokens": s["tokens"],
         }
-        if type(self.objective).select is not Objective.select:
+        if self.objective.selects:
             metrics["train/selected_fraction"] = s["selected"] / tokens
         alpha = self.objective.alpha  # the α this step's loss was computed with
         if alpha is not None:
@@ -457,7 +459,7 @@ class SFTModule(L.LightningModule):
             # Called every step, even one without tokens (None), so schedules keep counting steps.
             # The new α applies from the next step on.
             value = finalize_statistic(s["stat_num"], s["stat_den"], self.alpha_controller.statistic)
-            self.objective.alpha = self.alpha_controller.update(value)
+            self.objective.set_alpha(self.alpha_controller.update(value))
             if getattr(self.alpha_controller, "ema", None) is not None:
                 metrics["train/mean_p_ema"] = float(self.alpha_controller.ema)
         self.log_dict(metrics, on_step=True, on_epoch=False)
@@ -476,7 +478,7 @@ class SFTModule(L.LightningModule):
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
         if self.alpha_controller is not None:
             # Schedules count calls: a skipped step is still a step of the global count (α keeps its EMA).
-            self.objective.alpha = self.alpha_controller.update(None)
+            self.objective.set_alpha(self.alpha_controller.update(None))
         rank_zero_warn(f"non-finite {what} at step {self.global_step}: step skipped ({self._nonfinite_in_a_row} in a row)")
         if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise FloatingPointError(
@@ -595,7 +597,7 @@ class SFTModule(L.LightningModule):
             self.alpha_controller.load_state_dict(state["alpha_controller"])
         if self.alpha_controller is not None and state.get("alpha") is not None:
             # A controller's α is state; a static objective's α is config, and the config given now wins.
-            self.objective.alpha = state["alpha"]
+            self.objective.set_alpha(state["alpha"])
         self.nonfinite_steps = state.get("nonfinite_steps", 0)
         # Set at the first resumed batch, not here: restoring the loops creates the data iterator,
         # which draws from the global generator where the uninterrupted run did not.

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import fractions
 import math
-from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,8 @@ __all__ = [
     "token_logprobs",
     "token_stats",
     "Objective",
+    "LogpLoss",
+    "SupportsAlpha",
     "NLL",
     "NegProb",
     "AlphaFamily",
@@ -195,18 +197,15 @@ class ObjectiveOutput(NamedTuple):
 
 
 class Objective(nn.Module):
-    """Base class: a loss that is a function of the target tokens' log p.
+    """Base class of the losses: what an objective needs (``requires``) and the loss from it (``from_stats``).
 
-    Subclasses define ``per_token`` (the loss of each token from its log p) and, if they pick a
-    subset of tokens, ``select``. Elementwise objectives also define ``f`` and
-    ``gradient_weight`` as functions of p, for analysis and plots.
+    ``tag`` names a run of it. An objective of log p alone mixes in :class:`LogpLoss`; one an
+    alpha controller can drive is also a :class:`SupportsAlpha`.
     """
 
-    normalize: Literal["selected", "all"] = "all"
-
-    alpha_controller_error: ClassVar[str | None] = "it is not a member of the f_alpha family"
-    """Why an alpha controller (``AdaptiveAlpha``, schedules) cannot drive this objective; None if
-    it can (the controller then sets ``alpha`` before every optimizer step)."""
+    selects: ClassVar[bool] = False
+    """True if only some target tokens carry the loss (``ObjectiveOutput.selected``): the trainer
+    then logs the selected fraction."""
 
     @property
     def alpha(self) -> float | None:
@@ -223,33 +222,9 @@ class Objective(nn.Module):
         """The frozen reference model behind ``requires.reference`` (None when not needed)."""
         return None
 
-    def per_token(self, logp: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def select(self, logp: Tensor, mask: Tensor) -> Tensor:
-        """Tokens that carry the loss; all target tokens unless a subclass selects."""
-        return mask
-
-    def f(self, p: Tensor) -> Tensor:
-        """Per-token loss as a function of p."""
-        return self.per_token(torch.log(p))
-
-    def gradient_weight(self, p: Tensor) -> Tensor:
-        """W_f(p) = -f'(p) p (1 - p): the weight on the correct logit's gradient."""
-        raise NotImplementedError
-
-    def from_logprobs(self, logp: Tensor, mask: Tensor, weights: Tensor | None = None) -> ObjectiveOutput:
-        """The loss from float32 ``logp`` ``[B, T]``, the bool target ``mask`` and optional per-token ``weights``."""
-        selected = self.select(logp, mask)
-        # Unselected positions are evaluated at a harmless log p (-1) and dropped with where(),
-        # so neither their value nor a 0 * inf in their backward can reach the gradient.
-        per_token = self.per_token(logp.masked_fill(~selected, -1.0))
-        return self._sum(per_token, selected, selected if self.normalize == "selected" else mask, weights)
-
     def from_stats(self, stats: TokenStats) -> ObjectiveOutput:
-        """The loss from :class:`TokenStats` (what the trainer calls). Objectives that need only
-        log p use ``from_logprobs``; the others override this and read their extra fields."""
-        return self.from_logprobs(stats.logp, stats.mask, stats.weights)
+        """The loss from :class:`TokenStats` (what the trainer calls)."""
+        raise NotImplementedError
 
     def forward(
         self, logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX, ref_logits: Tensor | None = None,
@@ -297,13 +272,59 @@ class Objective(nn.Module):
         return type(self).__name__ + args
 
 
+@runtime_checkable
+class SupportsAlpha(Protocol):
+    """An objective an alpha controller (``AdaptiveAlpha``, the schedules) can drive: the controller
+    gives it its alpha with ``set_alpha`` before every optimizer step (``AlphaFamily``, ``TokenAlpha``)."""
+
+    def set_alpha(self, value: float) -> None:
+        """Compute the loss with ``value`` from now on."""
+
+
+class LogpLoss:
+    """Mixin for an :class:`Objective` of log p alone: ``per_token`` is each token's loss from its log p.
+
+    An objective that keeps only some tokens sets ``selects`` and defines ``select``. Elementwise
+    objectives also define ``f`` and ``gradient_weight`` as functions of p, for analysis and plots.
+    """
+
+    normalize: Literal["selected", "all"] = "all"
+
+    def per_token(self, logp: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def select(self, logp: Tensor, mask: Tensor) -> Tensor:
+        """Tokens that carry the loss; all target tokens unless the objective ``selects``."""
+        return mask
+
+    def f(self, p: Tensor) -> Tensor:
+        """Per-token loss as a function of p."""
+        return self.per_token(torch.log(p))
+
+    def gradient_weight(self, p: Tensor) -> Tensor:
+        """W_f(p) = -f'(p) p (1 - p): the weight on the correct logit's gradient."""
+        raise NotImplementedError
+
+    def from_logprobs(self, logp: Tensor, mask: Tensor, weights: Tensor | None = None) -> ObjectiveOutput:
+        """The loss from float32 ``logp`` ``[B, T]``, the bool target ``mask`` and optional per-token ``weights``."""
+        selected = self.select(logp, mask)
+        # Unselected positions are evaluated at a harmless log p (-1) and dropped with where(),
+        # so neither their value nor a 0 * inf in their backward can reach the gradient.
+        per_token = self.per_token(logp.masked_fill(~selected, -1.0))
+        return Objective._sum(per_token, selected, selected if self.normalize == "selected" else mask, weights)
+
+    def from_stats(self, stats: TokenStats) -> ObjectiveOutput:
+        """The loss from :class:`TokenStats`: here from its log p, mask and weights."""
+        return self.from_logprobs(stats.logp, stats.mask, stats.weights)
+
+
 def _check_normalize(normalize: str) -> str:
     if normalize not in ("selected", "all"):
         raise ValueError(f"normalize must be 'selected' or 'all', got {normalize!r}")
     return normalize
 
 
-class NLL(Objective):
+class NLL(LogpLoss, Objective):
     """Negative log-likelihood, -log p: standard SFT (the f_alpha family at alpha = 0)."""
 
     @property
@@ -317,7 +338,7 @@ class NLL(Objective):
         return 1 - p
 
 
-class AlphaFamily(Objective):
+class AlphaFamily(LogpLoss, Objective):
     """f_alpha(p) = (1 - p^alpha) / alpha: NLL at alpha = 0, 1 - p at alpha = 1, prior-leaning above.
 
     Computed as -expm1(alpha log p) / alpha, which is exact for small alpha, and as -log p at
@@ -327,8 +348,6 @@ class AlphaFamily(Objective):
         alpha: Exponent, >= 0. 0 is NLL; 1 is -p (up to a constant); 10 is the paper's
             prior-leaning setting for model-strong tasks.
     """
-
-    alpha_controller_error = None
 
     def __init__(self, alpha: NonNegativeFloat = 1.0):
         super().__init__()
@@ -345,6 +364,10 @@ class AlphaFamily(Objective):
             raise ValueError(f"AlphaFamily.alpha must be a finite number >= 0, got {value}")
         self._alpha = value
 
+    def set_alpha(self, value: float) -> None:
+        """Compute the loss with alpha ``value`` from now on (an alpha controller's call)."""
+        self.alpha = value
+
     def per_token(self, logp: Tensor) -> Tensor:
         if self._alpha == 0.0:
             return -logp
@@ -360,7 +383,8 @@ class AlphaFamily(Objective):
 class NegProb(AlphaFamily):
     """-p, as its non-negative form 1 - p (the f_alpha family at alpha = 1; same gradient)."""
 
-    alpha_controller_error = "it fixes alpha = 1 (use AlphaFamily, which the controller moves)"
+    set_alpha = None  # not SupportsAlpha: -p is alpha = 1
+    why_no_alpha = "it fixes alpha = 1 (use AlphaFamily, which the controller moves)"
 
     def __init__(self):
         super().__init__(alpha=1.0)
@@ -369,7 +393,7 @@ class NegProb(AlphaFamily):
         return {}
 
 
-class ThresholdedNLL(Objective):
+class ThresholdedNLL(LogpLoss, Objective):
     """-log p on tokens with p >= tau only: cheap prior-leaning (drops tokens the model finds unlikely).
 
     The selection uses the detached p, so it carries no gradient.
@@ -381,6 +405,7 @@ class ThresholdedNLL(Objective):
     """
 
     normalize: Literal["selected", "all"]
+    selects = True
 
     def __init__(self, tau: UnitIntervalClosedOpen = 0.2, normalize: Literal["selected", "all"] = "selected"):
         super().__init__()
@@ -406,7 +431,7 @@ class ThresholdedNLL(Objective):
         return {"tau": self.tau}
 
 
-class TopFraction(Objective):
+class TopFraction(LogpLoss, Objective):
     """NLL on the ``fraction`` most probable target tokens of the batch (ceil(fraction * n) of n).
 
     Not elementwise: which tokens count depends on the batch, and the batch is the micro-batch of
@@ -420,6 +445,7 @@ class TopFraction(Objective):
     """
 
     normalize: Literal["selected", "all"]
+    selects = True
 
     def __init__(self, fraction: UnitIntervalOpenClosed = 0.1, normalize: Literal["selected", "all"] = "selected"):
         super().__init__()
@@ -451,7 +477,7 @@ class TopFraction(Objective):
         return {"fraction": self.fraction}
 
 
-class DFT(Objective):
+class DFT(LogpLoss, Objective):
     """Dynamic fine-tuning, -sg(p) log p: the gradient of -p with the scale of NLL's value."""
 
     def per_token(self, logp: Tensor) -> Tensor:
@@ -464,7 +490,7 @@ class DFT(Objective):
         return p * (1 - p)
 
 
-class Focal(Objective):
+class Focal(LogpLoss, Objective):
     """Focal loss, -(1 - p)^gamma log p: prior-averse (leans harder on unlikely tokens than NLL).
 
     Args:
@@ -517,7 +543,7 @@ class EAFT(Objective):
         normalizer: c above, > 0; None = ln k (gate in [0, 1]).
     """
 
-    alpha_controller_error = "its power gates -log p by the entropy; it is not the f_alpha family's alpha"
+    why_no_alpha = "its power gates -log p by the entropy; it is not the f_alpha family's alpha"
 
     def __init__(self, power: NonNegativeFloat = 1.0, k: PositiveInt = 20, normalizer: float | None = None):
         super().__init__()
@@ -600,7 +626,7 @@ class ASFT(Objective):
         # parameters(), state_dict() (checkpoints) and .to() of whatever module holds this one.
         self._frozen: FrozenReference | None = None
 
-    alpha_controller_error = "DFT's gradient is fixed at that of -p and the KL anchor has no alpha"
+    why_no_alpha = "DFT's gradient is fixed at that of -p and the KL anchor has no alpha"
 
     @property
     def requires(self) -> StatsRequest:

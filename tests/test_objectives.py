@@ -396,9 +396,11 @@ def test_new_objectives_validate_and_tag():
 
 
 def test_which_objectives_an_alpha_controller_can_drive():
-    assert AlphaFamily(0.0).alpha_controller_error is None and TokenAlpha().alpha_controller_error is None
+    from bnll_lightning.objectives import SupportsAlpha
+
+    assert isinstance(AlphaFamily(0.0), SupportsAlpha) and isinstance(TokenAlpha(), SupportsAlpha)
     for objective in (NLL(), NegProb(), DFT(), EAFT(), ASFT(), ThresholdedNLL()):
-        assert objective.alpha_controller_error
+        assert not isinstance(objective, SupportsAlpha)
 
 
 def test_top_fraction_keeps_exactly_ceil_of_fraction_times_n_in_integers():
