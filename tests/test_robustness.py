@@ -386,11 +386,11 @@ BAD_INPUT = [
                          "--model.objective.tau", "1.5"),
      "config error: model.objective.tau: Not of type UnitIntervalClosedOpen: 1.5 does not conform to restriction "
      "v>=0 and v<1"),
-    ("an out-of-range value of an optional (deprecated) argument",
+    ("an out-of-range value of an optional argument",
      lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--model.objective", "AlphaFamily", "--model.alpha_controller",
-                         "AdaptiveAlpha", "--model.alpha_controller.ema", "1.5"),
-     "config error: model.alpha_controller.ema: Not of type UnitIntervalClosedOpen: 1.5 does not conform to "
-     "restriction v>=0 and v<1"),
+                         "AdaptiveAlpha", "--model.alpha_controller.initial", "1.5"),
+     "config error: model.alpha_controller.initial: Not of type ClosedUnitInterval: 1.5 does not conform to "
+     "restriction v>=0 and v<=1"),
     ("a class that does not exist, on the command line",
      lambda tmp, m: _fit(tmp, "--model.model", NO_MODEL, "--model.objective",
                          "bnll_lightning.objectives.NoSuchObjective"),
