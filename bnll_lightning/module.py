@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as L
 import torch
@@ -60,9 +60,30 @@ from bnll_lightning.streaming import (
     streaming_unsupported_reason,
 )
 
-# Order of the per-step statistics accumulated over micro-batches and reduced over ranks
-# ("weight": the target tokens' summed row weights, = "tokens" for unweighted data).
-_STATS = ("loss_sum", "normalizer", "nll_sum", "p_sum", "tokens", "selected", "stat_num", "stat_den", "weight")
+class StepStats(NamedTuple):
+    """One optimizer step's sums over its micro-batches and ranks: a stacked tensor while the step
+    accumulates (``torch.stack(stats)``, one reduction and one host sync per step), floats once read."""
+
+    loss_sum: Tensor | float
+    """The objective's summed loss."""
+    normalizer: Tensor | float
+    """What the loss sum is divided by: the counted tokens (with row weights, their summed weight)."""
+    nll_sum: Tensor | float
+    """Summed -log p of the target tokens, times their row weights."""
+    p_sum: Tensor | float
+    """Summed p of the target tokens, times their row weights."""
+    tokens: Tensor | float
+    """Target tokens."""
+    selected: Tensor | float
+    """Target tokens that carried the loss (all of them unless the objective ``selects``)."""
+    stat_num: Tensor | float
+    """Numerator of the alpha controller's statistic of p."""
+    stat_den: Tensor | float
+    """Its denominator."""
+    weight: Tensor | float
+    """The target tokens' summed row weights (= ``tokens`` for unweighted data)."""
+    nonfinite_grads: Tensor | float
+    """Gradients with a NaN/Inf norm (counted at the optimizer step: 0 in a micro-batch's sums)."""
 
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
@@ -239,12 +260,12 @@ class SFTModule(L.LightningModule):
         self.val_nll, self.val_mean_p, self.val_token_accuracy = MeanMetric(), MeanMetric(), MeanMetric()
         # Per validation source (nll, mean p, token accuracy), made in setup() once the data module is known.
         self.val_source_metrics = torch.nn.ModuleDict()
-        self._acc: Tensor | None = None  # per-step sums, see _STATS
+        self._acc: Tensor | None = None  # the step's StepStats so far, stacked
         self._nonfinite_in_a_row = 0
         self.nonfinite_steps = 0
         self._resume_rng: dict[str, Any] | None = None  # generators of a checkpoint, set at its first batch
         self._last_logp: tuple[Tensor, Tensor] | None = None  # last micro-batch (logp, mask), for callbacks
-        self.last_step_stats: dict[str, float] = {}
+        self.last_step_stats: dict[str, float] = {}  # the last optimizer step's StepStats, as a dict
 
     def load_pretrained(
         self, model: str, dtype: str | None, trust_remote_code: bool, load_in_4bit: bool
@@ -396,72 +417,96 @@ class SFTModule(L.LightningModule):
         logp, mask = stats.logp, stats.mask
         out = self.objective.from_stats(stats)
         with torch.no_grad():
-            statistic = self.alpha_controller.statistic if self.alpha_controller is not None else "mean"
-            quantile = getattr(self.alpha_controller, "quantile", 0.1)
-            stat_num, stat_den = step_statistic(logp, mask, statistic, quantile, weights)
-            w = mask.float() if weights is None else torch.where(mask, weights, 0.0)
-            stats = torch.stack(
-                [
-                    out.loss_sum.detach().float(),
-                    out.normalizer,
-                    -(logp * w).sum(),  # logp is 0 off the mask, where w is 0 too
-                    (logp.exp() * w).sum(),
-                    mask.sum().float(),
-                    out.selected.sum().float(),
-                    stat_num.float(),
-                    stat_den.float(),
-                    w.sum(),
-                ]
-            )
-            self._acc = stats if self._acc is None else self._acc + stats
+            sums = torch.stack(self._micro_batch_stats(out.loss_sum, out.normalizer, out.selected, logp, mask, weights))
+            self._acc = sums if self._acc is None else self._acc + sums
             self._last_logp = logp.detach(), mask  # indexed only when a callback asks: no host sync per step
         return out.loss_sum
 
+    def _micro_batch_stats(
+        self, loss_sum: Tensor, normalizer: Tensor, selected: Tensor, logp: Tensor, mask: Tensor, weights: Tensor | None
+    ) -> StepStats:
+        """This micro-batch's part of the step's :class:`StepStats`, as float32 0-dim tensors."""
+        statistic = self.alpha_controller.statistic if self.alpha_controller is not None else "mean"
+        quantile = getattr(self.alpha_controller, "quantile", 0.1)
+        stat_num, stat_den = step_statistic(logp, mask, statistic, quantile, weights)
+        w = mask.float() if weights is None else torch.where(mask, weights, 0.0)
+        return StepStats(
+            loss_sum=loss_sum.detach().float(),
+            normalizer=normalizer,
+            nll_sum=-(logp * w).sum(),  # logp is 0 off the mask, where w is 0 too
+            p_sum=(logp.exp() * w).sum(),
+            tokens=mask.sum().float(),
+            selected=selected.sum().float(),
+            stat_num=stat_num.float(),
+            stat_den=stat_den.float(),
+            weight=w.sum(),
+            nonfinite_grads=w.new_zeros(()),
+        )
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step, after every micro-batch's backward and before clipping: its statistics,
+        then either the non-finite skip or the gradient scaling, α's advance and the step's metrics."""
         acc, self._acc = self._acc, None
         if acc is None:
             return
         # This rank's part of each gradient (a DTensor's local shard under FSDP2), for plain kernels.
         params = [p for p in self.parameters() if p.grad is not None]
         grads = [_local(p.grad) for p in params]
-        # A finite loss can still give an Inf/NaN gradient (an overflow in backward): count this rank's
-        # non-finite gradients in the step's sums, so every rank skips together at the one host sync.
-        norms = torch.stack(torch._foreach_norm(grads)) if grads else acc.new_zeros(1)
-        bad = (~torch.isfinite(norms)).sum()[None]
-        acc = torch.cat([acc, bad.to(acc)])
-        if self.trainer.world_size > 1:
-            acc = self.trainer.strategy.reduce(acc, reduce_op="sum")
-        s = dict(zip((*_STATS, "nonfinite_grads"), acc.tolist()))  # the one host sync of the step
-        self.last_step_stats = s
-        if not math.isfinite(s["loss_sum"]) or s["nonfinite_grads"]:
-            self._skip_step(params, "loss" if not math.isfinite(s["loss_sum"]) else "gradient")
+        stats = self._step_stats(acc, grads)
+        self.last_step_stats = stats._asdict()
+        if not math.isfinite(stats.loss_sum) or stats.nonfinite_grads:
+            self._skip_step(params, "loss" if not math.isfinite(stats.loss_sum) else "gradient")
             return
         self._nonfinite_in_a_row = 0
-        # Row weights make the normaliser a sum of weights: it may be fractional, and 0 only without gradient.
-        normalizer = s["normalizer"] if s["normalizer"] > 0 else 1.0
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / normalizer
-        if grads:
-            torch._foreach_mul_(grads, scale)
+        self._scale_gradients(grads, stats)
+        alpha = self.objective.alpha  # the α this step's loss was computed with
+        self._advance_alpha(stats)
+        self._log_step(stats, alpha)
 
-        tokens, weight = max(s["tokens"], 1.0), s["weight"] if s["weight"] > 0 else 1.0
+    def _step_stats(self, acc: Tensor, grads: list[Tensor]) -> StepStats:
+        """The step's sums over every rank, with its non-finite gradients counted: the one host sync of the step."""
+        # A finite loss can still give an Inf/NaN gradient (an overflow in backward): count this rank's
+        # non-finite gradients in the step's sums, so every rank skips together.
+        norms = torch.stack(torch._foreach_norm(grads)) if grads else acc.new_zeros(1)
+        acc[StepStats._fields.index("nonfinite_grads")] += (~torch.isfinite(norms)).sum()
+        if self.trainer.world_size > 1:
+            acc = self.trainer.strategy.reduce(acc, reduce_op="sum")
+        return StepStats(*acc.tolist())
+
+    def _scale_gradients(self, grads: list[Tensor], stats: StepStats) -> None:
+        """Scale the gradients to the step's tokens: the gradient of the step's loss sum / normalizer,
+        undoing Lightning's division by ``accumulate_grad_batches`` and DDP's average over ranks."""
+        # Row weights make the normaliser a sum of weights: it may be fractional, and 0 only without gradient.
+        normalizer = stats.normalizer if stats.normalizer > 0 else 1.0
+        if grads:
+            torch._foreach_mul_(grads, self.trainer.accumulate_grad_batches * self.trainer.world_size / normalizer)
+
+    def _advance_alpha(self, stats: StepStats | None) -> None:
+        """Give the alpha controller the step's statistic (None: a skipped step) and the objective the α
+        it returns, which applies from the next step on."""
+        if self.alpha_controller is None:
+            return
+        # Called every step, even one without tokens (None), so schedules keep counting steps.
+        statistic = self.alpha_controller.statistic
+        value = None if stats is None else finalize_statistic(stats.stat_num, stats.stat_den, statistic)
+        self.objective.set_alpha(self.alpha_controller.update(value))
+
+    def _log_step(self, stats: StepStats, alpha: float | None) -> None:
+        """The step's metrics (``train/...``) and the progress bar's loss, p and ``alpha`` (the step's α)."""
+        normalizer = stats.normalizer if stats.normalizer > 0 else 1.0
+        tokens, weight = max(stats.tokens, 1.0), stats.weight if stats.weight > 0 else 1.0
         metrics = {
-            "train/loss": s["loss_sum"] / normalizer,
-            "train/nll": s["nll_sum"] / weight,
-            "train/mean_p": s["p_sum"] / weight,
-            "train/tokens": s["tokens"],
+            "train/loss": stats.loss_sum / normalizer,
+            "train/nll": stats.nll_sum / weight,
+            "train/mean_p": stats.p_sum / weight,
+            "train/tokens": stats.tokens,
         }
         if self.objective.selects:
-            metrics["train/selected_fraction"] = s["selected"] / tokens
-        alpha = self.objective.alpha  # the α this step's loss was computed with
+            metrics["train/selected_fraction"] = stats.selected / tokens
         if alpha is not None:
             metrics["train/alpha"] = alpha
-        if self.alpha_controller is not None:
-            # Called every step, even one without tokens (None), so schedules keep counting steps.
-            # The new α applies from the next step on.
-            value = finalize_statistic(s["stat_num"], s["stat_den"], self.alpha_controller.statistic)
-            self.objective.set_alpha(self.alpha_controller.update(value))
-            if getattr(self.alpha_controller, "ema", None) is not None:
-                metrics["train/mean_p_ema"] = float(self.alpha_controller.ema)
+        if getattr(self.alpha_controller, "ema", None) is not None:
+            metrics["train/mean_p_ema"] = float(self.alpha_controller.ema)
         self.log_dict(metrics, on_step=True, on_epoch=False)
         bar = {"loss": metrics["train/loss"], "p": metrics["train/mean_p"]}
         if alpha is not None:
@@ -476,9 +521,7 @@ class SFTModule(L.LightningModule):
         self.nonfinite_steps += 1
         self._nonfinite_in_a_row += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
-        if self.alpha_controller is not None:
-            # Schedules count calls: a skipped step is still a step of the global count (α keeps its EMA).
-            self.objective.set_alpha(self.alpha_controller.update(None))
+        self._advance_alpha(None)  # a skipped step is still a step of the global count (α keeps its EMA)
         rank_zero_warn(f"non-finite {what} at step {self.global_step}: step skipped ({self._nonfinite_in_a_row} in a row)")
         if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise FloatingPointError(
