@@ -75,14 +75,16 @@ def markdown(summaries: Sequence[dict[str, Any]]) -> str:
         for k, v in s["objectives"].items():
             mark = " (best static)" if k == s.get("best_static") else ""
             alpha = "–" if v["alpha_mean"] is None else f"{v['alpha_mean']:.2f}"
-            acc.append([head, entries[k].label + mark, CT._ci(v["accuracy"]), CT._ci(v["vs_nll"], True), alpha])
+            acc.append([head, entries[k].label + mark, str(len(s["seeds"])), CT._ci(v["accuracy"]), CT._ci(v["vs_nll"], True),
+                        alpha])  # fmt: skip
             if "vs_best" in v:
                 ctl.append([head, entries[k].label, entries[s["best_static"]].label, CT._ci(v["vs_best"], True),
                             CT._verdict(v["vs_best"]), CT._ci(v.get("vs_linear"), True), CT._verdict(v.get("vs_linear"))])
     return "\n".join([
         "Final held-out accuracy (end of training; mean over seeds × items, 95 % two-way bootstrap interval);"
         " Δ vs NLL paired over seeds × items:", "",
-        C.markdown_table(["task (role), noise", "objective", "accuracy [95 % CI]", "Δ vs NLL [95 % CI]", "mean α"], acc),
+        C.markdown_table(["task (role), noise", "objective", "seeds", "accuracy [95 % CI]", "Δ vs NLL [95 % CI]", "mean α"],
+                         acc),
         "", "Controllers against the best static objective and against the ramp (paired):", "",
         C.markdown_table(["task (role), noise", "controller", "best static", "Δ vs best static", "verdict",
                           "Δ vs LinearAlpha", "verdict"], ctl),
