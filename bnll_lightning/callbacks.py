@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as L
@@ -29,7 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
-from bnll_lightning.evaluate import EvalResult, evaluate_generation, get_checker, write_jsonl
+from bnll_lightning.evaluate import EvalResult, GenerationArgs, evaluate_generation, get_checker, write_jsonl
 from bnll_lightning.strategies import is_sharded
 
 __all__ = ["ContinuumLayout", "GenerationEval", "ProbabilityHistogram", "StepLearningRateMonitor", "StepProgressBar",
@@ -224,14 +225,14 @@ class GenerationEval(L.Callback):
         self,
         every_n_val: int = 1,
         num_rows: int | None = None,
-        max_new_tokens: int = 64,
-        batch_size: int = 16,
+        max_new_tokens: int = GenerationArgs.max_new_tokens,
+        batch_size: int = GenerationArgs.batch_size,
         checker: str | None = None,
         predictions_file: bool = True,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        num_samples: int = 1,
-        seed: int = 0,
+        temperature: float = GenerationArgs.temperature,
+        top_p: float = GenerationArgs.top_p,
+        num_samples: int = GenerationArgs.num_samples,
+        seed: int = GenerationArgs.seed,
         pass_k: list[int] | None = None,
     ) -> None:
         """Accuracy by generation on the validation rows, at the end of validation.
@@ -271,10 +272,7 @@ class GenerationEval(L.Callback):
         self.num_rows = num_rows
         self.checker = checker
         self.predictions_file = predictions_file
-        self.generate_kwargs = dict(
-            max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
-            top_p=top_p, num_samples=num_samples, seed=seed, pass_k=self.pass_k,
-        )
+        self.generation = GenerationArgs(max_new_tokens, batch_size, temperature, top_p, num_samples, seed)
         self.validations = 0
         self._warned_sharded = False
         self.last_result: EvalResult | None = None  # this rank's last result (its slice of rows)
@@ -309,7 +307,7 @@ class GenerationEval(L.Callback):
         with trainer.precision_plugin.forward_context():
             result = evaluate_generation(
                 pl_module.model, pl_module.tokenizer, [rows[i] for i in mine], datamodule,
-                self.checker, **self.generate_kwargs,
+                self.checker, **asdict(self.generation), pass_k=self.pass_k,
             )
         for p in result.predictions:
             p["index"] = mine[p["index"]]
@@ -317,7 +315,7 @@ class GenerationEval(L.Callback):
         # Each figure over all rows: a mean of this rank's predictions (or rows) that torchmetrics combines
         # over the ranks when it computes. The names come from the settings, not the result, so every rank
         # computes the same metrics in the same order.
-        samples = self.generate_kwargs["num_samples"]
+        samples = self.generation.num_samples
         ks = (self.pass_k or [samples]) if samples > 1 else []
         extra = {f"pass@{k}": result.pass_at.get(k, 0.0) for k in ks}
         if samples > 1:

@@ -22,6 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -34,7 +35,7 @@ from bnll_lightning import compare, console, study
 from bnll_lightning.callbacks import GenerationEval, StepProgressBar
 from bnll_lightning.constraints import ConfigError
 from bnll_lightning.data import SFTDataModule
-from bnll_lightning.evaluate import CHECKERS, evaluate_generation, write_jsonl
+from bnll_lightning.evaluate import CHECKERS, GenerationArgs, evaluate_generation, write_jsonl
 from bnll_lightning.export import ExportFailed, unwritable_reason
 from bnll_lightning.models import load_checkpoint_weights
 from bnll_lightning.module import SFTModule
@@ -291,8 +292,10 @@ class ProbeCLI(SFTCLI):
             help="Also answer the first N val rows by generation and score them with the built-in task's checker "
             "(0: off). Token probabilities cannot tell whether whole answers are right; this can.",
         )
-        parser.add_argument("--max_new_tokens", type=int, default=64, help="Generation budget per answer (--generate).")
-        parser.add_argument("--batch_size", type=int, default=16, help="Prompts generated together (--generate).")
+        parser.add_argument("--max_new_tokens", type=int, default=GenerationArgs.max_new_tokens,
+                            help="Generation budget per answer (--generate).")
+        parser.add_argument("--batch_size", type=int, default=GenerationArgs.batch_size,
+                            help="Prompts generated together (--generate).")
 
 
 def _probe_generation(module: Any, data: Any, config: Any, context: Any) -> dict[str, Any] | None:
@@ -355,19 +358,24 @@ class EvaluateCLI(SFTCLI):
         parser.add_argument("--num_rows", type=Optional[int], default=None, help="Only the first N rows (None: all).")
         # Generation settings: None takes the config's GenerationEval callback (so the evaluation
         # of a checkpoint follows the protocol the run validated with), else the default shown.
+        default = GenerationArgs()
         parser.add_argument("--max_new_tokens", type=Optional[int], default=None,
-                            help="Generation budget per answer (None: the config's GenerationEval, else 64).")
+                            help=f"Generation budget per answer (None: the config's GenerationEval, else "
+                                 f"{default.max_new_tokens}).")
         parser.add_argument("--batch_size", type=Optional[int], default=None,
-                            help="Prompts generated together (None: the config's GenerationEval, else 16).")
+                            help=f"Prompts generated together (None: the config's GenerationEval, else "
+                                 f"{default.batch_size}).")
         parser.add_argument("--checker", type=Optional[Literal[tuple(CHECKERS)]], default=None,
                             help="Answer checker (None: the config's GenerationEval's, else auto = the built-in "
                                  "task's own, else normalized).")
         parser.add_argument("--temperature", type=Optional[float], default=None,
-                            help="0: greedy; > 0: sampling (None: the config's GenerationEval, else 0).")
+                            help=f"0: greedy; > 0: sampling (None: the config's GenerationEval, else "
+                                 f"{default.temperature:g}).")
         parser.add_argument("--top_p", type=Optional[float], default=None,
-                            help="Nucleus sampling mass (None: the config's GenerationEval, else 1).")
+                            help=f"Nucleus sampling mass (None: the config's GenerationEval, else {default.top_p:g}).")
         parser.add_argument("--num_samples", type=Optional[int], default=None,
-                            help="Answers per prompt, temperature > 0 (None: the config's GenerationEval, else 1).")
+                            help=f"Answers per prompt, temperature > 0 (None: the config's GenerationEval, else "
+                                 f"{default.num_samples}).")
         parser.add_argument("--pass_k", type=Optional[Union[int, list[int]]], default=None,
                             help="k of the unbiased pass@k with num_samples > 1 (None: the config's "
                                  "GenerationEval, else num_samples); maj@num_samples is printed too.")
@@ -382,16 +390,17 @@ def _shorten(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-_GENERATION_DEFAULTS = {"max_new_tokens": 64, "batch_size": 16, "checker": None, "temperature": 0.0, "top_p": 1.0,
-                        "num_samples": 1, "pass_k": None}
+# What the evaluate command may set, and the defaults; the seed is the config's seed_everything.
+_GENERATION_DEFAULTS = {**asdict(GenerationArgs()), "checker": None, "pass_k": None}
+del _GENERATION_DEFAULTS["seed"]
 
 
 def generation_settings(cfg: Any, callbacks: Sequence[Any]) -> dict[str, Any]:
     """The evaluate command's generation settings: each option given on the command line, else the
     config's :class:`GenerationEval` callback's, else the default."""
     callback = next((c for c in callbacks if isinstance(c, GenerationEval)), None)
-    own = {} if callback is None else {**callback.generate_kwargs, "checker": callback.checker}
-    own.pop("seed", None)
+    own = {} if callback is None else {**asdict(callback.generation), "checker": callback.checker,
+                                       "pass_k": callback.pass_k}
     settings = {key: getattr(cfg, key) if getattr(cfg, key) is not None else own.get(key, default)
                 for key, default in _GENERATION_DEFAULTS.items()}
     if isinstance(settings["pass_k"], int):
@@ -463,7 +472,8 @@ class StudyCLI(SFTCLI):
         parser.add_argument("--checker", type=Optional[Literal[tuple(CHECKERS)]], default=None,
                             help="Answer checker (None: the job's GenerationEval's, else the built-in task's).")
         parser.add_argument("--max_new_tokens", type=Optional[int], default=None,
-                            help="Generation budget per answer (None: the job's GenerationEval's, else 64); greedy.")
+                            help="Generation budget per answer (None: the job's GenerationEval's, else "
+                                 f"{GenerationArgs.max_new_tokens}); greedy.")
         parser.add_argument("--out", type=str, default="runs/study",
                             help="Output folder: study.csv (one row per run; a rerun skips finished runs), "
                                  "study.md, study.png, recommendation.yaml.")
@@ -504,9 +514,9 @@ def study_main(argv: list[str] | None = None) -> compare.Comparison:
         raise compare.StudyError("the job has no answer checker for its rows (not a built-in task's): add "
                                  "bnll_lightning.callbacks.GenerationEval to trainer.callbacks with checker: exact, "
                                  "normalized or math, or pass --checker")
-    own = callback.generate_kwargs if callback is not None else {}
-    max_new_tokens = cfg.max_new_tokens or own.get("max_new_tokens", 64)
-    batch_size = own.get("batch_size", 16)
+    generation = callback.generation if callback is not None else GenerationArgs()
+    max_new_tokens = cfg.max_new_tokens or generation.max_new_tokens
+    batch_size = generation.batch_size
     trainer_kwargs = {k: cfg.trainer[k] for k in study.TRAINER_KEYS
                       if k in cfg.trainer and (k != "strategy" or isinstance(cfg.trainer[k], str))}  # fmt: skip
     model_args = {k: v for k, v in cfg.model.as_dict().items() if k not in (

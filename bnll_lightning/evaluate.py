@@ -136,6 +136,35 @@ def get_checker(name: str | None) -> Checker:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class GenerationArgs:
+    """How answers are generated: the one place the defaults are written (greedy, one answer per prompt).
+
+    Attributes:
+        max_new_tokens: Generation budget per answer, >= 1; longer answers are cut (and usually wrong).
+        batch_size: Prompts generated together, >= 1.
+        temperature: 0 is greedy decoding (the paper's evaluation); > 0 samples.
+        top_p: Nucleus sampling mass in (0, 1] (temperature > 0 only).
+        num_samples: Answers per prompt, >= 1; more than one needs temperature > 0.
+        seed: Sampling seed (the global RNG is left alone).
+    """
+
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.num_samples < 1:
+            raise ValueError("max_new_tokens, batch_size and num_samples must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.num_samples > 1 and not self.temperature > 0:
+            raise ValueError("num_samples > 1 needs temperature > 0: greedy decoding repeats the same answer")
+
+
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """Token ids that end an answer: the end-of-turn ids training puts in the targets, sorted."""
     return sorted(end_of_turn_ids(tokenizer))
@@ -147,12 +176,12 @@ def generate(
     tokenizer: Any,
     prompts: Sequence[Sequence[int]],
     *,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    num_samples: int = 1,
-    seed: int = 0,
+    max_new_tokens: int = GenerationArgs.max_new_tokens,
+    batch_size: int = GenerationArgs.batch_size,
+    temperature: float = GenerationArgs.temperature,
+    top_p: float = GenerationArgs.top_p,
+    num_samples: int = GenerationArgs.num_samples,
+    seed: int = GenerationArgs.seed,
 ) -> list[list[list[int]]]:
     """Generate continuations of tokenized prompts with ``model.generate``.
 
@@ -163,17 +192,13 @@ def generate(
     (even if training turned ``config.use_cache`` off); its train/eval mode is restored after.
 
     Returns, per prompt, ``num_samples`` lists of new token ids, cut before the first stop token
-    (:func:`stop_token_ids`), at most ``max_new_tokens`` long.
+    (:func:`stop_token_ids`), at most ``max_new_tokens`` long. Each argument is the
+    :class:`GenerationArgs` field of its name (default, checks).
     """
     from transformers import GenerationConfig
 
-    if max_new_tokens < 1 or batch_size < 1 or num_samples < 1:
-        raise ValueError("max_new_tokens, batch_size and num_samples must be >= 1")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    GenerationArgs(max_new_tokens, batch_size, temperature, top_p, num_samples, seed)  # checks them
     sample = temperature > 0
-    if num_samples > 1 and not sample:
-        raise ValueError("num_samples > 1 needs temperature > 0: greedy decoding repeats the same answer")
     stops = stop_token_ids(tokenizer)
     stop_set = set(stops)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -329,12 +354,12 @@ def evaluate_generation(
     encoder: Any,
     checker: str | Checker | None = None,
     *,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    num_samples: int = 1,
-    seed: int = 0,
+    max_new_tokens: int = GenerationArgs.max_new_tokens,
+    batch_size: int = GenerationArgs.batch_size,
+    temperature: float = GenerationArgs.temperature,
+    top_p: float = GenerationArgs.top_p,
+    num_samples: int = GenerationArgs.num_samples,
+    seed: int = GenerationArgs.seed,
     pass_k: Sequence[int] | None = None,
 ) -> EvalResult:
     """Generate an answer to each row and score it.
