@@ -62,6 +62,7 @@ from benchmarks import continuum as CT
 from bnll_lightning.alpha import AdaptiveAlpha
 from bnll_lightning.data import SFTDataModule
 from bnll_lightning.models import load_model, load_tokenizer
+from bnll_lightning.modes import eval_mode
 from bnll_lightning.objectives import ASFT, EAFT, AlphaFamily, TokenAlpha
 from bnll_lightning.probe import probe
 from bnll_lightning.self_targets import self_phrased
@@ -252,17 +253,15 @@ class Curve(L.Callback):
 
 def evaluate(module: Any, task: NoiseTask, probe_data: SFTDataModule, args: argparse.Namespace) -> dict[str, Any]:
     """Greedy accuracy on the evaluation set and the held-out probe's NLL and mean p (clean targets)."""
-    result, _ = CT.answer(module, module.tokenizer, eval_rows(task, args), probe_data, args)
-    was_training = module.model.training
-    module.model.eval()
     nll = p = tokens = 0.0
-    with torch.no_grad():
+    # Mid-training: the model goes back to its training mode after (answer() alone leaves it in eval).
+    with eval_mode(module.model), torch.no_grad():
+        result, _ = CT.answer(module, module.tokenizer, eval_rows(task, args), probe_data, args)
         for batch in probe_data.train_dataloader():
             logp, mask = module.target_logprobs(batch)
             nll += float(-(logp[mask]).sum())
             p += float(logp[mask].exp().sum())
             tokens += float(mask.sum())
-    module.model.train(was_training)
     return {"accuracy": result.accuracy, "items": CT._items(result), "probe_nll": nll / max(tokens, 1.0),
             "probe_mean_p": p / max(tokens, 1.0)}  # fmt: skip
 

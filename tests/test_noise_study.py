@@ -125,3 +125,20 @@ def test_processes_share_one_queue_and_a_dead_claim_is_taken_again(tmp_path):
     with open(csv_path + ".claims", "w") as f:  # a process that died while running seed 0
         f.write(json.dumps({"config": "c", "run": list(runs[0]), "pid": int(dead.stdout)}) + "\n")
     assert NS.claim_next("c", csv_path, runs) == runs[0]
+
+
+def test_a_mid_training_evaluation_gives_the_model_back_in_training_mode(tmp_path, tiny_model_dir):
+    from benchmarks import continuum as CT
+    from bnll_lightning.models import load_model, load_tokenizer
+
+    args = _args(tmp_path, num_eval=4, max_new_tokens=2, eval_batch_size=4, probe_rows=2, num_train=4)
+    args.model_path = tiny_model_dir
+    CT.StudyModule.base[tiny_model_dir] = (load_tokenizer(tiny_model_dir), load_model(tiny_model_dir).eval())
+    module = CT.StudyModule(model=tiny_model_dir, histogram_every_n_steps=0)
+    task = NS.NOISE_TASKS["successor_self"]
+    _, probe_path = NS.seed_rows(task, 0, args, str(tmp_path))
+    probe_data = NS.datamodule(probe_path, 0, 0.0, module.tokenizer, args)
+    probe_data.setup("fit")
+    module.model.train()
+    point = NS.evaluate(module, task, probe_data, args)
+    assert module.model.training and len(point["items"]) == 4 and point["probe_nll"] > 0
