@@ -103,6 +103,7 @@ class ConsoleReport(L.Callback):
         self._fit_start = time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # every rank asks: a broadcast under DDP
         if not trainer.is_global_zero:
             return
         data = trainer.datamodule
@@ -126,7 +127,7 @@ class ConsoleReport(L.Callback):
             f"data       {getattr(data, 'train', '?')}: {rows}",
             f"objective  {pl_module.objective!r}" + (f", α controller {controller!r}" if controller else ""),
             f"training   {steps} optimizer steps of {per_step}{resumed}",
-            f"logs       {trainer.log_dir}  (tensorboard --logdir {_tensorboard_root(trainer)})",
+            f"logs       {log_dir}  (tensorboard --logdir {_tensorboard_root(trainer, log_dir)})",
         ]
         _write("\n".join(lines))
 
@@ -141,6 +142,7 @@ class ConsoleReport(L.Callback):
                f" {_metrics(trainer, 'val/')}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # every rank asks: a broadcast under DDP
         if not trainer.is_global_zero:
             return
         train = _metrics(trainer, "train/", only=("loss", "nll", "mean_p", "alpha"))
@@ -150,11 +152,11 @@ class ConsoleReport(L.Callback):
         exported = next((getattr(c, "exported", None) for c in trainer.callbacks if getattr(c, "exported", None)), None)
         if exported:
             lines.append(f"model      {exported}")
-        if trainer.log_dir:
-            lines.append(f"logs       tensorboard --logdir {_tensorboard_root(trainer)}")
+        if log_dir:
+            lines.append(f"logs       tensorboard --logdir {_tensorboard_root(trainer, log_dir)}")
         _write("\n".join(lines))
 
 
-def _tensorboard_root(trainer: L.Trainer) -> str:
+def _tensorboard_root(trainer: L.Trainer, log_dir: str | None) -> str:
     """The folder to open TensorBoard on: the logger's root (every run of the job side by side)."""
-    return str(getattr(trainer.logger, "save_dir", None) or os.path.dirname(trainer.log_dir or "."))
+    return str(getattr(trainer.logger, "save_dir", None) or os.path.dirname(log_dir or "."))

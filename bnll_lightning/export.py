@@ -114,10 +114,13 @@ class HFExport(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.exported = None
-        if stage == "fit" and trainer.is_global_zero:  # before the first step, not after the last
-            reason = unwritable_reason(self.directory(trainer, pl_module))
-            if reason:
-                raise ConfigError(f"model.export_dir: {self.directory(trainer, pl_module)} cannot be written ({reason})")
+        if stage != "fit":  # checked before the first step, not found after the last
+            return
+        directory = self.directory(trainer, pl_module)  # every rank: trainer.log_dir is a broadcast
+        reason = unwritable_reason(directory) if trainer.is_global_zero else None
+        reason = trainer.strategy.broadcast(reason, src=0)  # every rank stops together
+        if reason:
+            raise ConfigError(f"model.export_dir: {directory} cannot be written ({reason})")
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         # Before the module's own hook, which moves α: this is the α the step trained with.
