@@ -174,8 +174,9 @@ def write(args, argv, config, csv_path, threads, load, seconds) -> str:
         f"fine-tune: {args.epochs} epochs over {args.num_train} rows per seed (reverse3_long: 64), batch {args.batch_size},"
         f" AdamW lr {args.lr:g} betas (0.9, 0.95) wd 0.01, {args.warmup:g} warm-up then cosine to 0, grad clip 1.0",
         f"evaluation: held-out items (none in any training or pool row), greedy, max_new_tokens {args.max_new_tokens},"
-        f" the task's checker against the truth; after epochs {args.eval_epochs}; the last is the result; seeds"
-        f" {args.seeds}; intervals: two-way (seeds x items) bootstrap, {args.bootstrap} resamples",
+        f" the task's checker against the truth; after epochs {args.eval_epochs}; the last is the result; seeds planned"
+        f" {args.seeds} (the tables' seeds column: those every objective of the row has finished); intervals: two-way"
+        f" (seeds x items) bootstrap, {args.bootstrap} resamples",
         "tasks: " + "; ".join(f"{t} = {NOISE_TASKS[t].why} ({NOISE_TASKS[t].role})" for t in args.tasks),
         f"{len(rows)} runs in the CSV for this configuration ({config}); run time summed {done / 60:.0f} min;"
         f" this invocation {seconds / 60:.1f} min; outputs in {args.out}",
