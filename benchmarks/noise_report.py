@@ -157,9 +157,9 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | None = None, resampl
 
 def write(args, argv, config, csv_path, threads, load, seconds) -> str:
     """The report: markdown (printed, written to ``--out``, appended with --append) and the plot."""
-    from benchmarks.noise_study import NOISE_TASKS
+    from benchmarks.noise_study import NOISE_TASKS, read_csv
 
-    rows = [r for r in CT_read(csv_path, config) if r["task"] in args.tasks]
+    rows = [r for r in read_csv(csv_path, config) if r["task"] in args.tasks]
     summaries = summarize(rows, args.bootstrap)
     if rows:
         plot_curves(rows, os.path.join(args.out, "curves.png"), resamples=min(args.bootstrap, 1000))
@@ -181,20 +181,11 @@ def write(args, argv, config, csv_path, threads, load, seconds) -> str:
         f"{len(rows)} runs in the CSV for this configuration ({config}); run time summed {done / 60:.0f} min;"
         f" this invocation {seconds / 60:.1f} min; outputs in {args.out}",
     ]
-    text = C.section("Noise study: the model-strong end under label noise", "noise_study.py", argv, threads, table,
-                     conditions, load=load, quick=args.quick)  # fmt: skip
+    text = C.report("Noise study: the model-strong end under label noise", "noise_study.py", args, argv, threads, table,
+                    conditions, load=load)  # fmt: skip
     with open(os.path.join(args.out, "noise_study.md"), "w", encoding="utf-8") as f:
         f.write(text)
-    print(text)
-    if args.append:
-        C.append(text, args.docs)
     return text
-
-
-def CT_read(path: str, config: str):
-    from benchmarks.noise_study import read_csv
-
-    return read_csv(path, config)
 
 
 def statistics_table(rows: Sequence[dict[str, Any]], objective: str = "nll") -> str:

@@ -34,7 +34,6 @@ Design (what keeps it honest), on top of ``continuum.py``'s (whose bootstrap and
 from __future__ import annotations
 
 import argparse
-import csv
 import fcntl
 import gc
 import hashlib
@@ -54,7 +53,6 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as L
-import numpy as np
 import torch
 
 from benchmarks import _common as C
@@ -66,6 +64,7 @@ from bnll_lightning.modes import eval_mode
 from bnll_lightning.objectives import ASFT, EAFT, AlphaFamily, TokenAlpha
 from bnll_lightning.probe import probe
 from bnll_lightning.self_targets import self_phrased
+from bnll_lightning.study import RunsCSV
 from bnll_lightning.tasks import TASKS
 
 
@@ -340,20 +339,14 @@ def config_key(args: argparse.Namespace) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
+def runs_csv(path: str) -> RunsCSV:
+    """The study's CSV: the package's locked, resumable one (``bnll_lightning.study``)."""
+    return RunsCSV(path, CSV_FIELDS, numeric=_FLOAT, integer=_INT)
+
+
 def append_row(path: str, row: dict[str, Any]) -> None:
-    """Append one run under an exclusive lock (shards share the file)."""
-    with open(path, "a+", newline="", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            f.seek(0, os.SEEK_END)
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS})
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """Append one run under an exclusive lock (processes share the file)."""
+    runs_csv(path).append(row)
 
 
 _FLOAT = {"accuracy", "alpha_mean", "alpha_end", "base_mean_p", "base_geometric_mean_p", "noise", "lr",
@@ -362,17 +355,8 @@ _INT = {"seed", "correct", "n", "noisy_rows", "num_train", "steps", "epochs", "b
 
 
 def read_csv(path: str, config: str | None = None) -> list[dict[str, Any]]:
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for raw in csv.DictReader(f):
-            row: dict[str, Any] = dict(raw)
-            for k in _FLOAT | _INT:
-                row[k] = None if row.get(k) in ("", None) else (int(row[k]) if k in _INT else float(row[k]))
-            if config is None or row["config"] == config:
-                rows.append(row)
-    return rows
+    """The runs (of ``config`` if given), numbers parsed, empty cells None."""
+    return runs_csv(path).read(config)
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, int | None, float | None]]:
