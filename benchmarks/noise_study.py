@@ -360,20 +360,26 @@ def read_csv(path: str, config: str | None = None) -> list[dict[str, Any]]:
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, int | None, float | None]]:
-    """Every run as (task, objective, seed, noise), most important first, seed by seed within a block:
-    the base models; the core objectives at the middle noise rate; the noise grid; the rest of the
-    objectives; the weak + long regime."""
+    """Every run as (task, objective, seed, noise), most important first: the base models; the core
+    objectives at the middle noise rate, every seed; the weak + long regime; then seed by seed the clean
+    end of the noise grid, the rest of the objectives at the middle rate and the noisy end; last the
+    candidate the dev task did not choose (``adaptive_median``) across the grid."""
     strong = [t for t in args.tasks if NOISE_TASKS[t].self_phrased]
     weak = [t for t in args.tasks if not NOISE_TASKS[t].self_phrased]
     mid = args.noises[len(args.noises) // 2]
     core = [k for k in args.objectives if k in CORE or k not in (*REST, *WEAK)]
+    grid = [k for k in core if k != "adaptive_median"]
     rest = [k for k in args.objectives if k not in core]
+    low, high = [n for n in args.noises if n < mid], [n for n in args.noises if n > mid]
     runs: list[tuple[str, str, int | None, float | None]] = [(t, BASE, None, None) for t in args.tasks]
-    blocks = [(strong, core, [mid]), (strong, core, [n for n in args.noises if n != mid]), (strong, rest, [mid]),
-              (weak, [k for k in args.objectives if k in WEAK], [0.0])]  # fmt: skip
-    for tasks, keys, noises in blocks:
-        for seed in range(args.seeds):
-            runs += [(t, k, seed, n) for n in noises for t in tasks for k in keys]
+    seeds = range(args.seeds)
+    runs += [(t, k, s, mid) for s in seeds for t in strong for k in core]
+    runs += [(t, k, s, 0.0) for s in seeds for t in weak for k in args.objectives if k in WEAK]
+    for s in seeds:
+        runs += [(t, k, s, n) for n in low for t in strong for k in grid]
+        runs += [(t, k, s, mid) for t in strong for k in rest]
+        runs += [(t, k, s, n) for n in high for t in strong for k in grid]
+    runs += [(t, k, s, n) for s in seeds for n in (*low, *high) for t in strong for k in core if k not in grid]
     return list(dict.fromkeys(runs))
 
 
