@@ -124,7 +124,8 @@ for _e in (
 # the per-step traces: the controller's candidates, chosen or not on the dev task, reported on the others either way.
 CORE = ("nll", "negprob", "alpha05", "adaptive", "linear", "adaptive_median", "adaptive_learn")
 REST = ("dft", "eaft", "asft", "token")  # the rest of the list, at the middle noise rate
-WEAK = ("nll", "negprob", "adaptive", "linear")  # the weak + long regime
+# The weak + long regime: α should stay 0 there; the ramp ends at −p. With the dev task's leading candidate.
+WEAK = ("nll", "negprob", "adaptive", "linear", "adaptive_learn")
 BASE = CT.BASE
 TAU = 0.2  # "share of tokens under τ" in the per-step trace (probe's τ)
 QUICK = dict(num_train=4, batch_size=2, epochs=2, eval_epochs=[1, 2], num_eval=6, max_new_tokens=4, pool_scale=0.1,
