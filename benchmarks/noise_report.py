@@ -33,36 +33,47 @@ def groups(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, float], dict[str, 
 
 
 def summarize(rows: Sequence[dict[str, Any]], resamples: int = 4000) -> list[dict[str, Any]]:
-    """Per (task, noise): each objective's final accuracy [95 % CI], Δ vs NLL, and the controllers
-    against the best static objective and the ramp, paired over the seeds every objective has."""
+    """Per (task, noise): each objective's final accuracy [95 % CI] over its own seeds, Δ vs NLL, and the
+    controllers against the best static objective and the ramp, each comparison paired over the seeds both
+    runs have. The best static objective is chosen among those with the row's most seeds (a partly run
+    objective is shown, not crowned)."""
     entries = _entries()
     base = {r["task"]: r for r in rows if r["objective"] == CT.BASE}
     out = []
     for (task, noise), by_key in sorted(groups(rows).items()):
-        seeds = sorted(set.intersection(*(set(m) for m in by_key.values())))
-        if not seeds:
-            continue
-        mats = {k: np.stack([_vec(by_key[k][s]["items"]) for s in seeds]) for k in entries if k in by_key}
-        s: dict[str, Any] = {"task": task, "noise": noise, "seeds": seeds, "role": next(iter(by_key.values()))[seeds[0]]["role"],
-                             "base": base.get(task), "objectives": {}}  # fmt: skip
-        for k, m in mats.items():
-            alphas = [by_key[k][x]["alpha_mean"] for x in seeds if by_key[k][x]["alpha_mean"] is not None]
+        by_key = {k: by_key[k] for k in entries if k in by_key}
+
+        def paired(a: str, b: str) -> tuple[float, float, float] | None:
+            common = sorted(set(by_key.get(a, ())) & set(by_key.get(b, ())))
+            if not common:
+                return None
+            mat = lambda k: np.stack([_vec(by_key[k][x]["items"]) for x in common])  # noqa: E731
+            return CT.bootstrap(mat(a), mat(b), resamples)
+
+        most = max(len(m) for m in by_key.values())
+        s: dict[str, Any] = {"task": task, "noise": noise, "seeds": most,
+                             "role": next(iter(next(iter(by_key.values())).values()))["role"], "base": base.get(task),
+                             "objectives": {}}  # fmt: skip
+        for k, runs in by_key.items():
+            seeds = sorted(runs)
+            alphas = [runs[x]["alpha_mean"] for x in seeds if runs[x]["alpha_mean"] is not None]
             s["objectives"][k] = {
-                "accuracy": CT.bootstrap(m, resamples=resamples),
-                "vs_nll": CT.bootstrap(m, mats["nll"], resamples) if "nll" in mats else None,
+                "seeds": len(seeds),
+                "accuracy": CT.bootstrap(np.stack([_vec(runs[x]["items"]) for x in seeds]), resamples=resamples),
+                "vs_nll": paired(k, "nll") if "nll" in by_key and k != "nll" else None,
                 "alpha_mean": sum(alphas) / len(alphas) if alphas else None,
             }
-        static = {k: v["accuracy"][0] for k, v in s["objectives"].items() if entries[k].static}
+        static = {k: v["accuracy"][0] for k, v in s["objectives"].items()
+                  if entries[k].static and v["seeds"] == most}  # fmt: skip
         if static:
             best = max(static, key=static.get)
             s["best_static"] = best
-            s["tied_with_best"] = [k for k in static
-                                   if k == best or CT.bootstrap(mats[best], mats[k], resamples)[1] <= 0.0]
+            s["tied_with_best"] = [k for k in static if k == best or paired(best, k)[1] <= 0.0]
             for k, v in s["objectives"].items():
                 if not entries[k].static:
-                    v["vs_best"] = CT.bootstrap(mats[k], mats[best], resamples)
-                    if "linear" in mats and k != "linear":
-                        v["vs_linear"] = CT.bootstrap(mats[k], mats["linear"], resamples)
+                    v["vs_best"] = paired(k, best)
+                    if "linear" in by_key and k != "linear":
+                        v["vs_linear"] = paired(k, "linear")
         out.append(s)
     return out
 
@@ -75,7 +86,7 @@ def markdown(summaries: Sequence[dict[str, Any]]) -> str:
         for k, v in s["objectives"].items():
             mark = " (best static)" if k == s.get("best_static") else ""
             alpha = "–" if v["alpha_mean"] is None else f"{v['alpha_mean']:.2f}"
-            acc.append([head, entries[k].label + mark, str(len(s["seeds"])), CT._ci(v["accuracy"]), CT._ci(v["vs_nll"], True),
+            acc.append([head, entries[k].label + mark, str(v["seeds"]), CT._ci(v["accuracy"]), CT._ci(v["vs_nll"], True),
                         alpha])  # fmt: skip
             if "vs_best" in v:
                 ctl.append([head, entries[k].label, entries[s["best_static"]].label, CT._ci(v["vs_best"], True),
@@ -175,7 +186,7 @@ def write(args, argv, config, csv_path, threads, load, seconds) -> str:
         f" AdamW lr {args.lr:g} betas (0.9, 0.95) wd 0.01, {args.warmup:g} warm-up then cosine to 0, grad clip 1.0",
         f"evaluation: held-out items (none in any training or pool row), greedy, max_new_tokens {args.max_new_tokens},"
         f" the task's checker against the truth; after epochs {args.eval_epochs}; the last is the result; seeds planned"
-        f" {args.seeds} (the tables' seeds column: those every objective of the row has finished); intervals: two-way"
+        f" {args.seeds} (the tables' seeds column: those each objective has finished; a comparison pairs the seeds both have); intervals: two-way"
         f" (seeds x items) bootstrap, {args.bootstrap} resamples",
         "tasks: " + "; ".join(f"{t} = {NOISE_TASKS[t].why} ({NOISE_TASKS[t].role})" for t in args.tasks),
         f"{len(rows)} runs in the CSV for this configuration ({config}); run time summed {done / 60:.0f} min;"

@@ -111,13 +111,6 @@ for _e in (
     # The controller on the median token p: the noisy tail cannot pull it down (candidate, chosen on dev tasks).
     CT.Entry("adaptive_median", "AdaptiveAlpha median",
              lambda a: (AlphaFamily(0.0), AdaptiveAlpha(statistic="quantile", quantile=0.5)), None, False, True),
-    # "Learn first, then hold" (the early-learning phenomenon): NLL from the start, −p once the median token is
-    # learned. On the first dev runs NLL's held-out accuracy peaked after epoch 1, when the batch median p
-    # passed 0.99, and fell after as it memorised the noise; −p held but peaked lower. No warm start: a strong
-    # base model would otherwise skip the NLL phase.
-    CT.Entry("adaptive_learn", "AdaptiveAlpha median 0.9→0.99",
-             lambda a: (AlphaFamily(0.0), AdaptiveAlpha(statistic="quantile", quantile=0.5, low=0.9, high=0.99)),
-             None, False, False),
 ):
     ENTRIES[_e.key] = _e
 # The noise grid's objectives. adaptive_median and adaptive_learn joined after the first dev runs had shown
