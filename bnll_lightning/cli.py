@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional, Union
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from bnll_lightning import compare, console, study
@@ -42,6 +43,7 @@ from bnll_lightning.module import SFTModule
 from bnll_lightning.probe import REPORT_KEYS, format_report, probe
 from bnll_lightning.signals import EXIT_CODE, Preempted
 from bnll_lightning.sources import DataError
+from bnll_lightning.strategies import is_sharded
 from bnll_lightning.tasks import TASKS
 
 TENSORBOARD = "lightning.pytorch.loggers.TensorBoardLogger"
@@ -456,6 +458,8 @@ class StudyCLI(SFTCLI):
     """The job's config plus the options of ``study``; its module copies the base model loaded once."""
 
     module_class = study.StudyModule
+    # The options below: the study's own, left out of the config its runs' ``fit`` processes read.
+    options = ("objectives", "seeds", "max_steps", "val_rows", "checker", "max_new_tokens", "out", "bootstrap")
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
@@ -482,15 +486,16 @@ class StudyCLI(SFTCLI):
 
 def study_main(argv: list[str] | None = None) -> compare.Comparison:
     """``python -m bnll_lightning study --config job.yaml [--objectives ...] [--seeds N] [--max_steps N]
-    [--val_rows N] [--out DIR]``: fine-tune the job once per objective and seed on copies of the base model
-    (loaded once), score every run on the same held-out rows, and print the comparison."""
+    [--val_rows N] [--out DIR]``: fine-tune the job once per objective and seed, score every run on the same
+    held-out rows, and print the comparison. On one device the runs train copies of the base model loaded
+    once, in this process; with several devices or a distributed strategy each run is a ``fit`` process."""
     argv = list(argv or [])
     with study.lightning_quiet():
         cli = load_from_config(argv, StudyCLI)  # parses the job and loads the base model, once
     cfg, trainer = cli.config, cli.trainer
-    if trainer.world_size > 1:
-        raise compare.StudyError(f"study runs in one process on one device; the job's trainer has {trainer.world_size}"
-                                 " processes: add --trainer.devices 1 (and --trainer.num_nodes 1)")
+    if trainer.num_nodes > 1:  # the processes of a run on other nodes would need their own launcher
+        raise compare.StudyError(f"study launches its runs on this node; the job's trainer has {trainer.num_nodes} "
+                                 "nodes: add --trainer.num_nodes 1 (every device of the node stays available)")
     max_steps = cfg.max_steps if cfg.max_steps is not None else cfg.trainer.max_steps
     if max_steps is None or max_steps < 1 or cfg.seeds < 1:
         raise compare.StudyError(f"need --max_steps >= 1 (or the job's trainer.max_steps) and --seeds >= 1, got "
@@ -516,35 +521,48 @@ def study_main(argv: list[str] | None = None) -> compare.Comparison:
                                  "normalized or math, or pass --checker")
     generation = callback.generation if callback is not None else GenerationArgs()
     max_new_tokens = cfg.max_new_tokens or generation.max_new_tokens
-    batch_size = generation.batch_size
     trainer_kwargs = {k: cfg.trainer[k] for k in study.TRAINER_KEYS
                       if k in cfg.trainer and (k != "strategy" or isinstance(cfg.trainer[k], str))}  # fmt: skip
     model_args = {k: v for k, v in cfg.model.as_dict().items() if k not in (
         "objective", "alpha_controller", "warm_start_batches", "histogram_every_n_steps", "export_dir")}
     key = study.config_key(model_args, dict(data.hparams), trainer_kwargs, max_steps, checker, max_new_tokens, rows)
     cli.model = cli.config_init["model"] = None  # the CLI's own copy of the base: every run makes its own
-
-    def make_module(objective: str) -> SFTModule:
-        try:
-            return cli.parser.instantiate_classes(configs[objective]).model
-        except ValueError as err:
-            cause = _root_cause(err)
-            if not _raised_by_us(cause):
-                raise
-            raise ConfigError(f"--objectives {objective}: {cause}") from err
-
+    common = dict(objectives=list(configs), seeds=range(cfg.seeds), rows=rows, out=cfg.out, config=key,
+                  max_steps=max_steps, checker=checker, max_new_tokens=max_new_tokens,
+                  batch_size=generation.batch_size, objective_configs=saved, model=str(cfg.model.model))  # fmt: skip
     os.makedirs(cfg.out, exist_ok=True)
-    done = study.Study(
-        make_module, list(configs), range(cfg.seeds), data, rows, cfg.out, key, max_steps=max_steps,
-        trainer_kwargs=trainer_kwargs, checker=checker, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        objective_configs=saved, model=str(cfg.model.model),
-    ).run()  # fmt: skip
+    if isinstance(trainer.strategy, SingleDeviceStrategy):
+
+        def make_module(objective: str) -> SFTModule:
+            try:
+                return cli.parser.instantiate_classes(configs[objective]).model
+            except ValueError as err:
+                cause = _root_cause(err)
+                if not _raised_by_us(cause):
+                    raise
+                raise ConfigError(f"--objectives {objective}: {cause}") from err
+
+        runs: study.Study = study.InProcessStudy(make_module, data, trainer_kwargs, **common)
+    else:
+        study.StudyModule.base.clear()  # each run loads the base model in its own processes
+        texts = {objective: cli.parser.dump(_job_config(config)) for objective, config in configs.items()}
+        accumulate = cfg.trainer.accumulate_grad_batches or 1
+        runs = study.SubprocessStudy(texts, data, accumulate, is_sharded(trainer.strategy), **common)
+    done = runs.run()
     note = (f"study of {cfg.model.model} on {data.train}: {len(configs)} objectives x {cfg.seeds} seeds, "
             f"{max_steps} steps each, scored on {len(rows)} held-out rows (checker {checker or 'auto'}, greedy, "
             f"max_new_tokens {max_new_tokens}); config {key}")  # fmt: skip
     result, text = study.report(done, list(configs), cfg.out, resamples=cfg.bootstrap, note=note)
     print(text, flush=True)
     return result
+
+
+def _job_config(config: Any) -> Any:
+    """``config`` of the study command without the study's own options: a config ``fit`` reads."""
+    job = config.clone()
+    for option in StudyCLI.options:
+        del job[option]
+    return job
 
 
 def compare_main(argv: list[str] | None = None) -> compare.Comparison:

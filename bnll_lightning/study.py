@@ -1,4 +1,4 @@
-"""The study's run loop: copies of one in-memory base model fine-tuned per objective and seed, scored on held-out rows.
+"""The study's run loop: a job fine-tuned per objective and seed, every run scored on the same held-out rows.
 
 What ``python -m bnll_lightning study`` (wired in :mod:`bnll_lightning.cli`) and ``benchmarks/continuum.py``
 share, so that the loop exists once:
@@ -10,7 +10,10 @@ share, so that the loop exists once:
   :func:`run_missing` - the runs of a plan that the CSV does not hold yet, with the projected time and a
   progress bar across runs (an interrupted study continues where it stopped);
 * the study itself: :func:`objective_args` (overlay names or class paths), :func:`held_out` (validation
-  rows never trained on, checked), :class:`Study` and :func:`report` (table, plot, recommendation).
+  rows never trained on, checked), :class:`Study` (the plan, the CSV rows) run by :class:`InProcessStudy`
+  (one process, copies of the base model) or :class:`SubprocessStudy` (a ``fit`` process per run, for
+  jobs on several devices or under a distributed strategy; :class:`RunTrace` in it), and :func:`report`
+  (table, plot, recommendation).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import inspect
 import json
 import math
 import os
+import shlex
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -37,6 +43,7 @@ import numpy as np
 import torch
 
 from bnll_lightning import compare
+from bnll_lightning.callbacks import GenerationEval
 from bnll_lightning.compare import BASE, StudyError
 from bnll_lightning.data import SFTDataModule
 from bnll_lightning.evaluate import EvalResult, evaluate_generation
@@ -47,8 +54,11 @@ from bnll_lightning.objectives import Objective
 __all__ = [
     "DEFAULT_OBJECTIVES",
     "AlphaTrace",
+    "InProcessStudy",
+    "RunTrace",
     "RunsCSV",
     "StudyModule",
+    "SubprocessStudy",
     "answer",
     "fine_tune",
     "held_out",
@@ -128,6 +138,65 @@ class AlphaTrace(L.Callback):
             "train_mean_p_last": self.mean_p[-1] if self.mean_p else None,
             "trace": ";".join(f"{m:.4f},{g:.4f}" for m, g in zip(self.mean_p, self.geometric_p)),
         }  # fmt: skip
+
+
+def static_alpha(module: SFTModule) -> float | None:
+    """The α ``module`` trains with at every step: its objective's, unless a controller moves it (None)."""
+    return None if module.alpha_controller is not None else module.objective.alpha
+
+
+TRACE_FILE = "trace.json"
+
+
+class RunTrace(AlphaTrace):
+    """The callback of a study run in a process of its own (:class:`SubprocessStudy`): besides the
+    :class:`AlphaTrace`, the run's steps and its seconds of training and of scoring (validation, where
+    GenerationEval answers), written by rank zero to ``trace.json`` in the log directory when the run ends.
+    It stops the fit at ``max_steps``, which makes Lightning validate there, and drops the module's export
+    unless told to keep it."""
+
+    def __init__(self, export: bool = False) -> None:
+        """
+        Args:
+            export: Keep the module's export: a sharded run's weights are whole only there (the study
+                answers with it).
+        """
+        super().__init__()
+        self.export = export
+        self.train_seconds = self.eval_seconds = 0.0
+        self._started = self._scoring = 0.0
+        self._path = ""
+
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        self._path = os.path.join(trainer.log_dir or ".", TRACE_FILE)  # every rank: trainer.log_dir is a broadcast
+        if not self.export:  # the study reads the run's predictions; an export would write the whole model per run
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, HFExport)]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Also when an epoch's end stepped the optimizer on a partial accumulation (then the batch count
+        # of val_check_interval comes too late): a requested stop validates at once.
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.train_seconds = time.perf_counter() - self._started - self.eval_seconds
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._scoring = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.eval_seconds += time.perf_counter() - self._scoring
+
+    def teardown(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        if trainer.is_global_zero:
+            figures = {**self.summary(static_alpha(pl_module)), "steps": trainer.global_step,
+                       "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds}  # fmt: skip
+            with open(self._path, "w", encoding="utf-8") as f:
+                json.dump(figures, f)
 
 
 # What a study run does not want from a trainer: logs, checkpoints, validation, its own bar, a summary.
@@ -412,20 +481,18 @@ def _stable(value: Any) -> str:
 
 class Study:
     """The runs of one study: every (objective, seed) and the base model, each appended to ``out/study.csv``
-    as it finishes; runs the CSV already holds for the same ``config`` are skipped."""
+    as it finishes; runs the CSV already holds for the same ``config`` are skipped. How a run is made is
+    the subclass's (:meth:`measure`, :meth:`pilot`): :class:`InProcessStudy`, :class:`SubprocessStudy`."""
 
     def __init__(
         self,
-        make_module: Callable[[str], SFTModule],
         objectives: Sequence[str],
         seeds: Sequence[int],
-        data: SFTDataModule,
         rows: Sequence[dict[str, Any]],
         out: str | Path,
         config: str,
         *,
         max_steps: int,
-        trainer_kwargs: Mapping[str, Any],
         checker: Any = None,
         max_new_tokens: int = 64,
         batch_size: int = 16,
@@ -435,15 +502,12 @@ class Study:
     ) -> None:
         """
         Args:
-            make_module: objective -> a fresh module on a copy of the in-memory base (:class:`StudyModule`).
             objectives: The objectives' names, in the table's order.
             seeds: Each objective runs once per seed: the training order and the global RNGs.
-            data: The job's data module, set up: its split and noise are fixed, every run trains on it.
             rows: The held-out rows every run answers (:func:`held_out`).
             out: Folder of ``study.csv``.
             config: What makes runs comparable (:func:`config_key`): the CSV's rows of another are not reused.
             max_steps: Optimizer steps per run.
-            trainer_kwargs: The job's trainer settings a run keeps (:data:`TRAINER_KEYS`).
             checker: Answer checker (a name of :data:`~bnll_lightning.evaluate.CHECKERS`; None: auto).
             max_new_tokens: Generation budget per answer (greedy).
             batch_size: Prompts generated together.
@@ -451,15 +515,14 @@ class Study:
             model: The base model's name, saved with the runs.
             progress: Show the bar across runs.
         """
-        self.make_module, self.objectives, self.seeds = make_module, list(objectives), list(seeds)
-        self.data, self.rows, self.config = data, list(rows), config
-        self.max_steps, self.trainer_kwargs = max_steps, dict(trainer_kwargs)
-        self.checker, self.max_new_tokens, self.batch_size = checker, max_new_tokens, batch_size
+        self.objectives, self.seeds, self.rows, self.config = list(objectives), list(seeds), list(rows), config
+        self.max_steps, self.checker = max_steps, checker
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.objective_configs, self.model, self.progress = dict(objective_configs or {}), model, progress
-        self.table = RunsCSV(Path(out) / "study.csv", STUDY_FIELDS, numeric=("accuracy", "alpha_mean", "alpha_end",
+        self.out = Path(out)
+        self.table = RunsCSV(self.out / "study.csv", STUDY_FIELDS, numeric=("accuracy", "alpha_mean", "alpha_end",
                              "train_mean_p_first", "train_mean_p_last", "train_seconds", "eval_seconds"),
                              integer=("seed", "correct", "n", "steps"))  # fmt: skip
-        self.root = str(Path(out) / "work")
 
     def plan(self) -> list[tuple[str, int]]:
         """Every fine-tuning run, seed by seed (an interrupted study holds whole seeds)."""
@@ -486,15 +549,52 @@ class Study:
                         describe=_describe, progress=self.progress)  # fmt: skip
         return self.table.read(self.config)
 
+    def run_one(self, key: tuple[str, int | None]) -> dict[str, Any]:
+        """One run's CSV row: fine-tune with ``key``'s objective and seed and score it (the base model:
+        scored only)."""
+        objective, seed = key
+        figures, items = self.measure(objective, seed)
+        if objective != BASE:
+            figures["objective_config"] = json.dumps(self.objective_configs.get(objective))
+        correct = items.count("1")
+        return {"config": self.config, "objective": objective, "seed": seed, "model": self.model, **figures,
+                "accuracy": correct / len(items), "correct": correct, "n": len(items), "items": items,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+
+    def measure(self, objective: str, seed: int | None) -> tuple[dict[str, Any], str]:
+        """One run's figures (``steps``, ``train_seconds``, ``eval_seconds``; a fine-tuned run also the
+        :meth:`AlphaTrace.summary`) and its :func:`items_string` on the held-out rows; ``objective``
+        :data:`BASE`: the base model, scored only."""
+        raise NotImplementedError
+
+    def pilot(self) -> float:
+        """Seconds a run will take besides scoring, from a short run (setup included, so a little high)."""
+        raise NotImplementedError
+
+
+class InProcessStudy(Study):
+    """A study in this process: every run trains a copy of the base model held in memory (loaded once), with
+    no logs, checkpoints or exports, on one device."""
+
+    def __init__(self, make_module: Callable[[str], SFTModule], data: SFTDataModule, trainer_kwargs: Mapping[str, Any],
+                 *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        """
+        Args:
+            make_module: objective -> a fresh module on a copy of the in-memory base (:class:`StudyModule`).
+            data: The job's data module, set up: its split and noise are fixed, every run trains on it.
+            trainer_kwargs: The job's trainer settings a run keeps (:data:`TRAINER_KEYS`).
+            args, kwargs: :class:`Study`'s.
+        """
+        super().__init__(*args, **kwargs)
+        self.make_module, self.data, self.trainer_kwargs = make_module, data, dict(trainer_kwargs)
+        self.root = str(self.out / "work")
+
     def score(self, module: SFTModule, trainer: L.Trainer) -> tuple[EvalResult, float]:
         """``module``'s greedy answers to the held-out rows, on the trainer's device and precision."""
         return answer(module, module.tokenizer, self.rows, self.data, self.checker,
                       max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, trainer=trainer)  # fmt: skip
 
-    def run_one(self, key: tuple[str, int | None]) -> dict[str, Any]:
-        """One run's CSV row: fine-tune a fresh copy with ``key``'s objective and seed and score it (the base
-        model: scored only)."""
-        objective, seed = key
+    def measure(self, objective: str, seed: int | None) -> tuple[dict[str, Any], str]:
         if objective == BASE:
             module = self.make_module(self.objectives[0])
             trainer = L.Trainer(**{**self.trainer_kwargs, **RUN_SETTINGS}, default_root_dir=self.root)
@@ -507,22 +607,166 @@ class Study:
             trainer, train_seconds = fine_tune(module, self.data, self.max_steps, self.trainer_kwargs, [trace],
                                                self.root)  # fmt: skip
             result, seconds = self.score(module, trainer)
-            static = None if module.alpha_controller is not None else module.objective.alpha
-            figures = {**trace.summary(static), "steps": trainer.global_step, "train_seconds": train_seconds,
-                       "eval_seconds": seconds, "objective_config": json.dumps(self.objective_configs.get(objective))}
+            figures = {**trace.summary(static_alpha(module)), "steps": trainer.global_step,
+                       "train_seconds": train_seconds, "eval_seconds": seconds}  # fmt: skip
         _free(module)
-        return {"config": self.config, "objective": objective, "seed": seed, "model": self.model, **figures,
-                "accuracy": result.accuracy, "correct": result.correct, "n": result.n, "items": items_string(result),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+        return figures, items_string(result)
 
     def pilot(self) -> float:
-        """Seconds the training of a run will take, measured on 2 steps (setup included, so a little high)."""
         steps = min(2, self.max_steps)
         self.data.seed = 0
         _, seconds = fine_tune(self.make_module(self.objectives[0]), self.data, steps, self.trainer_kwargs, (), self.root)
         _free()  # the pilot's module, optimizer state and trainer: unreachable now
         print(f"[study] pilot: {steps} training steps took {seconds:.1f} s", file=sys.stderr, flush=True)
         return seconds / steps * self.max_steps
+
+
+class SubprocessStudy(Study):
+    """A study whose every run is a ``python -m bnll_lightning fit`` process of its own, for jobs on several
+    devices or under a distributed strategy (DDP, FSDP), which Lightning launches from that process as it
+    does for ``fit``.
+
+    Every run gets the job's config with the objective's overlay (``out/work/<objective>.yaml``, written
+    once) and, on the command line (:meth:`command`), the study's settings: the seed, ``max_steps``, the
+    training and held-out rows written once to ``out/work/{train,val}.jsonl`` (the split and noise of the
+    job, as :class:`InProcessStudy` trains them), no logger, checkpoint or export, and one validation after
+    the last step in which GenerationEval answers the held-out rows into ``predictions/step_N.jsonl`` of the
+    run's folder ``out/runs/seed_<seed>/<objective>`` (the base model: ``validate``, in ``out/runs/base``).
+    The row is read from there with :func:`compare.read_run` and from :class:`RunTrace`'s ``trace.json``.
+
+    Under a sharded strategy (FSDP, FSDP2) GenerationEval cannot generate: the run exports instead and
+    ``python -m bnll_lightning evaluate`` answers the rows with the export on one device
+    (:meth:`evaluate_command`; the base model: with the job's model), which is removed once scored.
+    """
+
+    def __init__(self, configs: Mapping[str, str], data: SFTDataModule, accumulate_grad_batches: int, sharded: bool,
+                 *args: Any, **kwargs: Any) -> None:  # fmt: skip
+        """
+        Args:
+            configs: objective -> the job's config with its overlay, as YAML that ``fit`` reads (every
+                objective of the study; the first also scores the base model).
+            data: The job's data module, set up (after :func:`held_out`): its rows are written once.
+            accumulate_grad_batches: The job's: batches per optimizer step, for the validation's schedule.
+            sharded: Whether the job's strategy shards the weights (scoring by ``evaluate`` of an export).
+            args, kwargs: :class:`Study`'s.
+        """
+        super().__init__(*args, **kwargs)
+        self.configs, self.data, self.accumulate, self.sharded = dict(configs), data, accumulate_grad_batches, sharded
+        self.work = self.out / "work"
+
+    def run(self) -> list[dict[str, Any]]:
+        self.work.mkdir(parents=True, exist_ok=True)
+        for objective, text in self.configs.items():
+            (self.work / f"{objective}.yaml").write_text(text, encoding="utf-8")
+        for split in ("train", "val"):
+            rows = self.data.raw_rows("train") if split == "train" else self.rows
+            with open(self.work / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+        return super().run()
+
+    def run_dir(self, objective: str, seed: int | None, pilot: bool = False) -> Path:
+        """The run's log directory: ``out/runs/seed_<seed>/<objective>`` (what ``compare`` reads), ``out/runs/base``
+        or ``out/runs/pilot``."""
+        return self.out / "runs" / ("pilot" if pilot else BASE if objective == BASE else f"seed_{seed}/{objective}")
+
+    def job_args(self, objective: str, seed: int) -> list[str]:
+        """What every process of a run reads: the objective's config (the base model: the first's) and the
+        rows as written (noise already applied, weights under ``weight``, none cut), ordered by ``seed``."""
+        config = self.objectives[0] if objective == BASE else objective
+        return ["--config", str(self.work / f"{config}.yaml"), "--seed_everything", str(seed),
+                "--data.train", str(self.work / "train.jsonl"), "--data.val", str(self.work / "val.jsonl"),
+                "--data.noise", "0", "--data.weight_column", "weight", "--data.max_rows", "null",
+                "--data.seed", str(seed), "--trainer.logger", "false"]  # fmt: skip
+
+    def command(self, objective: str, seed: int | None, pilot: bool = False) -> list[str]:
+        """The command of one run: ``fit`` of ``max_steps`` optimizer steps with ``objective``'s config, scored
+        by GenerationEval after the last step; ``objective`` :data:`BASE`: ``validate`` of the base model;
+        ``pilot``: 2 steps, not scored. Sharded: the run exports instead of scoring."""
+        seed = 0 if seed is None else seed
+        steps = min(2, self.max_steps) if pilot else self.max_steps
+        scored, run_dir = not (pilot or self.sharded), self.run_dir(objective, seed, pilot)
+        callbacks: list[dict[str, Any]] = [{"class_path": f"{RunTrace.__module__}.RunTrace",
+                                            "init_args": {"export": self.sharded and not pilot}}]  # fmt: skip
+        if scored:
+            generation = {"checker": self.checker, "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+            callbacks.append({"class_path": f"{GenerationEval.__module__}.GenerationEval", "init_args": generation})
+        args = [
+            *self.job_args(objective, seed), "--trainer.default_root_dir", str(run_dir),
+            "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks", json.dumps(callbacks), "--trainer.num_sanity_val_steps", "0",
+            "--trainer.limit_val_batches", "1" if scored else "0",  # the val loss of one batch; GenerationEval all rows
+            "--model.export_dir", str(run_dir / "hf_model"),  # a sharded run's export: its own, not the job's
+        ]  # fmt: skip
+        if objective == BASE:
+            return [sys.executable, "-m", "bnll_lightning", "validate", *args]
+        # One validation, after the last step: no periodic ones before it (RunTrace stops the fit there).
+        return [sys.executable, "-m", "bnll_lightning", "fit", *args, "--trainer.max_steps", str(steps),
+                "--trainer.max_epochs", "-1", "--trainer.check_val_every_n_epoch", "null",
+                "--trainer.val_check_interval", str(steps * self.accumulate)]  # fmt: skip
+
+    def evaluate_command(self, objective: str, seed: int | None, steps: int) -> list[str]:
+        """Sharded strategies: the command that answers the held-out rows with the run's export (the base
+        model: the job's model) on one device of the job's accelerator, into ``predictions/step_<steps>.jsonl``."""
+        seed = 0 if seed is None else seed
+        run_dir = self.run_dir(objective, seed)
+        model = [] if objective == BASE else ["--model.model", str(run_dir / "hf_model")]
+        checker = [] if self.checker is None else ["--checker", str(self.checker)]
+        return [sys.executable, "-m", "bnll_lightning", "evaluate", *self.job_args(objective, seed), *model,
+                "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto",
+                "--trainer.callbacks", "[]", "--split", "val", *checker, "--max_new_tokens", str(self.max_new_tokens),
+                "--batch_size", str(self.batch_size), "--temperature", "0", "--num_samples", "1", "--show", "0",
+                "--output", str(run_dir / "predictions" / f"step_{steps}.jsonl")]  # fmt: skip
+
+    def launch(self, command: list[str], log: Path, name: str) -> None:
+        """Run ``command`` with its output appended to ``log``; a failure raises :class:`StudyError` naming
+        the run (``name``), its last line and its log."""
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(shlex.join(command) + "\n")
+            f.flush()
+            code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            text = log.read_text(encoding="utf-8", errors="replace")
+            last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
+            raise StudyError(f"run {name} failed (exit {code}): {last[:200]}; log: {log}")
+
+    def run_processes(self, objective: str, seed: int | None, pilot: bool = False) -> dict[str, Any]:
+        """Run :meth:`command` (sharded, then :meth:`evaluate_command`) in a fresh run directory; the
+        :class:`RunTrace` figures."""
+        run_dir = self.run_dir(objective, seed, pilot)
+        log = run_dir / "study.log"
+        name = "pilot" if pilot else "base model" if objective == BASE else f"{objective} seed {seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)  # what a failed attempt left
+        run_dir.mkdir(parents=True)
+        figures: dict[str, Any] = {"steps": 0, "train_seconds": 0.0}  # sharded, the base model is only evaluated
+        if not (self.sharded and objective == BASE):
+            self.launch(self.command(objective, seed, pilot), log, name)
+            figures = json.loads((run_dir / TRACE_FILE).read_text(encoding="utf-8"))
+        if self.sharded and not pilot:
+            start = time.perf_counter()
+            self.launch(self.evaluate_command(objective, seed, figures["steps"]), log, name)
+            figures["eval_seconds"] = time.perf_counter() - start  # its process: the export's loading included
+            shutil.rmtree(run_dir / "hf_model", ignore_errors=True)
+        return figures
+
+    def measure(self, objective: str, seed: int | None) -> tuple[dict[str, Any], str]:
+        figures = self.run_processes(objective, seed)
+        run_dir = self.run_dir(objective, seed)
+        scores = compare.read_run(run_dir).scores
+        if len(scores) != len(self.rows):
+            raise StudyError(f"{run_dir}: {len(scores)} rows scored, not the {len(self.rows)} held out; log: "
+                             f"{run_dir / 'study.log'}")  # fmt: skip
+        if objective == BASE:
+            figures = {k: figures[k] for k in ("steps", "train_seconds", "eval_seconds")}
+        return figures, "".join("1" if s == 1 else "0" for s in scores)
+
+    def pilot(self) -> float:
+        start = time.perf_counter()
+        trace = self.run_processes(self.objectives[0], 0, pilot=True)
+        seconds = time.perf_counter() - start
+        shutil.rmtree(self.run_dir(self.objectives[0], 0, pilot=True))
+        print(f"[study] pilot: a process of {trace['steps']} training steps took {seconds:.1f} s "
+              f"({trace['train_seconds']:.1f} s training)", file=sys.stderr, flush=True)  # fmt: skip
+        return seconds + trace["train_seconds"] * (self.max_steps / trace["steps"] - 1)
 
 
 def _describe(key: tuple[str, int | None], row: dict[str, Any]) -> str:

@@ -1,7 +1,10 @@
-"""bnll_lightning/study.py and the study command: runs on a tiny model, resume, held-out rows, bad input."""
+"""bnll_lightning/study.py and the study command: runs on a tiny model, resume, held-out rows, bad input; a job on
+several devices runs a process per run."""
 
 import csv
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,14 +18,15 @@ GENERATION_EVAL = {"class_path": "bnll_lightning.callbacks.GenerationEval",
                    "init_args": {"max_new_tokens": 4, "batch_size": 8}}  # fmt: skip
 
 
-def job(tmp_path, model_dir, callbacks=(GENERATION_EVAL,), **data):
-    """A user's job config: the tiny model on a built-in task (or ``data``), 2 steps."""
+def job(tmp_path, model_dir, callbacks=(GENERATION_EVAL,), trainer=None, name="job.yaml", **data):
+    """A user's job config (``name`` in ``tmp_path``): the tiny model on a built-in task (or ``data``), 2 steps
+    (``trainer``: more settings)."""
     config = {
-        "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": 1, "callbacks": list(callbacks)},
+        "trainer": {"max_steps": 2, "accelerator": "cpu", "devices": 1, "callbacks": list(callbacks), **(trainer or {})},
         "model": {"model": model_dir},
         "data": {"train": "builtin:reverse3", "num_train": 16, "batch_size": 4, **data},
     }
-    path = tmp_path / "job.yaml"
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
@@ -80,7 +84,7 @@ def test_study_end_to_end_and_an_interrupted_study_resumes(tmp_path, tiny_model_
     assert read(out / "study.csv") == rows
 
 
-@pytest.mark.parametrize("case", ["unknown objective", "val set too small", "no checker"])
+@pytest.mark.parametrize("case", ["unknown objective", "val set too small", "no checker", "several nodes"])
 def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, tiny_model_dir, capsys):
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     train.write_text("".join(json.dumps({"prompt": f"{i} + 1?", "response": str(i + 1)}) + "\n" for i in range(20)))
@@ -92,6 +96,9 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, tiny_model_dir, cap
                                "--val_rows", "8"], f"--val_rows 8: data.val ({val}) gives only 5 usable rows"),
         "no checker": (["--config", job(tmp_path, tiny_model_dir, callbacks=(), train=str(train)), "--val_rows", "2"],
                        "the job has no answer checker"),
+        "several nodes": (["--config", job(tmp_path, tiny_model_dir, trainer={"strategy": "ddp", "num_nodes": 2},
+                                           name="nodes.yaml")],
+                          "the job's trainer has 2 nodes: add --trainer.num_nodes 1"),
     }[case]
     with pytest.raises(SystemExit) as exit_info:
         main(["study", *argv, "--out", str(tmp_path / "out")])
@@ -145,3 +152,132 @@ def test_runs_csv_appends_reads_typed_and_widens_an_old_header(tmp_path):
         study.RunsCSV(path, ("other",)).append({"other": 1})
     assert study.config_key({"f": study.fine_tune}, 1) == study.config_key({"f": study.fine_tune}, 1) != study.config_key(
         {"f": study.answer}, 1)
+
+
+DDP = {"strategy": "ddp", "devices": 2, "accumulate_grad_batches": 2}  # 2 CPU processes (gloo)
+
+
+def pairs(command):
+    """``python -m bnll_lightning <subcommand> --key value ...`` as {key: value}."""
+    assert command[1:3] == ["-m", "bnll_lightning"]
+    return dict(zip(command[4::2], command[5::2]))
+
+
+def fake_process(commands, fail=None):
+    """subprocess.run for the study's runs: records each command and writes what the run would (its trace,
+    every held-out row answered, even rows right); the run whose config file is ``fail``.yaml fails instead."""
+
+    def run(command, stdout, stderr):
+        commands.append(command)
+        args = pairs(command)
+        if Path(args["--config"]).name == f"{fail}.yaml":
+            stdout.write("bnll_lightning: config error: something the run refused\n")
+            return subprocess.CompletedProcess(command, 2)
+        run_dir, steps = Path(args["--trainer.default_root_dir"]), int(args.get("--trainer.max_steps", 0))
+        (run_dir / "trace.json").write_text(json.dumps({"steps": steps, "train_seconds": 1.0, "eval_seconds": 0.5,
+                                                        "alpha_mean": None, "alpha_end": None}))
+        if args["--trainer.limit_val_batches"] != "0":
+            (run_dir / "predictions").mkdir()
+            n = len(Path(args["--data.val"]).read_text().splitlines())
+            (run_dir / "predictions" / f"step_{steps}.jsonl").write_text("".join(
+                json.dumps({"index": i, "prompt": f"p{i}", "answer": "a", "correct": i % 2 == 0}) + "\n"
+                for i in range(n)))
+        return subprocess.CompletedProcess(command, 0)
+
+    return run
+
+
+def test_a_job_on_several_devices_runs_a_process_per_run_and_a_failed_one_exits_2(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch, capsys):
+    out, commands = tmp_path / "out", []
+    argv = ["study", "--config", job(tmp_path, tiny_model_dir, trainer=DDP), "--objectives", "nll",
+            "bnll_lightning.objectives.DFT", "--seeds", "1", "--max_steps", "3", "--val_rows", "5", "--out", str(out),
+            "--bootstrap", "100", "--checker", "exact"]
+    monkeypatch.setattr(study.subprocess, "run", fake_process(commands, fail="DFT"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    log = out / "runs" / "seed_0" / "DFT" / "study.log"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "bnll_lightning: study error: run DFT seed 0 failed (exit 2): bnll_lightning: config error: something the "
+        f"run refused; log: {log}")
+    assert log.read_text().startswith(f"{commands[-1][0]} -m bnll_lightning fit --config ")  # the command, to rerun
+    rows = read(out / "study.csv")
+    assert [(r["objective"], r["seed"], r["items"]) for r in rows] == [("base", "", "10101"), ("nll", "0", "10101")]
+    assert list(rows[0]) == list(study.STUDY_FIELDS) and rows[1]["correct"] == "3" and rows[1]["steps"] == "3"
+
+    work = out / "work"
+    assert [c[3] for c in commands] == ["validate", "fit", "fit", "fit"]  # base, pilot, nll, DFT
+    base, pilot, nll = (pairs(c) for c in commands[:3])
+    assert base["--trainer.default_root_dir"] == str(out / "runs" / "base")
+    assert pilot["--trainer.max_steps"] == "2" and pilot["--trainer.limit_val_batches"] == "0"
+    assert not (out / "runs" / "pilot").exists()
+    assert nll["--config"] == str(work / "nll.yaml") and nll["--trainer.default_root_dir"] == str(log.parent.parent / "nll")
+    assert {k: nll[k] for k in ("--seed_everything", "--data.seed", "--trainer.max_steps", "--trainer.val_check_interval",
+                                "--trainer.check_val_every_n_epoch", "--trainer.logger", "--trainer.enable_checkpointing",
+                                "--data.noise", "--data.max_rows")} == {
+        "--seed_everything": "0", "--data.seed": "0", "--trainer.max_steps": "3", "--trainer.val_check_interval": "6",
+        "--trainer.check_val_every_n_epoch": "null", "--trainer.logger": "false",
+        "--trainer.enable_checkpointing": "false", "--data.noise": "0", "--data.max_rows": "null"}  # fmt: skip
+    assert json.loads(nll["--trainer.callbacks"]) == [
+        {"class_path": "bnll_lightning.study.RunTrace", "init_args": {"export": False}},
+        {"class_path": "bnll_lightning.callbacks.GenerationEval",
+         "init_args": {"checker": "exact", "max_new_tokens": 4, "batch_size": 8}}]  # fmt: skip
+    config = yaml.safe_load((work / "nll.yaml").read_text())  # the job with the objective's overlay
+    assert config["model"]["objective"]["class_path"] == "bnll_lightning.objectives.NLL" and "objectives" not in config
+    assert config["trainer"]["strategy"] == "ddp" and config["trainer"]["devices"] == 2
+    val = [json.loads(line) for line in Path(nll["--data.val"]).read_text().splitlines()]
+    train = [json.loads(line) for line in Path(nll["--data.train"]).read_text().splitlines()]
+    assert len(val) == 5 and len(train) == 16 and not {r["prompt"] for r in val} & {r["prompt"] for r in train}
+
+    commands.clear()
+    monkeypatch.setattr(study.subprocess, "run", fake_process(commands))
+    main(argv)  # the failed run again, nothing else (no base, no pilot)
+    assert [pairs(c)["--config"] for c in commands] == [str(work / "DFT.yaml")]
+    assert [(r["objective"], r["seed"]) for r in read(out / "study.csv")] == [("base", ""), ("nll", "0"), ("DFT", "0")]
+    assert "| DFT | 1 |" in (out / "study.md").read_text()
+
+
+def test_a_sharded_job_scores_each_run_by_evaluating_its_export_on_one_device(tmp_path):
+    runs = study.SubprocessStudy({"nll": ""}, None, 1, True, ["nll"], [0], [{}] * 3, tmp_path, "key", max_steps=4,
+                                 checker=None, max_new_tokens=6, batch_size=2)
+    fit = pairs(runs.command("nll", 1))
+    assert json.loads(fit["--trainer.callbacks"]) == [{"class_path": "bnll_lightning.study.RunTrace",
+                                                       "init_args": {"export": True}}]  # no GenerationEval: it cannot
+    run_dir = tmp_path / "runs" / "seed_1" / "nll"
+    assert fit["--model.export_dir"] == str(run_dir / "hf_model") and fit["--trainer.limit_val_batches"] == "0"
+    command = runs.evaluate_command("nll", 1, 4)
+    assert command[3] == "evaluate" and "--checker" not in command  # auto, as GenerationEval's None
+    evaluate = pairs(command)
+    assert {k: evaluate[k] for k in ("--model.model", "--trainer.devices", "--trainer.strategy", "--temperature",
+                                     "--max_new_tokens", "--output", "--data.seed")} == {
+        "--model.model": str(run_dir / "hf_model"), "--trainer.devices": "1", "--trainer.strategy": "auto",
+        "--temperature": "0", "--max_new_tokens": "6", "--output": str(run_dir / "predictions" / "step_4.jsonl"),
+        "--data.seed": "1"}  # fmt: skip
+    assert "--model.model" not in runs.evaluate_command("base", None, 0)  # the job's own model
+
+
+FSDP2 = {"class_path": "bnll_lightning.strategies.FSDP2Strategy"}
+
+
+@pytest.mark.slow  # 3 processes of 2 ranks each (FSDP2: and 2 of evaluate)
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
+def test_a_study_on_2_cpu_processes_trains_and_scores_in_processes_of_its_own(strategy, tmp_path, tiny_model_dir,
+                                                                               monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    config = job(tmp_path, tiny_model_dir, trainer={**DDP, "strategy": strategy})
+    argv = ["study", "--config", config, "--objectives", "nll", "--seeds", "1", "--val_rows", "4", "--out", str(out),
+            "--bootstrap", "100"]
+    main(argv)
+    rows = read(out / "study.csv")
+    assert [(r["objective"], r["seed"], r["steps"], r["n"]) for r in rows] == [("base", "", "0", "4"), ("nll", "0", "2", "4")]
+    assert rows[1]["alpha_mean"] == "0.0" and float(rows[1]["train_mean_p_last"]) > 0 and len(rows[1]["items"]) == 4
+    run = out / "runs" / "seed_0" / "nll"
+    assert (run / "predictions" / "step_2.jsonl").is_file() and "x 2 processes" in (run / "study.log").read_text()
+    assert not list(out.rglob("hf_model")) and not list(out.rglob("*.ckpt"))  # no export left, no checkpoint
+    assert "| nll | 1 |" in capsys.readouterr().out
+
+    monkeypatch.setattr(study.subprocess, "run", None)  # a rerun starts no process
+    main(argv)
+    assert "0 of the 0 runs left to do (1 in the CSV)" in capsys.readouterr().err and read(out / "study.csv") == rows
