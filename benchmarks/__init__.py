@@ -3,6 +3,7 @@
     python benchmarks/objective_overhead.py   # optimizer-step time of each objective / NLL
     python benchmarks/memory.py               # peak memory, streamed / naive log p; longest sequence in a budget
     python benchmarks/throughput.py           # fit tokens/s / TRL SFTTrainer tokens/s (pip install trl)
+    python benchmarks/streaming_backward.py   # log p forward + backward: full logits, streamed, checkpoint per chunk
     python benchmarks/gpu_mfu.py              # CUDA only: tokens/s and MFU of a 0.5-1.5B model, naive vs streamed
     python benchmarks/continuum_tasks.py      # each built-in task's base mean p and base accuracy (the zones)
     python benchmarks/continuum.py            # accuracy after fine-tuning per task x objective (the paper's X)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from benchmarks import _common as C
 from bnll_lightning.data import SFTDataModule
 from bnll_lightning.models import load_model, load_tokenizer
-from bnll_lightning.module import target_labels
+from bnll_lightning.logp_head import target_labels
 from bnll_lightning.objectives import IGNORE_INDEX
 from bnll_lightning.streaming import forward_hidden, output_head
 

@@ -3,7 +3,7 @@
 On a CUDA machine (≤ 10 minutes on one H100/H200), in this order:
 
 1. a ``bf16-mixed`` fit of the embedded model (configs/demo.yaml, 20 steps), then the same with
-   ``model.head_float32: true`` (the float32 head's cost is the difference);
+   ``model.streaming.head_float32: true`` (the float32 head's cost is the difference);
 2. FSDP2 and FSDP on one device, smoke runs (configs/demo.yaml + configs/fsdp2.yaml or fsdp.yaml, 5 steps);
 3. 8-bit AdamW (configs/adamw8bit.yaml, bf16-mixed, 10 steps);
 4. QLoRA on a 4-bit base (configs/qlora.yaml, 10 steps);
@@ -59,9 +59,9 @@ def checks(out: str, dry: bool, model: str | None) -> list[tuple[str, list[str] 
     return [
         ("bf16-mixed fit, embedded model, 20 steps",
          fit_args(out, "bf16", steps=2 if dry else 20, model=model, extra=gpu + cpu + ["--trainer.precision", "bf16-mixed"]), 240),
-        ("the same with model.head_float32: true (its cost: compare the wall times)",
+        ("the same with model.streaming.head_float32: true (its cost: compare the wall times)",
          fit_args(out, "bf16_head32", steps=2 if dry else 20, model=model,
-                  extra=gpu + cpu + ["--trainer.precision", "bf16-mixed", "--model.head_float32", "true"]), 240),
+                  extra=gpu + cpu + ["--trainer.precision", "bf16-mixed", "--model.streaming.head_float32", "true"]), 240),
         ("FSDP2 on one device, 5 steps",
          fit_args(out, "fsdp2", "configs/fsdp2.yaml", steps=5, model=model,
                   extra=gpu + (parse if dry else ["--trainer.devices", "1"])), 180),

@@ -92,15 +92,16 @@ class Runner:
     """One SFTModule (naive or streamed) on the device with its optimizer, stepping on random batches."""
 
     def __init__(self, model_dir: str, streamed: bool, chunk_size: int, device: torch.device, seq_len: int):
+        from bnll_lightning.logp_head import StreamingArgs
         from bnll_lightning.module import SFTModule
         from bnll_lightning.optim import default_optimizer
 
         with C.quiet():
-            self.module = SFTModule(model=model_dir, streamed=streamed, chunk_size=chunk_size,
+            self.module = SFTModule(model=model_dir, streaming=StreamingArgs(streamed, chunk_size),
                                     histogram_every_n_steps=0).to(device)
         self.optimizer = default_optimizer([p for p in self.module.model.parameters() if p.requires_grad])
         self.device, self.seq_len, self.vocab = device, seq_len, self.module.model.config.vocab_size
-        self.streamed = self.module.streamed
+        self.streamed = self.module.head.streamed
         self.generator = torch.Generator(device="cpu").manual_seed(0)
 
     def batch(self, micro_batch: int) -> dict:

@@ -84,11 +84,12 @@ def objectives() -> dict[str, object]:
 
 
 def build(model_dir: str, streamed: bool, chunk_size: int, objective: str | None = None):
+    from bnll_lightning.logp_head import StreamingArgs
     from bnll_lightning.module import SFTModule
 
     made = None if objective is None else objectives()[objective]()
     with C.quiet():
-        return SFTModule(model=model_dir, streamed=streamed, chunk_size=chunk_size, histogram_every_n_steps=0,
+        return SFTModule(model=model_dir, streaming=StreamingArgs(streamed, chunk_size), histogram_every_n_steps=0,
                          objective=made)
 
 
@@ -115,7 +116,7 @@ def measure(module, batch_size: int, seq_len: int) -> dict:
     module.zero_grad(set_to_none=True)
     reference = module.objective.reference
     return {"delta": (peak - baseline) * 1024, "baseline": baseline * 1024, "method": method,
-            "streamed": module.streamed, "attention": module.model.config._attn_implementation,
+            "streamed": module.head.streamed, "attention": module.model.config._attn_implementation,
             "reference_bytes": 0 if reference is None else reference.num_bytes()}
 
 

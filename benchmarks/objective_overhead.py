@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _common as C
+from bnll_lightning.logp_head import StreamingArgs
 
 TARGET = 1.03  # an objective may cost at most 3 % over NLL per optimizer step
 
@@ -125,7 +126,7 @@ def run(
             print(f"[objective_overhead] step {self.step}/{len(order)} {entries[order[self.step - 1]][0]}:"
                   f" {elapsed:.3f} s", file=sys.stderr, flush=True)
 
-    C.fit_on_batch(model_dir, batch, len(order), work_dir, [RoundRobin()], streamed=streamed)
+    C.fit_on_batch(model_dir, batch, len(order), work_dir, [RoundRobin()], streaming=StreamingArgs(streamed))
     if any(len(t) != rounds for t in times) or len(reference_seconds) != rounds:
         raise RuntimeError(f"expected {rounds} timed steps per objective, got {[len(t) for t in times]}"
                            f" and {len(reference_seconds)} reference forwards")

@@ -44,12 +44,13 @@ def foreach_adamw(params) -> torch.optim.Optimizer:
 
 def configurations() -> list[tuple[str, dict]]:
     """(name, SFTModule keyword arguments) in table order; the module default first."""
+    from bnll_lightning.logp_head import StreamingArgs
     from bnll_lightning.objectives import NLL, TopFraction
 
     return [
         ("NLL (module default: streamed, fused AdamW)", {"objective": NLL()}),
         ("NLL, AdamW foreach instead of fused", {"objective": NLL(), "optimizer": foreach_adamw}),
-        ("NLL, full logits instead of streamed", {"objective": NLL(), "streamed": False}),
+        ("NLL, full logits instead of streamed", {"objective": NLL(), "streaming": StreamingArgs(streamed=False)}),
         ("TopFraction(0.1)", {"objective": TopFraction(0.1)}),
     ]
 

@@ -73,7 +73,8 @@ class ProbabilityHistogram(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         # Called once per optimizer step (after accumulation); global_step is not yet incremented,
-        # which is the step Lightning logs this step's scalars at.
+        # which is the step Lightning logs this step's scalars at. It reads what the last training_step
+        # kept, which the module's own hook leaves alone: the two hooks may run in either order.
         step = trainer.global_step
         if step % self.every_n_steps or not trainer.is_global_zero:
             return

@@ -88,7 +88,7 @@ class HFExport(L.Callback):
 
     ``save_pretrained`` of model and tokenizer: under FSDP/FSDP2 every rank joins in gathering the
     full weights and rank 0 writes them; a LoRA model is written merged or as an adapter
-    (``model.lora_export``). Beside them: ``README.md``, a model card (base model, objective, α's
+    (``model.lora.export``). Beside them: ``README.md``, a model card (base model, objective, α's
     trajectory, data, steps, final validation metrics, how to reproduce), and ``training_config.yaml``,
     the run's resolved config. ``SFTModule`` adds this callback to every fit unless one is configured.
 
@@ -106,6 +106,7 @@ class HFExport(L.Callback):
         self.model_card = model_card
         self.alphas: list[float] = []
         self.exported: str | None = None  # the directory, once written
+        self._step_at_batch_start = 0  # a batch that ends at another step ended an optimizer step
 
     @staticmethod
     def directory(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
@@ -122,11 +123,15 @@ class HFExport(L.Callback):
         if reason:
             raise ConfigError(f"model.export_dir: {directory} cannot be written ({reason})")
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        # Before the module's own hook, which moves α: this is the α the step trained with.
-        alpha = getattr(pl_module.objective, "alpha", None)
-        if alpha is not None:
-            self.alphas.append(float(alpha))
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:  # fmt: skip
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        # After the step, the α it trained with as the module published it: no reliance on hook order.
+        if trainer.global_step != self._step_at_batch_start and "alpha" in pl_module.last_step_stats:
+            self.alphas.append(pl_module.last_step_stats["alpha"])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._export(trainer, pl_module)

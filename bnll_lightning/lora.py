@@ -9,12 +9,47 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["apply_lora", "bnb_4bit_config", "export_lora", "is_peft_model", "load_4bit_model"]
+from bnll_lightning.constraints import NonNegativeInt, PositiveFloat, UnitIntervalClosedOpen
+
+__all__ = ["LoraArgs", "apply_lora", "bnb_4bit_config", "export_lora", "is_peft_model", "load_4bit_model"]
+
+
+@dataclass(frozen=True)
+class LoraArgs:
+    """LoRA / QLoRA adapters (``model.lora``): rank 0 (the default) fine-tunes every weight.
+
+    Args:
+        r: Rank of LoRA adapters (peft); 0 fine-tunes every weight. With LoRA only the
+            adapters train, so the optimizer state is a small fraction of the model.
+        alpha: LoRA scaling numerator: the adapter update is scaled by alpha / r.
+        dropout: Dropout on the adapters' input (regularises small data sets).
+        target_modules: Modules that get adapters: ``all-linear`` (every linear layer of
+            the decoder, not the output head) or a list of module names (e.g. ``[q_proj, v_proj]``).
+        export: What the end of fit writes: ``merged`` (adapters folded into the weights; a
+            plain transformers model) or ``adapter`` (peft's adapter directory, loaded on the base).
+        load_in_4bit: QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes; CUDA only) and train
+            LoRA adapters on it (needs r > 0; export with export: adapter).
+    """
+
+    r: NonNegativeInt = 0
+    alpha: PositiveFloat = 16.0
+    dropout: UnitIntervalClosedOpen = 0.0
+    target_modules: list[str] | str = "all-linear"
+    export: Literal["merged", "adapter"] = "merged"
+    load_in_4bit: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise ValueError(f"model.lora.r must be >= 0, got {self.r}")
+        if self.load_in_4bit and not self.r:
+            raise ValueError("model.lora.load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: "
+                             "set model.lora.r > 0")
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -28,8 +63,8 @@ def bnb_4bit_config(compute_dtype: torch.dtype = torch.bfloat16) -> Any:
     """
     if not torch.cuda.is_available():
         raise RuntimeError(
-            "model.load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes 4-bit layers train only on GPU. "
-            "On CPU use LoRA on a full-precision base (model.lora_r > 0, model.load_in_4bit false)."
+            "model.lora.load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes 4-bit layers train only on GPU. "
+            "On CPU use LoRA on a full-precision base (model.lora.r > 0, model.lora.load_in_4bit false)."
         )
     from transformers import BitsAndBytesConfig
 
@@ -61,21 +96,13 @@ def load_4bit_model(name_or_path: str, trust_remote_code: bool = False) -> nn.Mo
     return model
 
 
-def apply_lora(
-    model: nn.Module,
-    r: int,
-    alpha: float,
-    dropout: float,
-    target_modules: list[str] | str,
-    quantized: bool = False,
-    gradient_checkpointing: bool = False,
-) -> nn.Module:
-    """Wrap ``model`` in a peft ``PeftModel`` with LoRA adapters; the base weights are frozen."""
+def apply_lora(model: nn.Module, args: LoraArgs, gradient_checkpointing: bool = False) -> nn.Module:
+    """Wrap ``model`` in a peft ``PeftModel`` with the adapters ``args`` describes; the base weights are frozen."""
     try:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     except ImportError as err:  # pragma: no cover - peft is in the dev/lora extras
         raise RuntimeError("LoRA needs peft: pip install 'bnll_lightning[lora]'") from err
-    if quantized:
+    if args.load_in_4bit:
         # Norms and the head in float32, input grads enabled for checkpointing through frozen layers.
         model = prepare_model_for_kbit_training(
             model,
@@ -83,10 +110,10 @@ def apply_lora(
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
+        r=args.r,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules=args.target_modules,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
@@ -102,8 +129,8 @@ def export_lora(model: nn.Module, directory: str, mode: Literal["merged", "adapt
         return
     if getattr(model.get_base_model(), "is_loaded_in_4bit", False):
         raise ValueError(
-            "model.lora_export=merged cannot fold adapters into a 4-bit base without losing precision: "
-            "use lora_export: adapter with load_in_4bit"
+            "model.lora.export=merged cannot fold adapters into a 4-bit base without losing precision: "
+            "use lora.export: adapter with lora.load_in_4bit"
         )
     # Merge a CPU copy: the training model keeps its adapters, and the GPU never holds two models.
     device = next(model.parameters()).device

@@ -1,7 +1,7 @@
 """SFTModule: a LightningModule that fine-tunes any causal LM with a probability-based objective.
 
-One forward pass gives each target token's float32 log p (streamed by default, see
-``streaming.py``); the objective, the alpha controller and every metric consume that tensor.
+One forward pass gives each target token's float32 log p (``LogpHead``: streamed by default, see
+``logp_head.py``); the objective, the alpha controller and every metric consume that tensor.
 
 Token-exact normalisation: each micro-batch returns the *sum* of its per-token losses. Once a
 whole optimizer step has been accumulated (all micro-batches, all ranks), the gradients are
@@ -15,8 +15,9 @@ averages over ranks; both factors are undone here.) Clipping runs after this hoo
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, is_dataclass
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import lightning.pytorch as L
 import torch
@@ -30,35 +31,20 @@ from torchmetrics import MeanMetric
 
 from bnll_lightning.alpha import AdaptiveAlpha, AlphaController, finalize_statistic, step_statistic
 from bnll_lightning.callbacks import ContinuumLayout, ProbabilityHistogram, StepLearningRateMonitor
-from bnll_lightning.constraints import ConfigError, NonNegativeInt, PositiveFloat, UnitIntervalClosedOpen
+from bnll_lightning.constraints import ConfigError
 from bnll_lightning.export import HFExport
-from bnll_lightning.lora import apply_lora, load_4bit_model
+from bnll_lightning.logp_head import LogpHead, StreamingArgs
+from bnll_lightning.lora import LoraArgs, apply_lora, load_4bit_model
 from bnll_lightning.models import EMBEDDED, load_model, load_tokenizer
 from bnll_lightning.modes import eval_mode
-from bnll_lightning.objectives import (
-    IGNORE_INDEX,
-    NLL,
-    Objective,
-    StatsRequest,
-    SupportsAlpha,
-    TokenStats,
-    token_logprobs,
-    token_stats,
-)
+from bnll_lightning.objectives import NLL, Objective, StatsRequest, SupportsAlpha, TokenStats
 from bnll_lightning.optim import decay_groups, default_optimizer, resolve_warmup, warmup_cosine
 from bnll_lightning.packing import packing_unsupported_reason
 from bnll_lightning.reference import load_reference, reference_source
 from bnll_lightning.sampling import rng_state, sample_batches, set_rng_state
 from bnll_lightning.signals import SignalCheckpoint
 from bnll_lightning.strategies import FSDP2Strategy, is_sharded
-from bnll_lightning.streaming import (
-    forward_hidden,
-    output_head,
-    streamed_eval_logprobs,
-    streamed_token_stats,
-    streaming_head,
-    streaming_unsupported_reason,
-)
+
 
 class StepStats(NamedTuple):
     """One optimizer step's sums over its micro-batches and ranks: a stacked tensor while the step
@@ -86,22 +72,8 @@ class StepStats(NamedTuple):
     """Gradients with a NaN/Inf norm (counted at the optimizer step: 0 in a micro-batch's sums)."""
 
 
-def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
-    """The model's inputs for ``batch``. A packed batch (``position_ids``) goes without attention mask:
-    transformers then builds a block-diagonal causal mask from the position ids (a new row wherever
-    they do not count up by one), so no token attends to another row (``packing_unsupported_reason``)."""
-    if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": None, "position_ids": batch["position_ids"]}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-def target_labels(batch: dict[str, Tensor]) -> Tensor:
-    """Each position's target: position t predicts token t + 1 (the labels shifted once); the last has none."""
-    return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
 def target_weights(batch: dict[str, Tensor]) -> Tensor | None:
-    """Each target's row weight, aligned with :func:`target_labels` (None when the data has no weights)."""
+    """Each target's row weight, aligned with ``logp_head.target_labels`` (None when the data has no weights)."""
     return None if "weights" not in batch else F.pad(batch["weights"][:, 1:], (0, 1))
 
 
@@ -121,21 +93,14 @@ class SFTModule(L.LightningModule):
         warmup: float = 0.1,
         min_lr_ratio: float = 0.0,
         dtype: str | None = None,
-        streamed: bool = True,
-        chunk_size: int = 1024,
-        head_float32: bool = False,
+        streaming: StreamingArgs = StreamingArgs(),
         gradient_checkpointing: bool = False,
         trust_remote_code: bool = False,
         max_nonfinite_steps: int = 5,
         export_dir: str | None = None,
         histogram_every_n_steps: int = 50,
         warm_start_batches: int = 0,
-        lora_r: NonNegativeInt = 0,
-        lora_alpha: PositiveFloat = 16.0,
-        lora_dropout: UnitIntervalClosedOpen = 0.0,
-        lora_target_modules: list[str] | str = "all-linear",
-        lora_export: Literal["merged", "adapter"] = "merged",
-        load_in_4bit: bool = False,
+        lora: LoraArgs = LoraArgs(),
     ):
         """Fine-tune a causal LM with a probability-based objective.
 
@@ -154,15 +119,8 @@ class SFTModule(L.LightningModule):
             min_lr_ratio: Final LR of the default cosine schedule, as a fraction of the peak LR.
             dtype: dtype to load the weights in (``float32``, ``bfloat16``, ``auto``); None keeps
                 transformers' default. Prefer the trainer's ``precision`` for mixed precision.
-            streamed: Compute log p chunk by chunk from the final hidden states, never holding the
-                full [batch, tokens, vocab] logits. Checked once against the model's own logits on a
-                few tokens; a model it cannot reproduce falls back to full logits, with a warning.
-            chunk_size: Target tokens per chunk of the streamed path: peak logits memory is
-                chunk_size x vocab floats.
-            head_float32: Run the streamed output head's matmul in float32 even under bf16/fp16
-                autocast. A bf16 head rounds each logit by about |z|·2⁻⁸, which the gradient
-                weight p^α multiplies by α (measured in docs/benchmarks.md); float32 removes
-                that at the cost of a float32 matmul over the vocabulary.
+            streaming: How log p is computed: streamed chunk by chunk (the default) or from full
+                logits, the chunk size, the head matmul's dtype (``StreamingArgs``).
             gradient_checkpointing: Recompute decoder activations in backward to save memory.
             trust_remote_code: Allow model code from the hub repository to run (off: it is code
                 execution).
@@ -177,23 +135,15 @@ class SFTModule(L.LightningModule):
                 model over this many training batches (no gradients) before the first step and
                 start alpha there instead of at 0 (NLL). Fresh runs only; a resumed run keeps its
                 checkpointed controller. 0 = off: the first training batch starts the controller.
-            lora_r: Rank of LoRA adapters (peft); 0 fine-tunes every weight. With LoRA only the
-                adapters train, so the optimizer state is a small fraction of the model.
-            lora_alpha: LoRA scaling numerator: the adapter update is scaled by lora_alpha / lora_r.
-            lora_dropout: Dropout on the adapters' input (regularises small data sets).
-            lora_target_modules: Modules that get adapters: ``all-linear`` (every linear layer of
-                the decoder, not the output head) or a list of module names (e.g. ``[q_proj, v_proj]``).
-            lora_export: What the end of fit writes: ``merged`` (adapters folded into the weights; a
-                plain transformers model) or ``adapter`` (peft's adapter directory, loaded on the base).
-            load_in_4bit: QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes; CUDA only) and train
-                LoRA adapters on it (needs lora_r > 0; export with lora_export: adapter).
+            lora: LoRA / QLoRA adapters (``LoraArgs``); the default rank 0 fine-tunes every weight.
         """
         super().__init__()
         # export_dir is where the run writes, not what it trains: left out, since LightningCLI gives a checkpoint's
         # hyperparameters precedence over the command line, and a resumed run may export elsewhere.
         self.save_hyperparameters(ignore=["objective", "alpha_controller", "optimizer", "lr_scheduler", "export_dir"])
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        # Argument groups as plain dicts (LightningCLI already gives dicts): torch's safe checkpoint loader
+        # (weights_only) refuses other classes.
+        self.hparams.update({k: asdict(v) for k, v in self.hparams.items() if is_dataclass(v)})
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self.objective = objective if objective is not None else NLL()
@@ -210,8 +160,6 @@ class SFTModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.warmup, self.min_lr_ratio = warmup, min_lr_ratio
-        self.chunk_size = chunk_size
-        self._head_dtype = torch.float32 if head_float32 else None  # None: the autocast / model dtype
         self.max_nonfinite_steps = max_nonfinite_steps
         self.export_dir = export_dir
         if histogram_every_n_steps < 0:
@@ -228,34 +176,20 @@ class SFTModule(L.LightningModule):
             raise ValueError("set either model.warm_start_batches or the controller's initial, not both")
         self.warm_start_batches = warm_start_batches
 
-        if lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0, got {lora_r}")
-        if load_in_4bit and not lora_r:
-            raise ValueError("model.load_in_4bit (QLoRA) trains adapters on a frozen 4-bit base: set model.lora_r > 0")
-        self.lora_export = lora_export
+        self.lora_export = lora.export
 
         if self.objective.requires.reference:
             reference_source(self.objective, model)  # a reference path that is no model: said before anything loads
-        self.tokenizer, self.model = self.load_pretrained(model, dtype, trust_remote_code, load_in_4bit)
+        self.tokenizer, self.model = self.load_pretrained(model, dtype, trust_remote_code, lora.load_in_4bit)
         if self.objective.requires.reference:  # ASFT: a frozen copy of the base model, unless it names another
             self.objective.bind_reference(load_reference(self.objective, model, dtype, trust_remote_code))
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if lora_r:
-            self.model = apply_lora(self.model, lora_r, lora_alpha, lora_dropout, lora_target_modules,
-                                    quantized=load_in_4bit, gradient_checkpointing=gradient_checkpointing)
+        if lora.r:
+            self.model = apply_lora(self.model, lora, gradient_checkpointing=gradient_checkpointing)
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False  # no KV cache in training: it only costs memory
-        self.streamed = streamed
-        if streamed and (reason := streaming_unsupported_reason(self.model)):
-            rank_zero_warn(f"streamed log p is off for this model ({reason}); using full logits")
-            self.streamed = False
-        # What the model does to its logits after the head (Gemma 2 softcap, Cohere/Granite scale):
-        # fixed, so kept; the head weight itself is fetched each step (FSDP and peft may swap it).
-        self._logit_transform: dict[str, float | None] = {}
-        if self.streamed:
-            head = streaming_head(self.model)
-            self._logit_transform = {"scale": head.scale, "softcap": head.softcap}
+        self.head = LogpHead.from_model(self.model, streaming)
 
         self.val_nll, self.val_mean_p, self.val_token_accuracy = MeanMetric(), MeanMetric(), MeanMetric()
         # Per validation source (nll, mean p, token accuracy), made in setup() once the data module is known.
@@ -265,7 +199,8 @@ class SFTModule(L.LightningModule):
         self.nonfinite_steps = 0
         self._resume_rng: dict[str, Any] | None = None  # generators of a checkpoint, set at its first batch
         self._last_logp: tuple[Tensor, Tensor] | None = None  # last micro-batch (logp, mask), for callbacks
-        self.last_step_stats: dict[str, float] = {}  # the last optimizer step's StepStats, as a dict
+        # The last optimizer step's StepStats as a dict, with the α it trained with (objectives with α).
+        self.last_step_stats: dict[str, float] = {}
 
     def load_pretrained(
         self, model: str, dtype: str | None, trust_remote_code: bool, load_in_4bit: bool
@@ -285,25 +220,9 @@ class SFTModule(L.LightningModule):
 
     def target_stats(self, batch: dict[str, Tensor], request: StatsRequest | None = None) -> TokenStats:
         """:meth:`target_logprobs` plus what ``request`` (default: the objective's ``requires``) asks
-        for: entropies, the KL to the frozen reference, from the same streamed pass."""
+        for: entropies, the KL to the objective's frozen reference, from the same streamed pass."""
         request = self.objective.requires if request is None else request
-        labels, inputs = target_labels(batch), model_inputs(batch)
-        reference = self.objective.reference if request.reference else None
-        if request.reference and reference is None:
-            raise ValueError(f"{type(self.objective).__name__} needs a reference model and has none bound")
-        if self.streamed:
-            hidden = forward_hidden(self.model, **inputs)
-            weight, bias = output_head(self.model)
-            ref_hidden, ref_head = reference.hidden_and_head(**inputs) if reference else (None, None)
-            return streamed_token_stats(
-                hidden, weight, labels, chunk_size=self.chunk_size, bias=bias, head_dtype=self._head_dtype,
-                **self._logit_transform,
-                entropy=request.entropy, topk=request.topk, reference_hidden=ref_hidden, reference_head=ref_head,
-                kl=request.kl,
-            )
-        logits = self.model(**inputs).logits
-        ref_logits = reference.logits(**inputs) if reference else None
-        return token_stats(logits, labels, request, ref_logits=ref_logits)
+        return self.head.stats(self.model, batch, request, self.objective.reference)
 
     @property
     def last_target_logp(self) -> Tensor | None:
@@ -392,7 +311,7 @@ class SFTModule(L.LightningModule):
             for batch in batches:
                 batch = trainer.strategy.batch_to_device(batch)
                 with trainer.precision_plugin.forward_context():
-                    logp, mask, _ = self.eval_logprobs(batch)
+                    logp, mask, _ = self.head.eval(self.model, batch)
                 weights = target_weights(batch)
                 acc += torch.stack(step_statistic(logp, mask, controller.statistic, controller.quantile, weights))
         if trainer.world_size > 1:
@@ -453,13 +372,14 @@ class SFTModule(L.LightningModule):
         params = [p for p in self.parameters() if p.grad is not None]
         grads = [_local(p.grad) for p in params]
         stats = self._step_stats(acc, grads)
-        self.last_step_stats = stats._asdict()
+        alpha = self.objective.alpha  # the α this step's loss was computed with (_advance_alpha moves it)
+        # Published before the skip and before α moves: callbacks read it after the step, in any hook order.
+        self.last_step_stats = stats._asdict() if alpha is None else {**stats._asdict(), "alpha": alpha}
         if not math.isfinite(stats.loss_sum) or stats.nonfinite_grads:
             self._skip_step(params, "loss" if not math.isfinite(stats.loss_sum) else "gradient")
             return
         self._nonfinite_in_a_row = 0
         self._scale_gradients(grads, stats)
-        alpha = self.objective.alpha  # the α this step's loss was computed with
         self._advance_alpha(stats)
         self._log_step(stats, alpha)
 
@@ -540,7 +460,7 @@ class SFTModule(L.LightningModule):
     def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> None:
         """NLL, mean p and token accuracy of the batch's targets, logged as ``{prefix}/...`` per epoch,
         and as ``{prefix}/<source>/...`` per source when the data module has several (``batch["source"]``)."""
-        logp, mask, correct = self.eval_logprobs(batch)
+        logp, mask, correct = self.head.eval(self.model, batch)
         self.val_nll.update(-logp[mask])
         self.val_mean_p.update(logp[mask].exp())
         self.val_token_accuracy.update(correct[mask].float())
@@ -556,19 +476,6 @@ class SFTModule(L.LightningModule):
             for metric, what, value in zip(metrics, ("nll", "mean_p", "token_accuracy"), values):
                 metric.update(value, weight)
                 self.log(f"{prefix}/{name}/{what}", metric)
-
-    @torch.no_grad()
-    def eval_logprobs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """log p, mask, and whether the target is the argmax, chunk by chunk (no full logits)."""
-        labels = target_labels(batch)
-        if self.streamed:
-            hidden = forward_hidden(self.model, **model_inputs(batch))
-            weight, bias = output_head(self.model)
-            return streamed_eval_logprobs(hidden, weight, labels, chunk_size=self.chunk_size, bias=bias,
-                                          head_dtype=self._head_dtype, **self._logit_transform)
-        logits = self.model(**model_inputs(batch)).logits
-        logp, mask = token_logprobs(logits, labels)
-        return logp, mask, logits.argmax(-1) == labels
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:

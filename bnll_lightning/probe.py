@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,7 +51,6 @@ __all__ = [
     "recommend",
     "sample_batches",
     "summarize",
-    "target_logprobs",
     "zone",
 ]
 
@@ -81,20 +80,6 @@ def zone(p: float, strong: float = STRONG, weak: float = WEAK) -> str:
 
 
 # ----------------------------------------------------------------------------- measuring
-
-
-@torch.no_grad()
-def target_logprobs(
-    module: Any, batches: Iterable[dict[str, Tensor]], device: torch.device | str = "cpu", context: Any = None
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """For each batch: (log p, whether the target is the argmax) of its target tokens, 1-D, on CPU.
-
-    Uses ``module.eval_logprobs`` (streamed, no full logits; the same numbers as validation)."""
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with context() if context is not None else nullcontext():
-            logp, mask, correct = module.eval_logprobs(batch)
-        yield logp[mask].float().cpu(), correct[mask].cpu()
 
 
 def summarize(logp: Tensor, correct: Tensor | None = None, tau: float = TAU) -> dict[str, Any]:
@@ -235,9 +220,9 @@ def probe(
 ) -> dict[str, Any]:
     """Run ``module``'s model over a seeded sample of ``split`` and return the report's figures.
 
-    Eval mode and no gradients; the module's training mode is restored afterwards. Per-token
-    log p are kept on CPU as float32 (4 bytes per target token, less than the tokenized data),
-    so the quantiles are exact.
+    Eval mode and no gradients, log p from the module's head (``module.head.eval``: the numbers of
+    validation); the module's training mode is restored afterwards. Per-token log p are kept on CPU
+    as float32 (4 bytes per target token, less than the tokenized data), so the quantiles are exact.
     """
     loader = datamodule.train_dataloader() if split == "train" else datamodule.val_dataloader()
     if not isinstance(loader, DataLoader):
@@ -246,10 +231,12 @@ def probe(
     total = len(batches) if hasattr(batches, "__len__") else max_batches
     logps, hits, n_batches = [], [], 0
     with eval_mode(module):
-        stream = target_logprobs(module, batches, device=device, context=context)
-        for logp, correct in tqdm(stream, total=total, desc="probe", unit="batch", disable=not progress):
-            logps.append(logp)
-            hits.append(correct)
+        for batch in tqdm(batches, total=total, desc="probe", unit="batch", disable=not progress):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with context() if context is not None else nullcontext():
+                logp, mask, correct = module.head.eval(module.model, batch)
+            logps.append(logp[mask].float().cpu())
+            hits.append(correct[mask].cpu())
             n_batches += 1
     if not logps:
         raise ValueError(f"no {split} batches to probe")

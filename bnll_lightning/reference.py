@@ -108,7 +108,7 @@ class FrozenReference:
             reason = streaming_unsupported_reason(self.model, check=not self.quantized)
             if reason is not None:
                 raise ValueError(f"the reference model {self.name} cannot be streamed ({reason}); "
-                                 "set model.streamed: false to use its full logits")
+                                 "set model.streaming.streamed: false to use its full logits")
             self._stream_checked = True
         hidden = forward_hidden(self.model, input_ids, attention_mask, **kwargs)
         return hidden, streaming_head(self.model)

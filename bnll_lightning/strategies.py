@@ -80,7 +80,7 @@ class HFFSDPStrategy(FSDPStrategy):
         if any(hasattr(m, "peft_config") for m in model.modules()):
             # The merged/adapter export and frozen-base sharding are not wired for FSDP: fail before training.
             raise ValueError(
-                "LoRA/QLoRA (model.lora_r > 0) is not supported with HFFSDPStrategy: use DDP (configs/ddp.yaml)"
+                "LoRA/QLoRA (model.lora.r > 0) is not supported with HFFSDPStrategy: use DDP (configs/ddp.yaml)"
             )
         already_wrapped = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
         if not already_wrapped and "auto_wrap_policy" not in self.kwargs:
@@ -129,7 +129,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         if isinstance(model, FSDPModule):
             return
         if any(hasattr(m, "peft_config") for m in model.modules()):
-            raise ValueError("LoRA/QLoRA (model.lora_r > 0) is not supported with FSDP2Strategy: use DDP")
+            raise ValueError("LoRA/QLoRA (model.lora.r > 0) is not supported with FSDP2Strategy: use DDP")
         mesh = self.device_mesh["data_parallel"]
         layers = tuple(decoder_layer_classes(model))
         for module in model.modules():

@@ -9,7 +9,9 @@ logits memory is ``chunk_size x V``.
 ``streamed_token_stats`` gives, from the same chunks and only when asked, what objectives beyond
 log p need: the entropy of each token's distribution, its top-k entropy, and the KL divergence to a
 frozen reference model (whose hidden states go through its own head chunk by chunk, in forward and
-again in backward), with the reference's log p. Nothing asked: it is ``streamed_token_logprobs``.
+again in backward), with the reference's log p. One autograd function and one chunk loop serve
+every caller: ``streamed_token_logprobs`` asks for nothing more, ``streamed_eval_logprobs`` (no
+gradient) for whether each target is the argmax. ``logp_head.LogpHead`` applies them to a model.
 
 Logit post-processing (Gemma 2/3 softcap, Cohere/Granite scale) is read from a short table of
 config attributes (``LOGIT_CONFIG``), and ``streaming_unsupported_reason(model)`` checks the
@@ -76,51 +78,6 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-class _StreamedTargetLogprob(torch.autograd.Function):
-    """``log p`` of N target tokens from their hidden states ``[N, H]``, chunked over tokens.
-
-    Saves only the inputs and ``lse [N]``; backward recomputes each chunk's logits, for the tokens
-    whose loss gradient is not exactly 0 only (a selection objective trains on a fraction of them)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap, dtype):
-        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        logp = torch.empty_like(lse)
-        with torch.autocast(h.device.type, enabled=False):
-            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            for i in range(0, h.shape[0], chunk_size):
-                c = slice(i, i + chunk_size)
-                z = head_logits(h[c].to(dtype), w, b, scale, softcap)
-                lse[c] = torch.logsumexp(z, dim=-1)
-                logp[c] = z.gather(1, targets[c, None])[:, 0] - lse[c]
-        ctx.save_for_backward(h, weight, bias, targets, lse)
-        ctx.args = chunk_size, scale, softcap, dtype
-        return logp
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_logp):
-        h_all, weight, bias, targets, lse = ctx.saved_tensors
-        chunk_size, scale, softcap, dtype = ctx.args
-        grad_logp = grad_logp.float()
-        # A token whose loss gradient is exactly 0 (not selected by ThresholdedNLL / TopFraction,
-        # or p^alpha underflowed) adds exactly 0 to every gradient: skip its head work.
-        rows = _rows_with_gradient(grad_logp != 0, h_all.shape[0])
-        h = h_all if rows is None else h_all[rows]
-        if rows is not None:
-            targets, lse, grad_logp = targets[rows], lse[rows], grad_logp[rows]
-
-        def logit_grad(c: slice, z: Tensor) -> Tensor:
-            g = grad_logp[c, None]
-            grad = z.sub_(lse[c, None]).exp_().mul_(-g)  # d logp / d logits = onehot - softmax
-            return grad.scatter_add_(1, targets[c, None], g)
-
-        grad_h, grad_w, grad_b = _head_backward(
-            h, weight, bias, ctx.needs_input_grad[:3], chunk_size, scale, softcap, dtype, logit_grad
-        )
-        return _scatter_rows(grad_h, rows, h_all), grad_w, grad_b, None, None, None, None, None
-
-
 def _rows_with_gradient(nonzero: Tensor, n: int) -> Tensor | None:
     """Indices of the rows whose upstream gradient is not all 0; None when that is every row."""
     rows = nonzero.nonzero()[:, 0]  # one host sync per backward
@@ -178,26 +135,30 @@ def _head_backward(h, weight, bias, needs, chunk_size, scale, softcap, dtype, lo
 
 
 class _StreamedTokenStats(torch.autograd.Function):
-    """``log p`` plus what an objective asked for, from the same chunks of logits.
+    """``log p`` of N target tokens from their hidden states ``[N, H]``, chunk by chunk of tokens, plus
+    what was asked for from the same chunks of logits.
 
-    Outputs ``(logp, entropy, topk_entropy, kl, ref_logp)`` over N target tokens, each ``[N]``
-    float32 or empty when not requested. Entropies and ``ref_logp`` carry no gradient; ``kl``
-    does (w.r.t. the trained model only). With a reference, each chunk also projects the
-    reference's hidden states through its head, in forward and again in backward: memory stays
-    a few ``chunk_size x V`` buffers, never ``N x V``."""
+    Outputs ``(logp, entropy, topk_entropy, kl, ref_logp, correct)`` over the N tokens, each ``[N]``
+    (float32; ``correct``, whether the target is the argmax, bool) or empty when not requested. Only
+    ``logp`` and ``kl`` carry a gradient (``kl`` w.r.t. the trained model only). Saves the inputs and
+    the log-sum-exps; backward recomputes each chunk's logits (with a reference, its logits too), for
+    the tokens whose gradient is not exactly 0 only (a selection objective trains on a fraction of
+    them): memory stays a few ``chunk_size x V`` buffers, never ``N x V``."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, h_ref, w_ref, b_ref, targets, chunk_size, head, ref_head, entropy, topk, kl):
+    def forward(ctx, h, weight, bias, h_ref, w_ref, b_ref, targets, chunk_size, head, ref_head, entropy, topk, kl,
+                correct):
         n, device = h.shape[0], h.device
         scale, softcap, dtype = head
         lse = torch.empty(n, dtype=torch.float32, device=device)
         logp = torch.empty_like(lse)
 
-        def out(wanted: bool) -> Tensor:
-            return torch.empty(n if wanted else 0, dtype=torch.float32, device=device)
+        def out(wanted: bool, kind: torch.dtype = torch.float32) -> Tensor:
+            return torch.empty(n if wanted else 0, dtype=kind, device=device)
 
         has_ref = h_ref is not None
         ent, ent_k, kl_out, ref_logp, lse_r = out(entropy), out(topk > 0), out(has_ref), out(has_ref), out(has_ref)
+        hit = out(correct, torch.bool)
         with torch.autocast(h.device.type, enabled=False):
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
             if has_ref:
@@ -208,6 +169,8 @@ class _StreamedTokenStats(torch.autograd.Function):
                 z = head_logits(h[c].to(dtype), w, b, scale, softcap)
                 lse[c] = torch.logsumexp(z, dim=-1)
                 logp[c] = z.gather(1, targets[c, None])[:, 0] - lse[c]
+                if correct:
+                    hit[c] = z.argmax(-1) == targets[c]
                 if topk > 0:
                     top = z.topk(min(topk, z.shape[1]), dim=-1).values
                     ent_k[c] = _entropy_of(top.sub_(torch.logsumexp(top, dim=-1, keepdim=True)))
@@ -227,17 +190,19 @@ class _StreamedTokenStats(torch.autograd.Function):
                         kl_out[c] = (logq.exp() * (logq - logr)).sum(-1)
         ctx.save_for_backward(h, weight, bias, h_ref, w_ref, b_ref, targets, lse, lse_r, kl_out)
         ctx.args = chunk_size, head, ref_head, kl
-        ctx.mark_non_differentiable(ent, ent_k, ref_logp)
-        return logp, ent, ent_k, kl_out, ref_logp
+        ctx.mark_non_differentiable(ent, ent_k, ref_logp, hit)
+        return logp, ent, ent_k, kl_out, ref_logp, hit
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_logp, _grad_ent, _grad_ent_k, grad_kl, _grad_ref_logp):
+    def backward(ctx, grad_logp, _grad_ent, _grad_ent_k, grad_kl, _grad_ref_logp, _grad_hit):
         h_all, weight, bias, h_ref, w_ref, b_ref, targets, lse, lse_r, kl_t = ctx.saved_tensors
         chunk_size, head, ref_head, kl = ctx.args
         has_ref = h_ref is not None
         grad_logp = grad_logp.float()
         grad_kl = grad_kl.float() if has_ref else None
+        # A token whose gradient is exactly 0 (not selected by ThresholdedNLL / TopFraction, or p^alpha
+        # underflowed) adds exactly 0 to every gradient: skip its head work.
         nonzero = grad_logp != 0
         if has_ref:
             nonzero |= grad_kl != 0
@@ -271,82 +236,12 @@ class _StreamedTokenStats(torch.autograd.Function):
         grad_h, grad_w, grad_b = _head_backward(
             h, weight, bias, ctx.needs_input_grad[:3], chunk_size, *head, logit_grad
         )
-        return (_scatter_rows(grad_h, rows, h_all), grad_w, grad_b) + (None,) * 10
+        return (_scatter_rows(grad_h, rows, h_all), grad_w, grad_b) + (None,) * 11
 
 
 def _entropy_of(logq: Tensor) -> Tensor:
     """Entropy along dim 1 from float32 log-probabilities (a chunk's rows)."""
     return -(logq.exp() * logq).sum(-1)
-
-
-def streamed_token_logprobs(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    ignore_index: int = IGNORE_INDEX,
-    chunk_size: int = 1024,
-    bias: Tensor | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    head_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``(logp, mask)`` from hidden states and the output head, without ``[B, T, V]`` logits.
-
-    Args:
-        hidden: ``[B, T, H]`` final hidden states (any float dtype).
-        weight: ``[V, H]`` output-head weight (may be tied to the input embedding, may be frozen).
-        labels: ``[B, T]`` targets aligned with ``hidden``; ``ignore_index`` marks no target.
-        chunk_size: Target tokens whose logits exist at once (peak ``chunk_size x V``).
-        bias: Optional ``[V]`` head bias.
-        scale: Optional factor on the logits (Cohere ``logit_scale``, Granite ``1 / logits_scaling``).
-        softcap: Optional ``c``: logits become ``c * tanh(logits / c)`` after ``scale`` (Gemma 2/3).
-
-    The head matmul runs in ``head_dtype`` if given (``torch.float32``: no bf16 rounding of the
-    logits under bf16 autocast), else in the autocast dtype under autocast, else in the common dtype
-    of ``hidden`` and ``weight``; everything after it is float32.
-
-    Returns:
-        ``logp`` ``[B, T]`` float32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``, 0 where
-        there is no target; ``mask`` ``[B, T]`` bool, ``labels != ignore_index``.
-    """
-    mask, idx, h, targets, scale, softcap = _select_targets(
-        hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap
-    )
-    logp_sel = _StreamedTargetLogprob.apply(
-        h, weight, bias, targets, int(chunk_size), scale, softcap, head_dtype or _compute_dtype(hidden, weight)
-    )
-    return _scatter_targets(logp_sel, idx, mask), mask
-
-
-@torch.no_grad()
-def streamed_eval_logprobs(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    ignore_index: int = IGNORE_INDEX,
-    chunk_size: int = 1024,
-    bias: Tensor | None = None,
-    scale: float | None = None,
-    softcap: float | None = None,
-    head_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(logp, mask, correct)`` without gradient (validation, the diagnosis): the numbers of
-    :func:`streamed_token_logprobs` (same arguments, same head dtype) plus, from the same chunks of
-    logits, whether each target is their argmax (``correct``, bool ``[B, T]``, False off the mask)."""
-    mask, idx, h, targets, scale, softcap = _select_targets(
-        hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap
-    )
-    dtype = head_dtype or _compute_dtype(hidden, weight)
-    logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    correct = torch.empty(h.shape[0], dtype=torch.bool, device=h.device)
-    with torch.autocast(h.device.type, enabled=False):
-        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-        for i in range(0, h.shape[0], chunk_size):
-            c = slice(i, i + chunk_size)
-            z = head_logits(h[c].to(dtype), w, b, scale, softcap)
-            logp[c] = z.gather(1, targets[c, None])[:, 0] - torch.logsumexp(z, dim=-1)
-            correct[c] = z.argmax(-1) == targets[c]
-    return _scatter_targets(logp, idx, mask), mask, _scatter_targets(correct, idx, mask)
 
 
 def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float | None, softcap: float | None,
@@ -362,24 +257,50 @@ def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: floa
     return (None if scale is None or scale == 1 else float(scale)), (None if softcap is None else float(softcap))
 
 
-def _select_targets(hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap):
-    """Checked arguments, and the target rows: ``(mask, idx, h [N, H], targets [N], scale, softcap)``."""
+def _scatter_targets(values: Tensor, idx: Tensor, mask: Tensor) -> Tensor:
+    """``[N]`` values of the target rows back to ``[B, T]`` (same dtype), 0 elsewhere."""
+    out = torch.zeros(mask.numel(), dtype=values.dtype, device=mask.device)
+    return out.index_copy(0, idx, values).view(mask.shape)
+
+
+def _streamed(hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap, head_dtype, entropy, topk,
+              reference_hidden, reference_head, kl, correct) -> tuple[Tensor, list[Tensor | None]]:
+    """Checked arguments through :class:`_StreamedTokenStats`: ``(mask, [logp, entropy, topk_entropy,
+    kl, ref_logp, correct])`` at ``[B, T]``, None where not requested."""
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"hidden [B, T, H] and labels [B, T] expected, got {tuple(hidden.shape)}, {tuple(labels.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if topk < 0:
+        raise ValueError(f"topk must be >= 0, got {topk}")
+    if kl not in ("forward", "reverse"):
+        raise ValueError(f"kl must be 'forward' or 'reverse', got {kl!r}")
+    if (reference_hidden is None) != (reference_head is None):
+        raise ValueError("reference_hidden and reference_head go together")
     scale, softcap = _check_head(hidden, weight, bias, scale, softcap)
     mask = labels != ignore_index
     idx = mask.flatten().nonzero()[:, 0]
     h = hidden.flatten(0, 1).index_select(0, idx)
     targets = labels.flatten().index_select(0, idx).long()
-    return mask, idx, h, targets, scale, softcap
-
-
-def _scatter_targets(values: Tensor, idx: Tensor, mask: Tensor) -> Tensor:
-    """``[N]`` values of the target rows back to ``[B, T]`` (same dtype), 0 elsewhere."""
-    out = torch.zeros(mask.numel(), dtype=values.dtype, device=mask.device)
-    return out.index_copy(0, idx, values).view(mask.shape)
+    h_ref = w_ref = b_ref = ref_head = None
+    if reference_hidden is not None:
+        if reference_hidden.shape[:2] != hidden.shape[:2]:
+            raise ValueError(f"reference_hidden {tuple(reference_hidden.shape)} does not match hidden {tuple(hidden.shape)}")
+        w_ref, b_ref = reference_head.weight, reference_head.bias
+        if w_ref.shape[0] != weight.shape[0]:
+            raise ValueError(f"the reference's vocabulary ({w_ref.shape[0]}) differs from the model's ({weight.shape[0]})")
+        r_scale, r_softcap = _check_head(reference_hidden, w_ref, b_ref, reference_head.scale, reference_head.softcap,
+                                         "reference ")
+        h_ref = reference_hidden.detach().flatten(0, 1).index_select(0, idx)
+        w_ref, b_ref = w_ref.detach(), None if b_ref is None else b_ref.detach()
+        ref_head = (r_scale, r_softcap, _compute_dtype(reference_hidden, w_ref))
+    outs = _StreamedTokenStats.apply(
+        h, weight, bias, h_ref, w_ref, b_ref, targets, int(chunk_size),
+        (scale, softcap, head_dtype or _compute_dtype(hidden, weight)), ref_head, bool(entropy), int(topk), kl,
+        bool(correct),
+    )
+    wanted = (True, entropy, topk > 0, h_ref is not None, h_ref is not None, correct)
+    return mask, [_scatter_targets(o, idx, mask) if w else None for o, w in zip(outs, wanted)]
 
 
 def streamed_token_stats(
@@ -401,47 +322,72 @@ def streamed_token_stats(
 ) -> TokenStats:
     """:class:`~bnll_lightning.objectives.TokenStats` from hidden states, without ``[B, T, V]`` logits.
 
-    Arguments as :func:`streamed_token_logprobs`, plus what an objective asked for: ``entropy``
-    (of the full distribution), ``topk`` (k > 0: entropy of the top-k logits renormalised) and,
-    given the frozen reference's ``reference_hidden`` ``[B, T, H_ref]`` and ``reference_head``
-    (same vocabulary), the per-token KL in direction ``kl`` (``forward`` = KL(ref || model)) and
-    the reference's log p. All come from the chunks that give log p (the model's head matmul is
-    not repeated; the reference's head runs per chunk). Nothing requested: exactly
-    :func:`streamed_token_logprobs`. The reference gets no gradient.
+    Args:
+        hidden: ``[B, T, H]`` final hidden states (any float dtype).
+        weight: ``[V, H]`` output-head weight (may be tied to the input embedding, may be frozen).
+        labels: ``[B, T]`` targets aligned with ``hidden``; ``ignore_index`` marks no target.
+        chunk_size: Target tokens whose logits exist at once (peak ``chunk_size x V``).
+        bias: Optional ``[V]`` head bias.
+        scale: Optional factor on the logits (Cohere ``logit_scale``, Granite ``1 / logits_scaling``).
+        softcap: Optional ``c``: logits become ``c * tanh(logits / c)`` after ``scale`` (Gemma 2/3).
+        head_dtype: The head matmul's dtype (``torch.float32``: no bf16 rounding of the logits under
+            bf16 autocast); None: the autocast dtype under autocast, else the common dtype of
+            ``hidden`` and ``weight``. Everything after the matmul is float32.
+        entropy: Also the entropy of each token's full distribution.
+        topk: k > 0: also the entropy of the top-k logits renormalised.
+        reference_hidden: The frozen reference's ``[B, T, H_ref]`` hidden states, with its
+            ``reference_head`` (same vocabulary): also the per-token KL in direction ``kl``
+            (``forward`` = KL(ref || model)) and the reference's log p. The reference gets no gradient.
+
+    All come from the chunks that give log p (the model's head matmul is not repeated; the
+    reference's head runs per chunk); nothing requested costs nothing beyond log p.
+
+    Returns:
+        ``logp`` ``[B, T]`` float32, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``, 0 where
+        there is no target; ``mask`` ``[B, T]`` bool, ``labels != ignore_index``; the requested
+        statistics (None otherwise), 0 off the mask.
     """
-    if topk < 0:
-        raise ValueError(f"topk must be >= 0, got {topk}")
-    if kl not in ("forward", "reverse"):
-        raise ValueError(f"kl must be 'forward' or 'reverse', got {kl!r}")
-    if (reference_hidden is None) != (reference_head is None):
-        raise ValueError("reference_hidden and reference_head go together")
-    if not (entropy or topk or reference_hidden is not None):
-        return TokenStats(*streamed_token_logprobs(hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap,
-                                                   head_dtype))
-    mask, idx, h, targets, scale, softcap = _select_targets(
-        hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap
-    )
-    h_ref = w_ref = b_ref = ref_head = None
-    if reference_hidden is not None:
-        if reference_hidden.shape[:2] != hidden.shape[:2]:
-            raise ValueError(f"reference_hidden {tuple(reference_hidden.shape)} does not match hidden {tuple(hidden.shape)}")
-        w_ref, b_ref = reference_head.weight, reference_head.bias
-        if w_ref.shape[0] != weight.shape[0]:
-            raise ValueError(f"the reference's vocabulary ({w_ref.shape[0]}) differs from the model's ({weight.shape[0]})")
-        r_scale, r_softcap = _check_head(reference_hidden, w_ref, b_ref, reference_head.scale, reference_head.softcap,
-                                         "reference ")
-        h_ref = reference_hidden.detach().flatten(0, 1).index_select(0, idx)
-        w_ref, b_ref = w_ref.detach(), None if b_ref is None else b_ref.detach()
-        ref_head = (r_scale, r_softcap, _compute_dtype(reference_hidden, w_ref))
-    outs = _StreamedTokenStats.apply(
-        h, weight, bias, h_ref, w_ref, b_ref, targets, int(chunk_size),
-        (scale, softcap, head_dtype or _compute_dtype(hidden, weight)), ref_head, bool(entropy), int(topk), kl,
-    )
-    logp, ent, ent_k, kl_t, ref_logp = (
-        _scatter_targets(o, idx, mask) if wanted else None
-        for o, wanted in zip(outs, (True, entropy, topk > 0, h_ref is not None, h_ref is not None))
+    mask, (logp, ent, ent_k, kl_t, ref_logp, _) = _streamed(
+        hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap, head_dtype, entropy, topk,
+        reference_hidden, reference_head, kl, False,
     )
     return TokenStats(logp, mask, ent, ent_k, kl_t, ref_logp)
+
+
+def streamed_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 1024,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    head_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(logp, mask)`` of :func:`streamed_token_stats` (same arguments), nothing else requested."""
+    stats = streamed_token_stats(hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap, head_dtype)
+    return stats.logp, stats.mask
+
+
+@torch.no_grad()
+def streamed_eval_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = 1024,
+    bias: Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    head_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logp, mask, correct)`` without gradient (validation, the diagnosis): the numbers of
+    :func:`streamed_token_logprobs` (same arguments, same head dtype) plus, from the same chunks of
+    logits, whether each target is their argmax (``correct``, bool ``[B, T]``, False off the mask)."""
+    mask, (logp, *_, correct) = _streamed(hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap,
+                                          head_dtype, False, 0, None, None, "forward", True)
+    return logp, mask, correct
 
 
 # --------------------------------------------------------------------------------------------

@@ -216,3 +216,17 @@ def test_profile_step_quick_phases_add_up():
     assert len(ops) == 5 and any(r[0] == "aten::mm" for r in ops)
     shares = [number(r[2]) for r in ops]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.5
+
+
+def test_step_trace_counts_the_package_calls_of_one_step(capsys):
+    from benchmarks import step_trace
+
+    text = step_trace.main([])
+    assert text == capsys.readouterr().out.rstrip("\n")  # printed as returned
+    _, calls = C.parse_markdown_table(text.split("\n\n")[2])
+    assert ["module.SFTModule.training_step", "2"] in calls  # one step of 2 micro-batches
+    assert ["module.SFTModule.on_before_optimizer_step", "1"] in calls
+    _, measures = C.parse_markdown_table(text.split("\n\n")[3])
+    counted = dict(measures)
+    assert int(counted["package calls in the step"]) == sum(int(n) for _, n in calls)
+    assert int(counted["returns to module.py"]) >= 2

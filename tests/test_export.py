@@ -6,14 +6,19 @@ import re
 import shlex
 from pathlib import Path
 
+import lightning.pytorch as L
 import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
+from bnll_lightning.alpha import LinearAlpha
 from bnll_lightning.cli import main
-from bnll_lightning.export import replace_directory, unwritable_reason
+from bnll_lightning.data import SFTDataModule
+from bnll_lightning.export import HFExport, replace_directory, unwritable_reason
+from bnll_lightning.module import SFTModule
+from bnll_lightning.objectives import AlphaFamily
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -52,6 +57,32 @@ def test_fit_exports_model_card_and_config(tmp_path, tiny_model_dir, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["model"]["alpha_controller"]["init_args"]["steps"] == 3
 
     assert AutoModelForCausalLM.from_pretrained(export).config.vocab_size > 0
+
+
+class ModuleHookFirst(L.Callback):
+    """Runs the module's on_before_optimizer_step ahead of the other callbacks' (Lightning runs it after them)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        SFTModule.on_before_optimizer_step(pl_module, optimizer)
+
+
+class HookRunByCallback(SFTModule):
+    def on_before_optimizer_step(self, optimizer):
+        pass  # ModuleHookFirst runs it
+
+
+@pytest.mark.parametrize("module_first", [False, True])
+def test_the_card_has_the_alpha_each_step_trained_with_in_either_hook_order(module_first, tmp_path, tiny_model_dir):
+    module_class, callbacks = (HookRunByCallback, [ModuleHookFirst()]) if module_first else (SFTModule, [])
+    module = module_class(model=tiny_model_dir, objective=AlphaFamily(), alpha_controller=LinearAlpha(steps=3),
+                          export_dir=str(tmp_path / "export"))
+    data = SFTDataModule(train="builtin:sort", num_train=12, num_val=0, batch_size=2, tokenizer=module.tokenizer)
+    export = HFExport(model_card=False)
+    trainer = L.Trainer(max_steps=3, accumulate_grad_batches=2, callbacks=[*callbacks, export], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert export.alphas == pytest.approx([0.0, 1 / 3, 2 / 3])  # LinearAlpha's α (0 to 1) before each update
 
 
 # ----------------------------------------------------------------------------- directories that cannot take it

@@ -33,6 +33,6 @@ def test_gpu_check_commands_name_the_documented_configs():
     flat = [" ".join(c) for c in commands]
     for config in ("configs/fsdp.yaml", "configs/fsdp2.yaml", "configs/adamw8bit.yaml", "configs/qlora.yaml"):
         assert sum(config in c for c in flat) == 1
-    assert sum("--model.head_float32 true" in c for c in flat) == 1
+    assert sum("--model.streaming.head_float32 true" in c for c in flat) == 1
     assert sum("--size 1.5b" in c for c in flat) == 1 and sum("--size 0.5b" in c for c in flat) == 1
     assert all("--print_config" not in c for c in flat)  # on a GPU every step really runs

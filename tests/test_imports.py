@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bnll_lightning"
 LAYERS = {
     **dict.fromkeys(["constraints", "modes", "objectives", "streaming", "alpha", "optim", "sampling"], 0),  # pure torch
     # models, tasks, and the data's Lightning-free parts: rows from sources, formatting, packing
-    **dict.fromkeys(["models", "tasks", "reference", "lora", "sources", "formatting", "packing"], 1),
+    **dict.fromkeys(["models", "tasks", "reference", "lora", "logp_head", "sources", "formatting", "packing"], 1),
     **dict.fromkeys(["evaluate", "probe", "compare", "self_targets"], 2),  # generation, answer checking, diagnosis, comparison
     # Lightning: the module, callbacks, the data module, the study loop
     **dict.fromkeys(["module", "callbacks", "console", "signals", "strategies", "export", "data", "study"], 3),

@@ -8,6 +8,7 @@ import torch
 
 from bnll_lightning.alpha import AdaptiveAlpha
 from bnll_lightning.data import SFTDataModule
+from bnll_lightning.lora import LoraArgs
 from bnll_lightning.module import SFTModule
 from bnll_lightning.objectives import AlphaFamily
 
@@ -18,7 +19,7 @@ def adamw(params):
 
 def lora_fit(model_dir, export_dir, lora_export):
     module = SFTModule(model=model_dir, objective=AlphaFamily(0.0), alpha_controller=AdaptiveAlpha(initial=0.5),
-                       optimizer=adamw, warmup=0, lora_r=4, lora_alpha=8, lora_export=lora_export,
+                       optimizer=adamw, warmup=0, lora=LoraArgs(r=4, alpha=8, export=lora_export),
                        export_dir=str(export_dir), histogram_every_n_steps=0)
     data = SFTDataModule(train="builtin:sort", num_train=8, num_val=0, batch_size=4, tokenizer=module.tokenizer)
     base = {n: p.detach().clone() for n, p in module.model.named_parameters() if "lora_" not in n}
@@ -41,7 +42,7 @@ def test_lora_trains_only_the_adapters_with_the_streamed_path(merged_run):
     module, data, base = merged_run
     trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    assert module.streamed  # peft keeps a plain output head: log p is still streamed
+    assert module.head.streamed  # peft keeps a plain output head: log p is still streamed
     for name, p in module.model.named_parameters():
         if "lora_" not in name:
             assert torch.equal(p, base[name]), name  # the base stays frozen
@@ -80,8 +81,8 @@ def test_adapter_export_loads_with_peft(tiny_model_dir, tmp_path):
 
 
 def test_qlora_needs_adapters_and_a_gpu(tiny_model_dir):
-    with pytest.raises(ValueError, match="lora_r"):
-        SFTModule(model=tiny_model_dir, load_in_4bit=True)
+    with pytest.raises(ValueError, match="lora.r"):
+        LoraArgs(load_in_4bit=True)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA GPU"):
-            SFTModule(model=tiny_model_dir, load_in_4bit=True, lora_r=4)
+            SFTModule(model=tiny_model_dir, lora=LoraArgs(r=4, load_in_4bit=True))

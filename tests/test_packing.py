@@ -152,7 +152,7 @@ def test_a_row_whose_first_token_is_a_target_is_not_predicted_from_the_row_befor
     torch.testing.assert_close(out["packed"].loss, out["plain"].loss, rtol=1e-5, atol=1e-6)
 
 
-def test_full_logits_path_and_eval_logprobs_read_packed_batches(tmp_path, tokenizer, shared_module):
+def test_full_logits_path_and_the_head_eval_read_packed_batches(tmp_path, tokenizer, shared_module):
     path = write_rows(tmp_path / "a.jsonl")
     packed_dm, plain_dm = (datamodule(path, tokenizer, packing=p) for p in (True, False))
     packed = packed_dm.collate([packed_dm.train_dataset[k] for k in range(len(packed_dm.train_dataset))])
@@ -161,11 +161,11 @@ def test_full_logits_path_and_eval_logprobs_read_packed_batches(tmp_path, tokeni
     module.objective = NLL()
     with torch.no_grad():
         for streamed in (False, True):
-            module.streamed = streamed
-            a, b = (module.eval_logprobs(batch) for batch in (packed, plain))
+            module.head.streamed = streamed
+            a, b = (module.head.eval(module.model, batch) for batch in (packed, plain))
             torch.testing.assert_close(a[0][a[1]].sort().values, b[0][b[1]].sort().values, rtol=1e-5, atol=1e-5)
             assert a[2][a[1]].sum() == b[2][b[1]].sum()
-    module.streamed = True
+    module.head.streamed = True
 
 
 @pytest.mark.parametrize("rows", ["prompt_response", "assistant_only"])

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from bnll_lightning.alpha import AdaptiveAlpha
 from bnll_lightning.data import SFTDataModule
+from bnll_lightning.logp_head import StreamingArgs
 from bnll_lightning.module import SFTModule
 from bnll_lightning.objectives import ASFT, EAFT, NLL, NegProb, TokenAlpha
 from bnll_lightning.reference import FrozenReference
@@ -22,7 +23,7 @@ def adamw(params):
 
 def module_for(model_dir, objective, **kwargs):
     return SFTModule(model=model_dir, objective=objective, optimizer=adamw, warmup=0, histogram_every_n_steps=0,
-                     chunk_size=16, **kwargs)
+                     streaming=StreamingArgs(chunk_size=16), **kwargs)
 
 
 def a_batch(module, n=4):
@@ -89,7 +90,7 @@ def test_module_streamed_equals_full_logits(objective, tiny_model_dir, tmp_path)
     _, batch = a_batch(module)
     results = []
     for streamed in (True, False):
-        module.streamed = streamed
+        module.head.streamed = streamed
         module.zero_grad(set_to_none=True)
         loss = module.training_step(batch, 0)
         loss.backward()

@@ -70,9 +70,10 @@ def test_adamw8bit_config_trains_on_cpu(tiny_model_dir, tmp_path):
 
 
 def test_fsdp_strategy_refuses_lora_before_training(tiny_model_dir):
+    from bnll_lightning.lora import LoraArgs
     from bnll_lightning.module import SFTModule
 
-    module = SFTModule(model=tiny_model_dir, lora_r=2)
+    module = SFTModule(model=tiny_model_dir, lora=LoraArgs(r=2))
     with pytest.raises(ValueError, match="not supported with HFFSDPStrategy"):
         HFFSDPStrategy()._setup_model(module)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnll_lightning import streaming
+from bnll_lightning.logp_head import StreamingArgs
 from bnll_lightning.streaming import (
     forward_hidden,
     head_logits,
@@ -206,14 +207,14 @@ def test_module_head_float32_option(tiny_model_dir):
 
     batch = {"input_ids": torch.tensor([[1, 5, 9, 4, 7, 2]]), "attention_mask": torch.ones(1, 6, dtype=torch.long),
              "labels": torch.tensor([[-100, -100, 9, 4, 7, 2]])}
-    exact = SFTModule(model=tiny_model_dir, streamed=False)
+    exact = SFTModule(model=tiny_model_dir, streaming=StreamingArgs(streamed=False))
     ref, mask = exact.target_logprobs(batch)
     errors = {}
     for float32 in (False, True):
-        module = SFTModule(model=tiny_model_dir, head_float32=float32)
+        module = SFTModule(model=tiny_model_dir, streaming=StreamingArgs(head_float32=float32))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logp, _ = module.target_logprobs(batch)
-            eval_logp, _, _ = module.eval_logprobs(batch)
+            eval_logp, _, _ = module.head.eval(module.model, batch)
         # The decoder body runs in bf16 either way: compare against the same body with a float32 head.
         with torch.autocast("cpu", dtype=torch.bfloat16):
             hidden = streaming.forward_hidden(module.model, batch["input_ids"], batch["attention_mask"])
@@ -753,17 +754,18 @@ def test_sft_module_streams_gemma2_with_its_softcap(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "gemma2")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="streamed log p is off")
-        module = SFTModule(str(tmp_path / "gemma2"), export_dir=str(tmp_path / "export"), chunk_size=4)
-    assert module.streamed and module._logit_transform == {"scale": None, "softcap": 0.2}
+        module = SFTModule(str(tmp_path / "gemma2"), export_dir=str(tmp_path / "export"),
+                           streaming=StreamingArgs(chunk_size=4))
+    assert module.head.streamed and (module.head.scale, module.head.softcap) == (None, 0.2)
 
     ids, attn, labels = lm_batch(vocab=len(tokenizer), seed=9)
     batch = {"input_ids": ids, "attention_mask": attn, "labels": labels}
     module.eval()
     with torch.no_grad():
-        streamed, (lp_eval, _, correct) = module.target_logprobs(batch), module.eval_logprobs(batch)
-        module.streamed = False
-        full, (lp_eval_full, _, correct_full) = module.target_logprobs(batch), module.eval_logprobs(batch)
-        module.streamed = True
+        streamed, (lp_eval, _, correct) = module.target_logprobs(batch), module.head.eval(module.model, batch)
+        module.head.streamed = False
+        full, (lp_eval_full, _, correct_full) = module.target_logprobs(batch), module.head.eval(module.model, batch)
+        module.head.streamed = True
     assert_close(streamed[0], full[0], rtol=1e-5, atol=1e-5)
     assert_close(lp_eval, lp_eval_full, rtol=1e-5, atol=1e-5)
     assert torch.equal(correct, correct_full)
@@ -773,7 +775,7 @@ def test_sft_module_streams_gemma2_with_its_softcap(tmp_path, tokenizer):
                         enable_model_summary=False, accelerator="cpu")
     module.train()
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch, batch], batch_size=None))
-    assert module.streamed and math.isfinite(module.last_step_stats["loss_sum"])
+    assert module.head.streamed and math.isfinite(module.last_step_stats["loss_sum"])
     assert not torch.equal(module.model.lm_head.weight, before)  # it trained
 
 
@@ -839,22 +841,30 @@ def test_streamed_stats_match_full_logits_values_and_grads(kl, chunk_size, trans
         assert_close(a / scale, b / scale, rtol=1e-4, atol=1e-5)
 
 
-def test_streamed_stats_without_requests_is_the_log_p_path():
-    """Objectives that need only log p keep the plain streamed function: same numbers, same node."""
+def test_streamed_stats_without_requests_is_the_log_p_path(monkeypatch):
+    """Objectives that need only log p pay for log p alone: one head matmul per chunk in forward and one in
+    backward, no entropy, top-k or reference work; the same numbers as ``streamed_token_logprobs``."""
     hidden, weight, _, labels = make_batch()
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return head_logits(*args, **kwargs)
+
+    def no_entropy(logq):
+        raise AssertionError("entropy computed for a log-p-only request")
+
+    monkeypatch.setattr(streaming, "head_logits", counted)
+    monkeypatch.setattr(streaming, "_entropy_of", no_entropy)
     h, w = leaves(hidden, weight)
     s = streamed_token_stats(h, w, labels, IGN, 4)
+    n = int(s.mask.sum())
+    assert sum(calls) == n and len(calls) == math.ceil(n / 4)  # the model's head only, each target once
+    s.logp.sum().backward()
+    assert sum(calls) == 2 * n  # backward recomputes each chunk once, no reference head
     logp, mask = streamed_token_logprobs(hidden, weight, labels, IGN, 4)
     assert torch.equal(s.logp, logp) and torch.equal(s.mask, mask)
     assert s.entropy is s.topk_entropy is s.kl is s.ref_logp is None
-    nodes, stack = set(), [s.logp.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is not None and node not in nodes:
-            nodes.add(node)
-            stack.extend(f for f, _ in node.next_functions)
-    names = {type(n).__name__ for n in nodes}
-    assert "_StreamedTargetLogprobBackward" in names and "_StreamedTokenStatsBackward" not in names
 
 
 def test_streamed_stats_all_masked_and_grad_free_reference():
