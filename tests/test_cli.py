@@ -33,6 +33,19 @@ def test_every_config_parses(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["model"]
     assert printed["data"]["train"]
+    written = yaml.safe_load(config.read_text()).get("model") or {}
+    for group in ("streaming", "lora"):  # the argument groups (dataclasses) take what the config sets
+        for key, value in (written.get(group) or {}).items():
+            assert printed["model"][group][key] == value, (group, key)
+
+
+def test_help_lists_the_argument_groups(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--model.streaming.chunk_size", "--model.streaming.head_float32", "--model.lora.r",
+                   "--model.lora.load_in_4bit"):
+        assert option in text, option
 
 
 def test_run_name_tells_objectives_apart():
