@@ -297,6 +297,13 @@ def _smoothstep(t: float) -> float:
 class AdaptiveAlpha(AlphaController):
     """Moves α along the continuum from a running estimate of how strong the model is.
 
+    With the defaults: NLL while the model learns, −p once the median target token is learned (its
+    batch median p passes 0.9, α = 1 from 0.99). Under label noise a model first fits the clean
+    majority and only later memorises the wrong answers (the early-learning phenomenon); NLL is the
+    fastest learner, −p the one that does not chase the low-p tail. The median, not the mean: the
+    noisy tail pulls the mean down exactly where α should rise. Chosen on the noise study's dev task
+    and reported on the others (docs/benchmarks.md, README "Which objective when").
+
     Per accepted update with value ``x``:
 
     1. **EMA, bias-corrected.** ``m ← d·m + (1−d)·x`` and ``w ← d·w + (1−d)·1``;
@@ -316,7 +323,7 @@ class AdaptiveAlpha(AlphaController):
        p^α = exp(α·log p), so log p is the coordinate in which α's effect is uniform; the
        continuum is also multiplicative (the paper's regimes sit at 0.01, 0.5, 0.8), and the
        geometric statistic is itself a mean of log p. With the defaults the half-way point
-       (α = alpha_max/2) is at √(low·high) ≈ 0.73. *Why smoothstep:* zero slope at ``low``
+       (α = alpha_max/2) is at √(low·high) ≈ 0.94. *Why smoothstep:* zero slope at ``low``
        and ``high``, so EMA noise around a threshold barely moves α and there is no kink.
     3. **Rate bound.** α moves toward the target by at most ``max_delta`` per update, so one
        odd batch cannot swing the objective and α cannot oscillate faster than the bound.
@@ -337,24 +344,26 @@ class AdaptiveAlpha(AlphaController):
     def __init__(
         self,
         alpha_max: NonNegativeFloat = 1.0,
-        low: OpenUnitInterval = 0.6,
-        high: OpenUnitInterval = 0.9,
+        low: OpenUnitInterval = 0.9,
+        high: OpenUnitInterval = 0.99,
         ema_decay: UnitIntervalClosedOpen = 0.7,
         max_delta: PositiveFloat = 0.25,
-        statistic: Literal["mean", "geometric", "quantile"] = "mean",
-        quantile: OpenUnitInterval = 0.1,
+        statistic: Literal["mean", "geometric", "quantile"] = "quantile",
+        quantile: OpenUnitInterval = 0.5,
         initial: Optional[ClosedUnitInterval] = None,
     ) -> None:
         """
         Args:
             alpha_max: α used when the model is strong (EMA >= ``high``), >= 0. 1 gives −p;
                 larger values lean further on the prior (the paper also uses 10).
-            low: EMA of p at or below which α = 0 (NLL), 0 < low < high. Higher than the paper's
-                0.1/0.5, which classify the *base* model (``probe`` applies them): this statistic is
-                read *while training*, when the learnt answer format lifts mean p even on tasks where
-                NLL wins. Default calibrated on the continuum study's dev tasks (docs/benchmarks.md).
-            high: EMA of p at or above which α = ``alpha_max``, low < high < 1. Default
-                calibrated as ``low``: reached early on a model-strong task, not on the others.
+            low: EMA of the statistic at or below which α = 0 (NLL), 0 < low < high. Far above the
+                paper's 0.1/0.5, which classify the *base* model (``probe`` applies them): this
+                statistic is read *while training*, and NLL should keep going until the bulk of the
+                target tokens is learned. Default 0.9, with the median: chosen on the noise study's
+                dev task (docs/benchmarks.md).
+            high: EMA of the statistic at or above which α = ``alpha_max``, low < high < 1. Default
+                0.99: the median token is learned, what is left to fit is the tail (on noisy
+                data, the wrong answers).
             ema_decay: decay of the exponential moving average of the fed statistic, 0 <= ema_decay < 1.
                 Higher is smoother but slower to react; 0.7 averages over about 3 optimizer steps,
                 so α follows the model within a short run and one odd batch still moves it little.
@@ -362,17 +371,19 @@ class AdaptiveAlpha(AlphaController):
                 objective can move, so a noisy batch cannot swing it and α cannot oscillate.
                 Default 0.25 (0 to 1 in 4 steps): a tighter bound, not the model, sets α's pace in
                 a short run, and the controller moves like a ramp (docs/benchmarks.md).
-            statistic: which per-step statistic of p the trainer feeds: "mean" (arithmetic
-                mean p, the paper's), "geometric" (exp of mean log p, pulled down by the hard
-                tokens) or "quantile" (the ``quantile``-th quantile of p). The arithmetic mean
-                can mislead: easy answer-format tokens can give a high mean p while the model
-                gets no answer right; ``low``/``high`` are calibrated for the mean. The geometric
-                mean also falls with label noise (a wrong answer has log p near -10).
+            statistic: which per-step statistic of p the trainer feeds. "quantile": the
+                ``quantile``-th quantile of p (the default, with the median); "mean" (arithmetic mean
+                p, the paper's); "geometric": exp of mean log p, pulled down by the hard tokens.
+                The mean and the geometric mean fall with label noise (a wrong answer has log p
+                near -10), which would hold α at NLL on exactly the data that memorises; the
+                median does not move until the noisy share nears half.
             quantile: the quantile used when ``statistic="quantile"``, 0 < quantile < 1.
-                Default 0.1: looks at the hard tail of the tokens rather than the easy bulk.
+                Default 0.5: the median target token.
             initial: optional starting value of the EMA, in [0, 1], e.g. the base model's mean
                 p from a probe pass before training; α then starts at ``target(initial)``.
-                ``None`` starts the EMA from the first fed value and α from 0 (NLL).
+                ``None`` starts the EMA from the first fed value and α from 0 (NLL); with the
+                default statistic leave it so: a strong base model would start past ``low`` and
+                skip the NLL phase that the noise study found to matter.
         """
         super().__init__()
         owner = "AdaptiveAlpha"

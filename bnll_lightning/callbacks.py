@@ -8,7 +8,7 @@
 * :class:`StepProgressBar` - the console's training bar counts optimizer steps out of ``max_steps``.
 * :class:`StepLearningRateMonitor` - the learning rate, once per optimizer step (``lr-<optimizer>/pg<N>``).
 * :class:`ContinuumLayout` - a CUSTOM SCALARS layout that draws α next to the confidence that
-  drives it (``train/alpha``, ``train/mean_p``, ``train/mean_p_ema`` on one chart) and the objective
+  drives it (``train/alpha``, ``train/mean_p``, ``train/statistic_ema`` on one chart) and the objective
   next to the NLL of the same tokens.
 
 ``SFTModule.configure_callbacks`` adds ProbabilityHistogram and ContinuumLayout (both act only on
@@ -36,11 +36,11 @@ from bnll_lightning.strategies import is_sharded
 __all__ = ["ContinuumLayout", "GenerationEval", "ProbabilityHistogram", "StepLearningRateMonitor", "StepProgressBar",
            "CONTINUUM_LAYOUT"]
 
-# Tags are regular expressions in a custom-scalars layout: anchor them, or "train/mean_p" would
-# also pick up "train/mean_p_ema".
+# Tags are regular expressions in a custom-scalars layout, matched anywhere in a name: anchored, each
+# draws exactly its tag (a future "train/mean_p_..." stays off the chart).
 CONTINUUM_LAYOUT: dict[str, dict[str, list[Any]]] = {
     "continuum": {
-        "alpha vs confidence": ["Multiline", ["^train/alpha$", "^train/mean_p$", "^train/mean_p_ema$"]],
+        "alpha vs confidence": ["Multiline", ["^train/alpha$", "^train/mean_p$", "^train/statistic_ema$"]],
         "loss vs nll": ["Multiline", ["^train/loss$", "^train/nll$"]],
     }
 }
@@ -91,8 +91,8 @@ class ContinuumLayout(L.Callback):
     """Writes a TensorBoard custom-scalars layout at fit start (rank zero only).
 
     CUSTOM SCALARS tab, section ``continuum``: chart "alpha vs confidence" puts ``train/alpha``
-    (α in force), ``train/mean_p`` (the step's mean p) and ``train/mean_p_ema`` (the running
-    statistic the adaptive controller reads) on one set of axes (all lie in [0, 1] for α ≤ 1);
+    (α in force), ``train/mean_p`` (the step's mean p) and ``train/statistic_ema`` (the EMA of
+    the statistic the adaptive controller reads: the median p by default) on one set of axes (all lie in [0, 1] for α ≤ 1);
     chart "loss vs nll" puts the objective next to the NLL of the same tokens.
     """
 

@@ -426,7 +426,7 @@ class SFTModule(L.LightningModule):
         if alpha is not None:
             metrics["train/alpha"] = alpha
         if getattr(self.alpha_controller, "ema", None) is not None:
-            metrics["train/mean_p_ema"] = float(self.alpha_controller.ema)
+            metrics["train/statistic_ema"] = float(self.alpha_controller.ema)
         self.log_dict(metrics, on_step=True, on_epoch=False)
         bar = {"loss": metrics["train/loss"], "p": metrics["train/mean_p"]}
         if alpha is not None:

@@ -143,19 +143,14 @@ def recommend(figures: dict[str, Any]) -> dict[str, Any]:
             f"the mean p says {figures['zone']} but the geometric mean p ({figures['geometric_mean_p']:.3f}) says "
             f"{figures['zone_geometric']}: easy tokens lift the mean while the 10 % quantile is "
             f"{figures['quantiles']['0.1']:.3g}. Check answers by generation before leaning on the prior, "
-            "or let the adaptive controller follow the geometric mean (below)."
+            "or let the adaptive controller decide (below): it trains with NLL until the median token is learned."
         )
-    statistic = "geometric" if caution else "mean"
-    why = "exp mean log p: not lifted by the easy tokens" if caution else "arithmetic mean p, the paper's diagnostic"
-    adaptive_yaml = f"""model:
+    # The controller's defaults, without a warm start: a strong base model would otherwise skip the NLL phase.
+    adaptive_yaml = """model:
   objective:
     class_path: bnll_lightning.objectives.AlphaFamily
-  alpha_controller:                  # alpha follows the model: NLL while weak, -p once confident
-    class_path: bnll_lightning.alpha.AdaptiveAlpha
-    init_args:
-      alpha_max: 1.0
-      statistic: {statistic:<24}# {why}
-  warm_start_batches: 8              # start alpha from the base model's statistic, not from NLL"""
+  alpha_controller:                  # NLL until the median target token is learned (median p 0.9), -p from 0.99
+    class_path: bnll_lightning.alpha.AdaptiveAlpha"""
     return {"caution": caution, "recommended": name, "recommended_yaml": objective_yaml, "adaptive_yaml": adaptive_yaml}
 
 

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 TESTS = Path(__file__).parent
 STEPS, EVERY = 10, 3  # 4 optimizer steps per epoch (16 rows, batches of 2, 2 micro-batches a step)
-TAGS = ("train/loss", "train/alpha", "train/mean_p_ema", "train/mean_p", "lr-AdamW/pg1")
+TAGS = ("train/loss", "train/alpha", "train/statistic_ema", "train/mean_p", "lr-AdamW/pg1")
 
 
 def config(model_dir: str, save_dir: Path, callbacks: list | None = None) -> dict:

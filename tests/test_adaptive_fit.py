@@ -72,7 +72,7 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
 def test_logged_alpha_follows_the_logged_mean_p(uninterrupted):
     _, run = uninterrupted
     ea = _events(run)
-    alpha, mean_p, ema = (_scalars(ea, f"train/{t}") for t in ("alpha", "mean_p", "mean_p_ema"))
+    alpha, mean_p, ema = (_scalars(ea, f"train/{t}") for t in ("alpha", "mean_p", "statistic_ema"))
     assert sorted(alpha) == sorted(mean_p) == sorted(ema) == list(range(STEPS))
     (probe,) = _scalars(ea, "warm_start/statistic").values()
 
@@ -102,7 +102,7 @@ def test_fit_writes_histograms_layout_and_learning_rate(uninterrupted):
     layout = layout_pb2.Layout()
     layout.ParseFromString(ea.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
-    assert charts["alpha vs confidence"] == ["^train/alpha$", "^train/mean_p$", "^train/mean_p_ema$"]
+    assert charts["alpha vs confidence"] == ["^train/alpha$", "^train/mean_p$", "^train/statistic_ema$"]
     assert any(tag.startswith("lr-") for tag in ea.Tags()["scalars"])  # LearningRateMonitor, per step
 
 

@@ -79,12 +79,14 @@ def test_layout_puts_alpha_next_to_the_confidence(tmp_path):
     layout.ParseFromString(_events(trainer).Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
     assert set(charts) == {"alpha vs confidence", "loss vs nll"}
-    logged = ["train/alpha", "train/mean_p", "train/mean_p_ema", "train/loss", "train/nll", "train/tokens"]
+    logged = ["train/alpha", "train/mean_p", "train/statistic_ema", "train/loss", "train/nll", "train/tokens",
+              "train/mean_p_tail"]  # the last: a name the unanchored "train/mean_p" would also draw
     matched = {title: [t for t in logged if any(re.search(rx, t) for rx in rxs)] for title, rxs in charts.items()}
-    # Each regex picks exactly its tag: "train/mean_p" must not also draw "train/mean_p_ema".
-    assert matched == {"alpha vs confidence": ["train/alpha", "train/mean_p", "train/mean_p_ema"],
+    # Each regex picks exactly its tag (they are matched anywhere in a name).
+    assert matched == {"alpha vs confidence": ["train/alpha", "train/mean_p", "train/statistic_ema"],
                        "loss vs nll": ["train/loss", "train/nll"]}  # fmt: skip
     assert all(sum(bool(re.search(rx, t)) for t in logged) == 1 for c in charts.values() for rx in c)
+    assert any(re.search(rx.strip("^$"), "train/mean_p_tail") for rx in charts["alpha vs confidence"])
     assert CONTINUUM_LAYOUT["continuum"]["alpha vs confidence"][0] == "Multiline"
 
 

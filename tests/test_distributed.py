@@ -48,7 +48,7 @@ def separating_tau(model_dir: str, data) -> float:
 def test_accumulated_micro_batches_equal_one_batch(kind, tiny_model_dir, tmp_path):
     accumulate, batch_size = 3, ROWS // 3
     if kind == "alpha":
-        objective, controller = AlphaFamily(alpha=0.0), AdaptiveAlpha(initial=0.5, ema_decay=0.0, low=0.1, high=0.55)
+        objective, controller = AlphaFamily(alpha=0.0), AdaptiveAlpha(initial=0.5, ema_decay=0.0, low=0.1, high=0.55, statistic="mean")
     else:
         _, probe_data = build(tiny_model_dir, num_rows=ROWS, batch_size=batch_size)
         objective, controller = ThresholdedNLL(tau=separating_tau(tiny_model_dir, probe_data)), None

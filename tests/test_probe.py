@@ -42,11 +42,11 @@ def test_summarize_figures_and_advice():
     assert f["nll"] == pytest.approx(-p.log().double().mean().item())
     assert f["zone"] == "model-strong" and f["zone_geometric"] == "model-intermediate"
     advice = probe.recommend(f)
-    assert advice["caution"] and "statistic: geometric" in advice["adaptive_yaml"]  # the mean is not to be trusted
+    assert advice["caution"] and "adaptive controller decide" in advice["caution"]  # the mean is not to be trusted
 
     consistent = probe.summarize(torch.full((8,), 0.8).log())
     advice = probe.recommend(consistent)
-    assert advice["caution"] is None and "statistic: mean" in advice["adaptive_yaml"]
+    assert advice["caution"] is None and "AdaptiveAlpha" in advice["adaptive_yaml"]
     assert yaml.safe_load(advice["recommended_yaml"])["model"]["objective"]["init_args"]["alpha"] == 1.0
     weak = probe.recommend(probe.summarize(torch.full((8,), 0.05).log()))
     assert yaml.safe_load(weak["recommended_yaml"])["model"]["objective"]["class_path"].endswith(".NLL")
@@ -131,4 +131,6 @@ def test_probe_snippets_are_ready_to_paste(trained_and_files, tiny_model_dir):
     snippet = root / "adaptive_snippet.yaml"
     snippet.write_text(report["adaptive_yaml"])
     cli = load_from_config(["--config", *CONFIG, "--config", str(snippet), "--model.model", tiny_model_dir])
-    assert type(cli.model.alpha_controller).__name__ == "AdaptiveAlpha" and cli.model.warm_start_batches == 8
+    controller = cli.model.alpha_controller
+    assert type(controller).__name__ == "AdaptiveAlpha" and cli.model.warm_start_batches == 0  # no warm start
+    assert (controller.statistic, controller.quantile, controller.low, controller.high) == ("quantile", 0.5, 0.9, 0.99)

@@ -125,9 +125,9 @@ def test_alpha_controller_refuses_objectives_it_cannot_drive(objective, reason, 
 
 
 def test_token_alpha_is_driven_by_adaptive_alpha(tiny_model_dir, tmp_path):
-    module = module_for(tiny_model_dir, TokenAlpha(0.0), alpha_controller=AdaptiveAlpha(initial=0.9, max_delta=1.0),
+    module = module_for(tiny_model_dir, TokenAlpha(0.0), alpha_controller=AdaptiveAlpha(initial=0.995, max_delta=1.0),
                         export_dir=str(tmp_path / "export"))
-    assert module.objective.alpha == AdaptiveAlpha(initial=0.9).target(0.9) == 1.0  # the ceiling, set by the controller
+    assert module.objective.alpha == AdaptiveAlpha(initial=0.995).target(0.995) == 1.0  # the ceiling, set by the controller
     data, _ = a_batch(module, 8)
     L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(module, datamodule=data)

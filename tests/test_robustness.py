@@ -224,7 +224,7 @@ def test_a_model_that_cannot_be_had_is_one_line_saying_which_case(model, expecte
 def test_a_class_that_rejects_its_values_is_the_line_the_user_sees(tmp_path, tiny_model_dir, capsys, monkeypatch):
     monkeypatch.delenv("BNLL_DEBUG", raising=False)
     code, err = run_main(["fit", "--model.model", tiny_model_dir, "--model.objective", "AlphaFamily",
-                          "--model.alpha_controller", "AdaptiveAlpha", "--model.alpha_controller.init_args.low", "0.9",
+                          "--model.alpha_controller", "AdaptiveAlpha", "--model.alpha_controller.init_args.low", "0.995",
                           "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")], capsys)  # fmt: skip
     assert code == 2 and len(err) == 1, err
     assert "low must be < high" in err[0] and "Union" not in err[0]

@@ -195,7 +195,7 @@ def test_weighted_step_over_accumulated_micro_batches_equals_one_batch(tmp_path,
     mean p are those of one batch holding every row, weighted."""
     items = [{**r, "weight": [0.5, 1, 2, 3][i % 4]} for i, r in enumerate(rows(12))]
     path = write_jsonl(tmp_path / "w.jsonl", items)
-    controller = AdaptiveAlpha(initial=0.5, ema_decay=0.0)
+    controller = AdaptiveAlpha(initial=0.5, ema_decay=0.0, low=0.1, high=0.9, statistic="mean")  # starts inside (0, 1)
     module = SFTModule(model=tiny_model_dir, objective=AlphaFamily(0.0), alpha_controller=controller,
                        optimizer=sgd_lr1, warmup=0, export_dir=str(tmp_path / "export"))
     data = SFTDataModule(train=path, val_fraction=0.0, batch_size=4, tokenizer=module.tokenizer)
