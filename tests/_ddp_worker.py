@@ -47,7 +47,7 @@ def cli_args(out: str, model_dir: str, name: str, objective: dict, controller: d
 def main(out: str, model_dir: str, tau: float) -> None:
     runs = {
         "alpha": ({"class_path": "bnll_lightning.objectives.AlphaFamily", "init_args": {"alpha": 0.0}},
-                  {"class_path": "bnll_lightning.alpha.AdaptiveAlpha", "init_args": {"initial": 0.5, "ema_decay": 0.0, "low": 0.1, "high": 0.55}}),
+                  {"class_path": "bnll_lightning.alpha.AdaptiveAlpha", "init_args": {"initial": 0.5, "ema_decay": 0.0, "low": 0.1, "high": 0.55, "statistic": "mean"}}),
         "thresholded": ({"class_path": "bnll_lightning.objectives.ThresholdedNLL", "init_args": {"tau": tau}}, None),
     }
     for name, (objective, controller) in runs.items():

@@ -29,7 +29,8 @@ def config(model_dir: str, save_dir: Path, callbacks: list | None = None) -> dic
             "objective": {"class_path": "bnll_lightning.objectives.AlphaFamily", "init_args": {"alpha": 0.0}},
             # Thresholds around the random model's p (~2e-5) and a fast EMA: alpha moves every step.
             "alpha_controller": {"class_path": "bnll_lightning.alpha.AdaptiveAlpha",
-                                 "init_args": {"low": 1.0e-5, "high": 1.0e-3, "ema_decay": 0.5, "max_delta": 0.2}},
+                                 "init_args": {"low": 1.0e-5, "high": 1.0e-3, "ema_decay": 0.5, "max_delta": 0.2,
+                                               "statistic": "mean"}},
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 3.0e-3}},
             "warmup": 2,
             "histogram_every_n_steps": 0,
