@@ -118,6 +118,8 @@ for _e in (
 # The noise grid's objectives. adaptive_median and adaptive_learn joined after the first dev runs had shown
 # the per-step traces: the controller's candidates, chosen or not on the dev task, reported on the others either way.
 CORE = ("nll", "negprob", "alpha05", "adaptive", "linear", "adaptive_median", "adaptive_learn")
+# The controllers the dev task did not choose: at 20 % with the core, at 0 % and 40 % only after everything else.
+NOT_CHOSEN = ("adaptive", "adaptive_median")
 REST = ("dft", "eaft", "asft", "token")  # the rest of the list, at the middle noise rate
 # The weak + long regime: α should stay 0 there; the ramp ends at −p. With the dev task's leading candidate.
 WEAK = ("nll", "negprob", "adaptive", "linear", "adaptive_learn")
@@ -359,12 +361,12 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int | None, float | N
     """Every run as (task, objective, seed, noise), most important first: the base models; the core
     objectives at the middle noise rate, every seed; the weak + long regime; then seed by seed the clean
     end of the noise grid, the rest of the objectives at the middle rate and the noisy end; last the
-    candidate the dev task did not choose (``adaptive_median``) across the grid."""
+    candidates the dev task did not choose (v2 ``adaptive``, ``adaptive_median``) across the grid."""
     strong = [t for t in args.tasks if NOISE_TASKS[t].self_phrased]
     weak = [t for t in args.tasks if not NOISE_TASKS[t].self_phrased]
     mid = args.noises[len(args.noises) // 2]
     core = [k for k in args.objectives if k in CORE or k not in (*REST, *WEAK)]
-    grid = [k for k in core if k != "adaptive_median"]
+    grid = [k for k in core if k not in NOT_CHOSEN]
     rest = [k for k in args.objectives if k not in core]
     low, high = [n for n in args.noises if n < mid], [n for n in args.noises if n > mid]
     runs: list[tuple[str, str, int | None, float | None]] = [(t, BASE, None, None) for t in args.tasks]
