@@ -118,6 +118,7 @@ def base_table(rows: Sequence[dict[str, Any]]) -> str:
 def plot_curves(rows: Sequence[dict[str, Any]], path: str | None = None, resamples: int = 1000):
     """Held-out accuracy over epochs per objective (mean and 95 % two-way bootstrap band), one panel
     per task (rows) and noise rate (columns)."""
+    import matplotlib
     from matplotlib.figure import Figure
 
     entries = _entries()
@@ -125,11 +126,19 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | None = None, resampl
     tasks = list(dict.fromkeys(t for t, _ in sorted(grouped)))
     noises = sorted({n for _, n in grouped})
     base = {r["task"]: r for r in rows if r["objective"] == CT.BASE}
-    fig = Figure(figsize=(3.6 * max(len(noises), 1) + 1.5, 2.9 * max(len(tasks), 1)))
+    # One colour per objective across every panel (panels hold different objectives): tab10, then 4 more.
+    keys = sorted({k for panel in grouped.values() for k in panel}, key=list(entries).index)
+    palette = [*matplotlib.colormaps["tab10"].colors, "black", "gold", "navy", "lime"]
+    colour = {k: palette[i % len(palette)] for i, k in enumerate(keys)}
+    fig = Figure(figsize=(3.6 * max(len(noises), 1) + 0.5, 2.9 * max(len(tasks), 1) + 0.8))
     for i, task in enumerate(tasks):
         for j, noise in enumerate(noises):
             ax = fig.add_subplot(len(tasks), len(noises), i * len(noises) + j + 1)
-            for c, (key, by_seed) in enumerate(sorted(grouped.get((task, noise), {}).items(), key=lambda kv: list(entries).index(kv[0]))):
+            if (task, noise) not in grouped:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, f"{task}: not run at noise {noise:.0%}", ha="center", va="center", fontsize=8)
+                continue
+            for key, by_seed in sorted(grouped[(task, noise)].items(), key=lambda kv: list(entries).index(kv[0])):
                 curves = [json.loads(r["curve"]) for r in by_seed.values()]
                 epochs = [p["epoch"] for p in curves[0]]
                 if task in base:
@@ -144,8 +153,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | None = None, resampl
                     m, a, b = CT.bootstrap(v, resamples=resamples)
                     mean.append(m), lo.append(a), hi.append(b)
                 style = "-" if entries[key].static else "--"
-                ax.plot(epochs, mean, style, color=f"C{c}", label=entries[key].label, linewidth=1.2)
-                ax.fill_between(epochs, lo, hi, color=f"C{c}", alpha=0.12)
+                ax.plot(epochs, mean, style, color=colour[key], label=entries[key].label, linewidth=1.2)
+                ax.fill_between(epochs, lo, hi, color=colour[key], alpha=0.12)
             ax.set_title(f"{task}, noise {noise:.0%}", fontsize=8)
             ax.set_ylim(-0.03, 1.03)
             ax.grid(alpha=0.3)
@@ -159,8 +168,10 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | None = None, resampl
             if lab not in labels:
                 handles.append(h), labels.append(lab)
     if handles:
-        fig.legend(handles, labels, loc="upper right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+        order = [entries[k].label for k in keys]
+        labels, handles = zip(*sorted(zip(labels, handles), key=lambda lh: order.index(lh[0])))
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.8 / fig.get_figheight(), 1, 1))
     if path is not None:
         fig.savefig(path, dpi=100)
     return fig

@@ -147,3 +147,25 @@ def test_a_mid_training_evaluation_gives_the_model_back_in_training_mode(tmp_pat
     module.model.train()
     point = NS.evaluate(module, task, probe_data, args)
     assert module.model.training and len(point["items"]) == 4 and point["probe_nll"] > 0
+
+
+def test_the_curves_give_an_objective_one_colour_in_every_panel_and_name_a_panel_not_run():
+    from benchmarks import noise_report as NR
+
+    def row(task, key, noise, acc):
+        items = "1" * acc + "0" * (4 - acc)
+        curve = [{"epoch": e, "accuracy": acc / 4, "items": items} for e in (1, 2)]
+        return {"task": task, "objective": key, "seed": 0, "noise": noise, "items": items, "curve": json.dumps(curve)}
+
+    rows = [row("successor_self", "negprob", 0.0, 3), row("successor_self", "nll", 0.2, 1),
+            row("successor_self", "negprob", 0.2, 2), row("reverse3_long", "nll", 0.0, 1)]  # fmt: skip
+    fig = NR.plot_curves(rows, resamples=10)
+    colours = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colours) == {NS.ENTRIES["nll"].label, NS.ENTRIES["negprob"].label}
+    assert all(len(c) == 1 for c in colours.values())  # −p is alone in one panel and second in another
+    assert len({c for cs in colours.values() for c in cs}) == 2
+    empty = [ax for ax in fig.axes if not ax.axison]
+    assert [t.get_text() for ax in empty for t in ax.texts] == ["reverse3_long: not run at noise 20%"]
