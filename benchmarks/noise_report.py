@@ -102,6 +102,31 @@ def markdown(summaries: Sequence[dict[str, Any]]) -> str:
     ])  # fmt: skip
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
+def overview_table(summaries: Sequence[dict[str, Any]], keys: Sequence[str] | None = None) -> str:
+    """At a glance: one row per task and noise rate, one column per objective (``keys``: those run), the
+    final accuracy; the best static objective in bold; a cell with fewer seeds than its row says how many."""
+    entries = _entries()
+    present = {k for s in summaries for k in s["objectives"]}
+    keys = [k for k in (keys or entries) if k in present]
+    lines = []
+    for s in summaries:
+        cells = []
+        for k in keys:
+            v = s["objectives"].get(k)
+            if v is None:
+                cells.append("–")
+                continue
+            cell = f"{v['accuracy'][0]:.3f}"
+            cell = f"**{cell}**" if k == s.get("best_static") else cell
+            cells.append(cell if v["seeds"] == s["seeds"] else f"{cell} ({_seeds(v['seeds'])})")
+        lines.append([f"`{s['task']}` ({s['role']}), {s['noise']:.0%} noise, {_seeds(s['seeds'])}", *cells])
+    return C.markdown_table(["task (role), noise, seeds", *(entries[k].label for k in keys)], lines)
+
+
 def base_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = []
     for r in rows:
@@ -188,7 +213,8 @@ def write(args, argv, config, csv_path, threads, load, seconds) -> str:
         plot_statistics(rows, os.path.join(args.out, "statistics.png"))
     done = sum((r["train_seconds"] or 0) + (r["eval_seconds"] or 0) for r in rows)
     table = "\n".join(["Tasks and the base model (training targets of seed 0):", "", base_table(rows), "",
-                       markdown(summaries), "", "The diagnosis against the outcome:", "", diagnosis_table(summaries), "",
+                       "At a glance (final held-out accuracy; best static objective in bold; intervals below):", "",
+                       overview_table(summaries), "", markdown(summaries), "", "The diagnosis against the outcome:", "", diagnosis_table(summaries), "",
                        "What a controller could read during NLL training (mean over seeds):",
                        "", statistics_table(rows)])  # fmt: skip
     conditions = [

@@ -169,3 +169,20 @@ def test_the_curves_give_an_objective_one_colour_in_every_panel_and_name_a_panel
     assert len({c for cs in colours.values() for c in cs}) == 2
     empty = [ax for ax in fig.axes if not ax.axison]
     assert [t.get_text() for ax in empty for t in ax.texts] == ["reverse3_long: not run at noise 20%"]
+
+
+def test_the_overview_bolds_the_best_static_objective_and_counts_short_seeds():
+    from benchmarks import noise_report as NR
+
+    def row(key, seed, acc):
+        items = "1" * acc + "0" * (4 - acc)
+        curve = [{"epoch": 1, "accuracy": acc / 4, "items": items}]
+        return {"task": "successor_self", "role": "dev", "objective": key, "seed": seed, "noise": 0.2, "items": items,
+                "curve": json.dumps(curve), "alpha_mean": None}  # fmt: skip
+
+    rows = [row("nll", 0, 1), row("nll", 1, 2), row("negprob", 0, 3), row("negprob", 1, 3), row("dft", 0, 4)]
+    table = NR.overview_table(NR.summarize(rows, resamples=10), ["nll", "negprob", "dft", "linear"])
+    header, _, line = table.splitlines()
+    assert header.split(" | ")[1:] == [NS.ENTRIES[k].label for k in ("nll", "negprob")] + [NS.ENTRIES["dft"].label + " |"]
+    # DFT is ahead but has 1 of 2 seeds: shown with its count, not crowned; the ramp was not run: no column
+    assert line == "| `successor_self` (dev), 20% noise, 2 seeds | 0.375 | **0.750** | 1.000 (1 seed) |"
