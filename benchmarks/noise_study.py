@@ -121,8 +121,9 @@ CORE = ("nll", "negprob", "alpha05", "adaptive", "linear", "adaptive_median", "a
 # The controllers the dev task did not choose: at 20 % with the core, at 0 % and 40 % only after everything else.
 NOT_CHOSEN = ("adaptive", "adaptive_median")
 REST = ("dft", "eaft", "asft", "token")  # the rest of the list, at the middle noise rate
-# The weak + long regime: α should stay 0 there; the ramp ends at −p. With the dev task's leading candidate.
-WEAK = ("nll", "negprob", "adaptive", "linear", "adaptive_learn")
+# The weak + long regime: α should stay 0 there; the ramp ends at −p. With the dev task's leading candidate,
+# and α = 0.5, which the strong tasks never found behind the best static objective.
+WEAK = ("nll", "negprob", "alpha05", "adaptive", "linear", "adaptive_learn")
 BASE = CT.BASE
 TAU = 0.2  # "share of tokens under τ" in the per-step trace (probe's τ)
 QUICK = dict(num_train=4, batch_size=2, epochs=2, eval_epochs=[1, 2], num_eval=6, max_new_tokens=4, pool_scale=0.1,
