@@ -102,6 +102,11 @@ def markdown(summaries: Sequence[dict[str, Any]]) -> str:
     ])  # fmt: skip
 
 
+# The at-a-glance columns: static objectives from NLL towards the prior, then the controllers.
+OVERVIEW = ("nll", "alpha05", "negprob", "dft", "eaft", "asft", "token", "linear", "adaptive", "adaptive_median",
+            "adaptive_learn")  # fmt: skip
+
+
 def _seeds(n: int) -> str:
     return f"{n} seed" + ("" if n == 1 else "s")
 
@@ -111,7 +116,7 @@ def overview_table(summaries: Sequence[dict[str, Any]], keys: Sequence[str] | No
     final accuracy; the best static objective in bold; a cell with fewer seeds than its row says how many."""
     entries = _entries()
     present = {k for s in summaries for k in s["objectives"]}
-    keys = [k for k in (keys or entries) if k in present]
+    keys = [k for k in (keys or OVERVIEW) if k in present]
     lines = []
     for s in summaries:
         cells = []
