@@ -40,7 +40,7 @@ from bnll_lightning.evaluate import CHECKERS, GenerationArgs, evaluate_generatio
 from bnll_lightning.export import ExportFailed, unwritable_reason
 from bnll_lightning.models import load_checkpoint_weights
 from bnll_lightning.module import SFTModule
-from bnll_lightning.probe import REPORT_KEYS, format_report, probe, recommend
+from bnll_lightning.probe import REPORT_KEYS, format_report, probe
 from bnll_lightning.signals import EXIT_CODE, Preempted
 from bnll_lightning.sources import DataError
 from bnll_lightning.strategies import is_sharded
@@ -330,14 +330,11 @@ def probe_main(argv: list[str] | None = None) -> dict[str, Any]:
     model, device = _ready_module(cli), trainer.strategy.root_device
     context = trainer.precision_plugin.forward_context
     figures = probe(model, data, max_batches=config.max_batches, split=config.split, device=device, context=context)
-    generation = _probe_generation(model, data, config, context) if config.generate > 0 else None
-    if generation is not None:  # whole answers by generation overrule the mean p (probe.recommend)
-        figures.update(recommend(figures, base_accuracy=generation["accuracy"]))
     report = {
         "model": config.model.model,
         "data": data.train if config.split == "train" else data.val or data.train,
         "checkpoint": config.get("ckpt_path"),
-        "generation": generation,
+        "generation": _probe_generation(model, data, config, context) if config.generate > 0 else None,
         **figures,
     }
     report = {key: report.get(key) for key in REPORT_KEYS}

@@ -9,8 +9,7 @@ subcommand (:func:`bnll_lightning.cli.probe_main`) runs it from a ``fit`` config
 
 Zones (arXiv 2510.00526, by the arithmetic mean p): **model-strong** at mean p >= 0.5 (prior-leaning
 objectives such as −p win), **model-weak** below 0.1 (NLL wins), **model-intermediate** in between
-(the objectives are on par). With ``--generate N`` the base model's accuracy on held-out rows decides
-instead (−p at >= 0.5, else NLL), and the report says which rule it followed (:func:`recommend`).
+(the objectives are on par).
 
 Why more than the mean: the arithmetic mean is dominated by the many easy tokens (chat template,
 answer format, copied words): a model can give the targets a mean p that the rule calls model-strong
@@ -22,8 +21,7 @@ Report keys (:data:`REPORT_KEYS`, the ``--output`` JSON): ``model``, ``data``, `
 ``batches``, ``rows``, ``tokens``, ``mean_p``, ``geometric_mean_p``, ``median_p``, ``quantiles``
 (``{"0.1", "0.25", "0.75", "0.9"}``: quantiles of p), ``tau``, ``fraction_below_tau``, ``nll``,
 ``token_accuracy``, ``thresholds`` (``{"strong": 0.5, "weak": 0.1}``), ``zone``, ``zone_geometric``,
-``caution`` (a sentence or null), ``recommended`` (objective name), ``recommended_by`` (``"mean p"`` or
-``"base accuracy"``), ``recommended_yaml``, ``adaptive_yaml``,
+``caution`` (a sentence or null), ``recommended`` (objective name), ``recommended_yaml``, ``adaptive_yaml``,
 ``generation`` (with ``--generate N``: ``{"rows", "correct", "accuracy", "checker", "max_new_tokens"}``,
 the base model's answers to the first N val rows scored by the built-in task's checker; else null).
 """
@@ -66,8 +64,7 @@ ZONES = ("model-weak", "model-intermediate", "model-strong")
 REPORT_KEYS = (
     "model", "data", "split", "checkpoint", "batches", "rows", "tokens", "mean_p", "geometric_mean_p",
     "median_p", "quantiles", "tau", "fraction_below_tau", "nll", "token_accuracy", "thresholds", "zone",
-    "zone_geometric", "caution", "recommended", "recommended_by", "recommended_yaml", "adaptive_yaml",
-    "generation",
+    "zone_geometric", "caution", "recommended", "recommended_yaml", "adaptive_yaml", "generation",
 )  # fmt: skip
 
 
@@ -113,31 +110,34 @@ def summarize(logp: Tensor, correct: Tensor | None = None, tau: float = TAU) -> 
 # ----------------------------------------------------------------------------- advice
 
 
-_NEGPROB_YAML = """model:
+_OBJECTIVE_YAML = {
+    "model-strong": (
+        "AlphaFamily(alpha=1) (-p)",
+        """model:
   objective:
     class_path: bnll_lightning.objectives.AlphaFamily
     init_args:
-      alpha: 1.0    # -p: prior-leaning; {why}"""
-_NLL_YAML = """model:
+      alpha: 1.0    # -p: prior-leaning; mean p >= 0.5 (model-strong)""",
+    ),
+    "model-intermediate": (
+        "NLL",
+        """model:
   objective:
-    class_path: bnll_lightning.objectives.NLL    # {why}"""
-_BY_MEAN_P = {
-    "model-strong": ("AlphaFamily(alpha=1) (-p)", _NEGPROB_YAML, "mean p >= 0.5 (model-strong)"),
-    "model-intermediate": ("NLL", _NLL_YAML, "0.1 <= mean p < 0.5: objectives are on par"),
-    "model-weak": ("NLL", _NLL_YAML, "mean p < 0.1 (model-weak): NLL learns the unlikely tokens"),
+    class_path: bnll_lightning.objectives.NLL    # 0.1 <= mean p < 0.5: objectives are on par""",
+    ),
+    "model-weak": (
+        "NLL",
+        """model:
+  objective:
+    class_path: bnll_lightning.objectives.NLL    # mean p < 0.1 (model-weak): NLL learns the unlikely tokens""",
+    ),
 }
 
 
-def recommend(figures: dict[str, Any], base_accuracy: float | None = None) -> dict[str, Any]:
-    """Recommended objective, YAML snippets and a caution for the figures of :func:`summarize`.
-
-    By the paper's rule on the mean p of the training targets; by the base model's accuracy on held-out
-    rows when it is given (``probe --generate``): −p at >= 0.5, else NLL. Accuracy overrules the mean p
-    because the mean p of self-distilled targets (the model's own right answers) is high by selection,
-    whatever the model knows about the rest (measured: README, "Which objective when").
-    """
-    name, template, why = _BY_MEAN_P[figures["zone"]]
-    by, caution = "mean p", None
+def recommend(figures: dict[str, Any]) -> dict[str, Any]:
+    """Recommended objective, YAML snippets and a caution for the figures of :func:`summarize`."""
+    name, objective_yaml = _OBJECTIVE_YAML[figures["zone"]]
+    caution = None
     if ZONES.index(figures["zone_geometric"]) < ZONES.index(figures["zone"]):
         caution = (
             f"the mean p says {figures['zone']} but the geometric mean p ({figures['geometric_mean_p']:.3f}) says "
@@ -145,27 +145,13 @@ def recommend(figures: dict[str, Any], base_accuracy: float | None = None) -> di
             f"{figures['quantiles']['0.1']:.3g}. Check answers by generation before leaning on the prior, "
             "or let the adaptive controller decide (below): it trains with NLL until the median token is learned."
         )
-    if base_accuracy is not None:
-        if base_accuracy >= STRONG:
-            by_accuracy = ("AlphaFamily(alpha=1) (-p)", _NEGPROB_YAML, f"base accuracy {base_accuracy:.0%} >= 50%")
-        else:
-            by_accuracy = ("NLL", _NLL_YAML, f"base accuracy {base_accuracy:.0%} < 50%: answers left to learn")
-        if by_accuracy[0] != name:
-            caution = (
-                f"the mean p ({figures['mean_p']:.3f}) says {figures['zone']} but the base model answers "
-                f"{base_accuracy:.0%} of the val rows right; the recommendation follows the accuracy."
-            )
-            if base_accuracy < STRONG:
-                caution += " Targets the model already finds likely (its own right answers) have a high mean p by selection."
-        (name, template, why), by = by_accuracy, "base accuracy"
     # The controller's defaults, without a warm start: a strong base model would otherwise skip the NLL phase.
     adaptive_yaml = """model:
   objective:
     class_path: bnll_lightning.objectives.AlphaFamily
   alpha_controller:                  # NLL until the median target token is learned (median p 0.9), -p from 0.99
     class_path: bnll_lightning.alpha.AdaptiveAlpha"""
-    return {"caution": caution, "recommended": name, "recommended_by": by,
-            "recommended_yaml": template.format(why=why), "adaptive_yaml": adaptive_yaml}  # fmt: skip
+    return {"caution": caution, "recommended": name, "recommended_yaml": objective_yaml, "adaptive_yaml": adaptive_yaml}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -205,8 +191,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"CAUTION: {report['caution']}")
     lines += [
         "",
-        f"recommended objective: {report['recommended']}   (by {report.get('recommended_by') or 'mean p'}; YAML: merge"
-        " into the config, or pass as a 2nd --config)",
+        f"recommended objective: {report['recommended']}   (YAML: merge into the config, or pass as a 2nd --config)",
         report["recommended_yaml"],
         "",
         "alternative, adaptive alpha (the objective moves along the continuum as the model learns):",
