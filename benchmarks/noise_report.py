@@ -70,10 +70,9 @@ def summarize(rows: Sequence[dict[str, Any]], resamples: int = 4000) -> list[dic
             s["best_static"] = best
             s["tied_with_best"] = [k for k in static if k == best or paired(best, k)[1] <= 0.0]
             for k, v in s["objectives"].items():
-                if not entries[k].static:
-                    v["vs_best"] = paired(k, best)
-                    if "linear" in by_key and k != "linear":
-                        v["vs_linear"] = paired(k, "linear")
+                v["vs_best"] = paired(k, best) if k != best else None
+                if not entries[k].static and "linear" in by_key and k != "linear":
+                    v["vs_linear"] = paired(k, "linear")
         out.append(s)
     return out
 
@@ -87,15 +86,15 @@ def markdown(summaries: Sequence[dict[str, Any]]) -> str:
             mark = " (best static)" if k == s.get("best_static") else ""
             alpha = "–" if v["alpha_mean"] is None else f"{v['alpha_mean']:.2f}"
             acc.append([head, entries[k].label + mark, str(v["seeds"]), CT._ci(v["accuracy"]), CT._ci(v["vs_nll"], True),
-                        alpha])  # fmt: skip
-            if "vs_best" in v:
+                        CT._ci(v.get("vs_best"), True), alpha])  # fmt: skip
+            if not entries[k].static and v.get("vs_best") is not None:
                 ctl.append([head, entries[k].label, entries[s["best_static"]].label, CT._ci(v["vs_best"], True),
                             CT._verdict(v["vs_best"]), CT._ci(v.get("vs_linear"), True), CT._verdict(v.get("vs_linear"))])
     return "\n".join([
         "Final held-out accuracy (end of training; mean over seeds × items, 95 % two-way bootstrap interval);"
-        " Δ vs NLL paired over seeds × items:", "",
-        C.markdown_table(["task (role), noise", "objective", "seeds", "accuracy [95 % CI]", "Δ vs NLL [95 % CI]", "mean α"],
-                         acc),
+        " Δ vs NLL and vs the row's best static objective, paired over seeds × items:", "",
+        C.markdown_table(["task (role), noise", "objective", "seeds", "accuracy [95 % CI]", "Δ vs NLL [95 % CI]",
+                          "Δ vs best static [95 % CI]", "mean α"], acc),
         "", "Controllers against the best static objective and against the ramp (paired):", "",
         C.markdown_table(["task (role), noise", "controller", "best static", "Δ vs best static", "verdict",
                           "Δ vs LinearAlpha", "verdict"], ctl),
