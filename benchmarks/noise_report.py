@@ -68,11 +68,12 @@ def summarize(rows: Sequence[dict[str, Any]], resamples: int = 4000) -> list[dic
         if static:
             best = max(static, key=static.get)
             s["best_static"] = best
-            s["tied_with_best"] = [k for k in static if k == best or paired(best, k)[1] <= 0.0]
             for k, v in s["objectives"].items():
                 v["vs_best"] = paired(k, best) if k != best else None
                 if not entries[k].static and "linear" in by_key and k != "linear":
                     v["vs_linear"] = paired(k, "linear")
+            # the bootstrap is seeded: k − best's upper bound is minus best − k's lower bound, no second draw
+            s["tied_with_best"] = [k for k in static if k == best or s["objectives"][k]["vs_best"][2] >= 0.0]
         out.append(s)
     return out
 
