@@ -54,10 +54,12 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from benchmarks import _common as C
 from benchmarks import continuum as CT
-from bnll_lightning.alpha import AdaptiveAlpha
+from bnll_lightning.alpha import AdaptiveAlpha, PlateauAlpha
 from bnll_lightning.data import SFTDataModule
 from bnll_lightning.models import load_model, load_tokenizer
 from bnll_lightning.modes import eval_mode
@@ -113,6 +115,9 @@ for _e in (
     CT.Entry("adaptive_median", "AdaptiveAlpha v2 on the median",
              lambda a: (AlphaFamily(0.0), AdaptiveAlpha(low=0.6, high=0.9, statistic="quantile", quantile=0.5)), None,
              False, True),
+    # The validation-aware controller (its defaults: NLL until val/nll stops improving, then −p); needs --validate.
+    CT.Entry("plateau", "PlateauAlpha (val/nll, patience 0)", lambda a: (AlphaFamily(0.0), PlateauAlpha()), None,
+             False),
 ):
     ENTRIES[_e.key] = _e
 # The noise grid's objectives. adaptive_median and adaptive_learn joined after the first dev runs had shown
@@ -133,7 +138,13 @@ CSV_FIELDS = (
     "config", "task", "role", "objective", "label", "seed", "noise", "accuracy", "correct", "n", "items", "curve",
     "alpha_mean", "alpha_end", "alphas", "trace", "base_mean_p", "base_geometric_mean_p", "pool", "noisy_rows",
     "num_train", "steps", "epochs", "batch_size", "lr", "model", "train_seconds", "eval_seconds", "finished",
+    "val_curve", "best_step", "best_epoch", "best_accuracy", "best_correct", "best_items", "alpha_rises",
 )  # fmt: skip
+# --validate: the early-stopping grid, most important first (issue 27): early-stopped NLL against −p and the v3
+# default on the strong tasks at the noisiest rate, with the validation-aware controller; then the other rates;
+# then the rest of the list.
+VALIDATE_FIRST = ("nll", "negprob", "adaptive_learn", "plateau")
+VALIDATE_THEN = ("alpha05", "asft", "linear")
 
 
 # ----------------------------------------------------------------------------- data
@@ -215,6 +226,25 @@ def datamodule(path: str, seed: int, noise: float, tokenizer: Any, args: argpars
                          max_length=args.max_length, tokenizer=tokenizer)  # fmt: skip
 
 
+def validation_loader(probe_path: str, seed: int, noise: float, tokenizer: Any, args: argparse.Namespace) -> DataLoader:
+    """--validate: the seed's held-out probe rows as a user would have them, noised at the training rate (its
+    own draw), in order. Never an evaluation item: the probe rows come from the pool, which excludes them."""
+    data = datamodule(probe_path, seed, noise, tokenizer, args)
+    data.setup("fit")
+    # Its own generator: a loader without one draws its worker seed from the global generator at each validation.
+    return DataLoader(data.train_dataset, batch_size=args.batch_size, shuffle=False, collate_fn=data.collator,
+                      generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+
+def best_by_validation(checkpoint: ModelCheckpoint) -> tuple[int, str]:
+    """(optimizer step, path) of ``checkpoint``'s best: the step its monitored metric says (``ModelCheckpoint``
+    keeps the top-1 file; its name carries the step)."""
+    path = checkpoint.best_model_path
+    if not path:
+        raise RuntimeError(f"no checkpoint was kept by monitor {checkpoint.monitor!r}")
+    return int(Path(path).stem.rsplit("step=", 1)[1]), path
+
+
 # ----------------------------------------------------------------------------- one run
 
 
@@ -228,7 +258,15 @@ class Curve(L.Callback):
         self.alphas: list[float] = []
         self.trace: list[list[float]] = []
         self.points: list[dict[str, Any]] = []
+        self.validations: list[dict[str, Any]] = []  # --validate: val/nll and val/mean_p after each epoch
         self.eval_seconds = 0.0
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        self.validations.append({"step": trainer.global_step, "epoch": trainer.current_epoch + 1,
+                                 "val_nll": float(metrics["val/nll"]), "val_mean_p": float(metrics["val/mean_p"])})
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if pl_module.objective.alpha is not None:
@@ -306,17 +344,30 @@ def run_one(task: NoiseTask, key: str, seed: int, noise: float, args: argparse.N
     probe_data.setup("fit")
     eval_at = {e * steps_per_epoch: e for e in args.eval_epochs if e <= args.epochs}
     curve = Curve(eval_at, lambda m: evaluate(m, task, probe_data, args))
-    trainer = L.Trainer(
-        accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps, max_epochs=args.epochs,
-        gradient_clip_val=1.0, logger=False, callbacks=[curve], enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=out,
-    )  # fmt: skip
-    start = time.perf_counter()
-    trainer.fit(module, data)
-    seconds = time.perf_counter() - start
+    callbacks: list[L.Callback] = [curve]
+    with tempfile.TemporaryDirectory(prefix="bnll_best_", dir=out) as ckpt_dir:
+        if args.validate:  # what a Lightning user does: keep the best checkpoint by the validation metric
+            best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=args.monitor, mode="min",
+                                   save_top_k=1, save_weights_only=True, save_last=False)  # fmt: skip
+            callbacks.append(best)
+        trainer = L.Trainer(
+            accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps,
+            max_epochs=args.epochs, gradient_clip_val=1.0, logger=False, callbacks=callbacks,
+            enable_checkpointing=args.validate, enable_progress_bar=False, enable_model_summary=False,
+            limit_val_batches=None if args.validate else 0, check_val_every_n_epoch=1, num_sanity_val_steps=0,
+            default_root_dir=out,
+        )  # fmt: skip
+        start = time.perf_counter()
+        if args.validate:
+            val_loader = validation_loader(probe_path, seed, noise, module.tokenizer, args)
+            trainer.fit(module, train_dataloaders=data.train_dataloader(), val_dataloaders=val_loader)
+        else:
+            trainer.fit(module, data)
+        seconds = time.perf_counter() - start
+        selected = _selected(best, curve, module, task, probe_data, args) if args.validate else {}
     last = curve.points[-1]
     alphas = curve.alphas
-    return {
+    return {**selected,
         "objective": key, "label": entry.label, "seed": seed, "noise": noise, "accuracy": last["accuracy"],
         "correct": last["items"].count("1"), "n": len(last["items"]), "items": last["items"],
         "curve": json.dumps(curve.points),
@@ -325,7 +376,24 @@ def run_one(task: NoiseTask, key: str, seed: int, noise: float, args: argparse.N
         "trace": json.dumps(curve.trace), "noisy_rows": data.stats["train"].get("noisy", 0),
         "num_train": _num_train(task, args), "steps": trainer.global_step,
         "train_seconds": seconds - curve.eval_seconds, "eval_seconds": curve.eval_seconds,
+        "alpha_rises": json.dumps(getattr(controller, "rises", None)),
     }  # fmt: skip
+
+
+def _selected(best: ModelCheckpoint, curve: Curve, module: Any, task: NoiseTask, probe_data: SFTDataModule,
+              args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """The best checkpoint by validation: its step and its held-out accuracy (the curve's, where the curve was
+    evaluated at that step; else its weights are loaded and evaluated now)."""
+    step, path = best_by_validation(best)
+    point = next((p for p in curve.points if p["step"] == step), None)
+    if point is None:
+        start = time.perf_counter()
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+        point = evaluate(module, task, probe_data, args)
+        curve.eval_seconds += time.perf_counter() - start
+    epoch = next(v["epoch"] for v in curve.validations if v["step"] == step)
+    return {"val_curve": json.dumps(curve.validations), "best_step": step, "best_epoch": epoch,
+            "best_accuracy": point["accuracy"], "best_correct": point["items"].count("1"), "best_items": point["items"]}
 
 
 # ----------------------------------------------------------------------------- the CSV and the plan
@@ -334,6 +402,8 @@ def run_one(task: NoiseTask, key: str, seed: int, noise: float, args: argparse.N
 def config_key(args: argparse.Namespace) -> str:
     fields = ("model", "epochs", "batch_size", "lr", "warmup", "num_train", "num_eval", "max_new_tokens", "max_length",
               "probe_batches", "precision", "probe_rows", "eval_epochs", "pool_scale", "canonical_targets")  # fmt: skip
+    if args.validate:  # only then: the configurations before --validate keep their keys
+        fields += ("validate", "monitor")
     blob = json.dumps({f: getattr(args, f) for f in fields}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
@@ -349,8 +419,9 @@ def append_row(path: str, row: dict[str, Any]) -> None:
 
 
 _FLOAT = {"accuracy", "alpha_mean", "alpha_end", "base_mean_p", "base_geometric_mean_p", "noise", "lr",
-          "train_seconds", "eval_seconds"}  # fmt: skip
-_INT = {"seed", "correct", "n", "noisy_rows", "num_train", "steps", "epochs", "batch_size"}
+          "train_seconds", "eval_seconds", "best_accuracy"}  # fmt: skip
+_INT = {"seed", "correct", "n", "noisy_rows", "num_train", "steps", "epochs", "batch_size", "best_step", "best_epoch",
+        "best_correct"}  # fmt: skip
 
 
 def read_csv(path: str, config: str | None = None) -> list[dict[str, Any]]:
@@ -372,6 +443,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int | None, float | N
     low, high = [n for n in args.noises if n < mid], [n for n in args.noises if n > mid]
     runs: list[tuple[str, str, int | None, float | None]] = [(t, BASE, None, None) for t in args.tasks]
     seeds = range(args.seeds)
+    if args.validate:
+        return _validate_plan(args, runs, strong, weak)
     runs += [(t, k, s, mid) for s in seeds for t in strong for k in core]
     runs += [(t, k, s, 0.0) for s in seeds for t in weak for k in args.objectives if k in WEAK]
     for s in seeds:
@@ -379,6 +452,21 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int | None, float | N
         runs += [(t, k, s, mid) for t in strong for k in rest]
         runs += [(t, k, s, n) for n in high for t in strong for k in grid]
     runs += [(t, k, s, n) for s in seeds for n in (*low, *high) for t in strong for k in core if k not in grid]
+    return list(dict.fromkeys(runs))
+
+
+def _validate_plan(args: argparse.Namespace, runs: list[tuple], strong: list[str], weak: list[str]) -> list[tuple]:
+    """--validate's order: per noise rate from the noisiest down, seed by seed, the strong tasks with the first
+    objectives (the dev task first: it chooses the controller's settings); then the rest of the list at each
+    rate; then the weak + long regime."""
+    first = [k for k in VALIDATE_FIRST if k in args.objectives]
+    then = [k for k in args.objectives if k not in first]
+    noises = sorted(args.noises, reverse=True)
+    dev = [t for t in strong if NOISE_TASKS[t].role == "dev"] + [t for t in strong if NOISE_TASKS[t].role != "dev"]
+    for group in (first, then):
+        runs += [(t, k, s, n) for n in noises for s in range(args.seeds) for t in dev for k in group]
+    runs += [(t, k, s, 0.0) for s in range(args.seeds) for t in weak for k in args.objectives
+             if k in (*WEAK, "plateau", "asft")]  # fmt: skip
     return list(dict.fromkeys(runs))
 
 
@@ -479,6 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=int, default=4000, help="bootstrap resamples per interval")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--validate", action="store_true",
+                        help="validate each epoch on the seed's probe rows noised at the training rate; keep the best"
+                             " checkpoint by --monitor (ModelCheckpoint) and report it beside the last")  # fmt: skip
+    parser.add_argument("--monitor", default="val/nll", help="--validate: the metric the best checkpoint minimises")
     parser.add_argument("--report", action="store_true", help="no runs: tables and plots from the CSV")
     parser.add_argument("--out", default=None, help="output directory (default: runs/noise_study; --quick: temp)")
     return parser
@@ -487,7 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if parser.parse_known_args(argv)[0].quick:
+    known = parser.parse_known_args(argv)[0]
+    if known.validate:
+        parser.set_defaults(objectives=[*VALIDATE_FIRST, *VALIDATE_THEN])
+    if known.quick:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     args.out = args.out or (tempfile.mkdtemp(prefix="bnll_noise_") if args.quick else "runs/noise_study")

@@ -22,6 +22,8 @@ scalars, so they fit in a Lightning checkpoint and a resumed run continues the s
   (``alpha_at(step)``); the fed statistic is ignored.
 * :class:`AdaptiveAlpha` — EMA of the fed statistic, mapped to a target α by a smoothstep in
   log p, approached at a bounded rate.
+* :class:`PlateauAlpha` — NLL until the validation loss stops improving, then α steps towards the
+  prior (``ReduceLROnPlateau`` for α); without enough validations it runs as ``AdaptiveAlpha``.
 
 Call ``update`` on *every* optimizer step, also when the step had no target tokens (pass
 ``None``, which is what :func:`finalize_statistic` returns then): schedules count calls, so
@@ -52,6 +54,7 @@ __all__ = [
     "LinearAlpha",
     "CosineAlpha",
     "AdaptiveAlpha",
+    "PlateauAlpha",
     "step_statistic",
     "finalize_statistic",
 ]
@@ -465,9 +468,12 @@ class AdaptiveAlpha(AlphaController):
         self._m = d * self._m + (1.0 - d) * x
         self._w = d * self._w + (1.0 - d)
         self.n_observed += 1
-        goal = self.target(self._m / self._w)
-        delta = min(max(goal - self._alpha, -self.max_delta), self.max_delta)
+        delta = min(max(self._goal() - self._alpha, -self.max_delta), self.max_delta)
         return self._alpha + delta
+
+    def _goal(self) -> float:
+        """The α this step heads for (at most ``max_delta`` away from the current one)."""
+        return self.target(self._m / self._w)
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -488,6 +494,149 @@ class AdaptiveAlpha(AlphaController):
         self._m = float(state["ema_m"])
         self._w = float(state["ema_w"])
         self.n_observed = int(state["n_observed"])
+
+
+# ----------------------------------------------------------------------------- validation-aware
+
+PlateauMode = Literal["validation", "fallback"]
+
+
+class PlateauAlpha(AdaptiveAlpha):
+    """NLL until the held-out loss stops improving, then α steps towards the prior: ``ReduceLROnPlateau`` for α.
+
+    Under label noise a model first learns the clean majority, then memorises the wrong answers; the
+    validation loss on held-out rows of the same (noisy) data turns up when the memorising starts. That
+    is the signal early stopping reads to *stop*. This controller reads it to keep training with an
+    objective that no longer chases the low-p tail: after ``patience`` validations without an
+    improvement of at least ``min_delta``, the validation level of α rises by ``alpha_step`` (at most
+    ``alpha_max``), and α moves there at ``max_delta`` per optimizer step.
+
+    **It never moves back.** A rise follows memorising, which does not undo itself; a return to NLL
+    would resume it, and a validation loss that improves after the rise is evidence for the new α.
+
+    **Too few validations.** At the start of fit the trainer says how many validations the run will
+    have (:meth:`plan`); with fewer than ``patience + 2`` (a best to beat, then ``patience + 1``
+    misses) the signal cannot act, and the controller runs as :class:`AdaptiveAlpha` with its own
+    knobs (the v3 default: NLL until the median token is learned) and warns once. The mode is state:
+    a resumed run keeps it.
+
+    The trainer feeds one value per validation with :meth:`validate` (``bnll_lightning.plateau``'s
+    callback reads ``monitor`` from the logged metrics; the sanity check is not fed) and the per-step
+    statistic with :meth:`update`, as for ``AdaptiveAlpha`` (kept for the fallback and for logging).
+    """
+
+    def __init__(
+        self,
+        alpha_max: NonNegativeFloat = 1.0,
+        alpha_step: PositiveFloat = 1.0,
+        patience: int = 0,
+        min_delta: NonNegativeFloat = 0.0,
+        monitor: str = "val/nll",
+        mode: Literal["min", "max"] = "min",
+        max_delta: PositiveFloat = 0.25,
+        low: OpenUnitInterval = 0.9,
+        high: OpenUnitInterval = 0.99,
+        ema_decay: UnitIntervalClosedOpen = 0.7,
+        statistic: Literal["mean", "geometric", "quantile"] = "quantile",
+        quantile: OpenUnitInterval = 0.5,
+    ) -> None:
+        """
+        Args:
+            alpha_max: the highest α, >= 0. 1 gives −p.
+            alpha_step: how far one plateau raises α's validation level, > 0. The default 1.0 goes from
+                NLL to −p at the first plateau: a short run rarely validates often enough for two.
+            patience: validations without improvement tolerated before α rises, >= 0 (as
+                ``ReduceLROnPlateau``). 0: the first validation that does not beat the best raises it;
+                the held-out loss of a noisy split turns up within an epoch of the memorising.
+            min_delta: the smallest change of ``monitor`` that counts as an improvement, >= 0.
+            monitor: the logged metric read at each validation (``val/nll``: the held-out targets' NLL,
+                what ``ModelCheckpoint`` and ``EarlyStopping`` would monitor).
+            mode: ``"min"`` if a lower ``monitor`` is better, ``"max"`` if higher.
+            max_delta: largest change of α per optimizer step, > 0 (a rise ramps over a few steps).
+            low, high, ema_decay, statistic, quantile: the :class:`AdaptiveAlpha` knobs, used when the run
+                has too few validations (defaults: v3).
+        """
+        super().__init__(alpha_max=alpha_max, low=low, high=high, ema_decay=ema_decay, max_delta=max_delta,
+                         statistic=statistic, quantile=quantile)  # fmt: skip
+        owner = "PlateauAlpha"
+        step = float(alpha_step)
+        if not (math.isfinite(step) and step > 0.0):
+            raise ValueError(f"{owner}: alpha_step must be > 0, got alpha_step={alpha_step!r}")
+        if isinstance(patience, bool) or int(patience) != patience or patience < 0:
+            raise ValueError(f"{owner}: patience must be an integer >= 0, got patience={patience!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"{owner}: mode must be 'min' or 'max', got mode={mode!r}")
+        if not monitor:
+            raise ValueError(f"{owner}: monitor must name a logged metric, e.g. 'val/nll'")
+        self.alpha_step, self.patience = step, int(patience)
+        self.min_delta = _check_finite_nonneg(owner, "min_delta", min_delta)
+        self.monitor, self.mode = monitor, mode
+        self.run_mode: Optional[str] = None  # "validation" or "fallback", decided by plan()
+        self.best: Optional[float] = None
+        self.misses = 0  # validations since the best
+        self.level = 0.0  # α the validations have set
+        self.validations = 0
+        self.rises: list[int] = []  # the optimizer step of each rise
+
+    @property
+    def min_validations(self) -> int:
+        """Validations a run needs for the signal to act: a best, then ``patience + 1`` misses."""
+        return self.patience + 2
+
+    def plan(self, validations: int) -> str:
+        """Decide the mode from the run's planned validations (once; a resumed run keeps its mode)."""
+        if self.run_mode is None:
+            self.run_mode = "validation" if validations >= self.min_validations else "fallback"
+            if self.run_mode == "fallback":
+                warnings.warn(
+                    f"PlateauAlpha: this run validates {validations} time(s), fewer than the {self.min_validations}"
+                    " its patience needs; alpha follows AdaptiveAlpha (NLL until the median token p passes"
+                    f" {self.low}). Validate more often (trainer.val_check_interval) for the validation signal.",
+                    stacklevel=2,
+                )
+        return self.run_mode
+
+    def validate(self, value: float) -> float:
+        """Feed one validation's ``monitor``; returns α's validation level (unchanged in fallback mode)."""
+        value = float(value.item() if isinstance(value, Tensor) else value)
+        if self.run_mode == "fallback" or not math.isfinite(value):
+            return self.level
+        self.validations += 1
+        better = self.best is None or (
+            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta)
+        if better:
+            self.best, self.misses = value, 0
+        else:
+            self.misses += 1
+            if self.misses > self.patience and self.level < self.alpha_max:
+                self.level = min(self.level + self.alpha_step, self.alpha_max)
+                self.misses = 0
+                self.rises.append(self.step)
+        return self.level
+
+    def start(self, value: float) -> float:
+        raise RuntimeError("PlateauAlpha starts at NLL and moves on validation: warm_start_batches is for AdaptiveAlpha")
+
+    def _goal(self) -> float:
+        return super()._goal() if self.run_mode == "fallback" else self.level
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "alpha_max": self.alpha_max, "alpha_step": self.alpha_step, "patience": self.patience,
+            "min_delta": self.min_delta, "monitor": self.monitor, "mode": self.mode, "max_delta": self.max_delta,
+            "low": self.low, "high": self.high, "ema_decay": self.ema_decay, "statistic": self.statistic,
+            "quantile": self.quantile,
+        }  # fmt: skip
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "run_mode": self.run_mode, "best": self.best, "misses": self.misses,
+                "level": self.level, "validations": self.validations, "rises": list(self.rises)}  # fmt: skip
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        super()._load_extra_state(state)
+        self.run_mode, self.best = state["run_mode"], state["best"]
+        self.misses, self.level = int(state["misses"]), float(state["level"])
+        self.validations, self.rises = int(state["validations"]), [int(s) for s in state["rises"]]
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
-from bnll_lightning.alpha import AdaptiveAlpha, AlphaController, finalize_statistic, step_statistic
+from bnll_lightning.alpha import AdaptiveAlpha, AlphaController, PlateauAlpha, finalize_statistic, step_statistic
 from bnll_lightning.callbacks import ContinuumLayout, ProbabilityHistogram, StepLearningRateMonitor
 from bnll_lightning.constraints import ConfigError
 from bnll_lightning.export import HFExport
@@ -40,6 +40,7 @@ from bnll_lightning.modes import eval_mode
 from bnll_lightning.objectives import NLL, Objective, StatsRequest, SupportsAlpha, TokenStats
 from bnll_lightning.optim import decay_groups, default_optimizer, resolve_warmup, warmup_cosine
 from bnll_lightning.packing import packing_unsupported_reason
+from bnll_lightning.plateau import PlateauFeed
 from bnll_lightning.reference import load_reference, reference_source
 from bnll_lightning.sampling import rng_state, sample_batches, set_rng_state
 from bnll_lightning.signals import SignalCheckpoint
@@ -167,7 +168,7 @@ class SFTModule(L.LightningModule):
         self.histogram_every_n_steps = histogram_every_n_steps
         if warm_start_batches < 0:
             raise ValueError(f"warm_start_batches must be >= 0, got {warm_start_batches}")
-        if warm_start_batches and not isinstance(alpha_controller, AdaptiveAlpha):
+        if warm_start_batches and (not isinstance(alpha_controller, AdaptiveAlpha) or isinstance(alpha_controller, PlateauAlpha)):
             raise ValueError(
                 "model.warm_start_batches starts an adaptive controller: set model.alpha_controller to "
                 f"bnll_lightning.alpha.AdaptiveAlpha (got {type(alpha_controller).__name__})"
@@ -499,6 +500,8 @@ class SFTModule(L.LightningModule):
         callbacks: list[L.Callback] = [HFExport(), SignalCheckpoint(), ContinuumLayout()]
         if self.histogram_every_n_steps:
             callbacks.append(ProbabilityHistogram(self.histogram_every_n_steps))
+        if isinstance(self.alpha_controller, PlateauAlpha):
+            callbacks.append(PlateauFeed())
         trainer = self._trainer
         if trainer is not None and trainer.loggers:  # LearningRateMonitor refuses to run without a logger
             callbacks.append(StepLearningRateMonitor())
