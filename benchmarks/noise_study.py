@@ -226,14 +226,26 @@ def datamodule(path: str, seed: int, noise: float, tokenizer: Any, args: argpars
                          max_length=args.max_length, tokenizer=tokenizer)  # fmt: skip
 
 
-def validation_loader(probe_path: str, seed: int, noise: float, tokenizer: Any, args: argparse.Namespace) -> DataLoader:
+def validation_split(probe_path: str, seed: int, noise: float, tokenizer: Any, args: argparse.Namespace) -> SFTDataModule:
     """--validate: the seed's held-out probe rows as a user would have them, noised at the training rate (its
-    own draw), in order. Never an evaluation item: the probe rows come from the pool, which excludes them."""
+    own draw). Never an evaluation item: the probe rows come from the pool, which excludes them."""
     data = datamodule(probe_path, seed, noise, tokenizer, args)
     data.setup("fit")
+    return data
+
+
+def validation_loader(split: SFTDataModule, args: argparse.Namespace) -> DataLoader:
+    """The validation split's rows in order."""
     # Its own generator: a loader without one draws its worker seed from the global generator at each validation.
-    return DataLoader(data.train_dataset, batch_size=args.batch_size, shuffle=False, collate_fn=data.collator,
+    return DataLoader(split.train_dataset, batch_size=args.batch_size, shuffle=False, collate_fn=split.collator,
                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+
+def best_checkpoint(dirpath: str, monitor: str) -> ModelCheckpoint:
+    """What a Lightning user does to keep the best model: the top-1 checkpoint by ``monitor`` (lower is better),
+    weights only (a finished run resumes nothing)."""
+    return ModelCheckpoint(dirpath=dirpath, filename="best-{step}", monitor=monitor, mode="min", save_top_k=1,
+                           save_weights_only=True, save_last=False)  # fmt: skip
 
 
 def best_by_validation(checkpoint: ModelCheckpoint) -> tuple[int, str]:
@@ -347,8 +359,7 @@ def run_one(task: NoiseTask, key: str, seed: int, noise: float, args: argparse.N
     callbacks: list[L.Callback] = [curve]
     with tempfile.TemporaryDirectory(prefix="bnll_best_", dir=out) as ckpt_dir:
         if args.validate:  # what a Lightning user does: keep the best checkpoint by the validation metric
-            best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=args.monitor, mode="min",
-                                   save_top_k=1, save_weights_only=True, save_last=False)  # fmt: skip
+            best = best_checkpoint(ckpt_dir, args.monitor)
             callbacks.append(best)
         trainer = L.Trainer(
             accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps,
@@ -359,7 +370,7 @@ def run_one(task: NoiseTask, key: str, seed: int, noise: float, args: argparse.N
         )  # fmt: skip
         start = time.perf_counter()
         if args.validate:
-            val_loader = validation_loader(probe_path, seed, noise, module.tokenizer, args)
+            val_loader = validation_loader(validation_split(probe_path, seed, noise, module.tokenizer, args), args)
             trainer.fit(module, train_dataloaders=data.train_dataloader(), val_dataloaders=val_loader)
         else:
             trainer.fit(module, data)

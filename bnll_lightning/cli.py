@@ -88,6 +88,8 @@ class SFTCLI(LightningCLI):
         )
         # Parse errors are raised (not printed with the whole usage): main() reports them in one line.
         kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+        # Seed 0 unless the config says otherwise: Lightning's default (True) seeds 0 too, warning "No seed found".
+        kwargs.setdefault("seed_everything_default", 0)
         super().__init__(self.module_class, SFTDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -124,12 +126,19 @@ class SFTCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, with :class:`StepProgressBar` as its progress bar unless the config names one
-        or turns the bar off, and for fit the console's header, validation lines and summary."""
+        or turns the bar off (stdout not a terminal, unless ``--verbosity all``: the bar disabled and
+        :class:`~bnll_lightning.console.StepLines` printing its values as plain lines), and for fit the console's
+        header, validation lines and summary."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            kwargs.setdefault("callbacks", [*callbacks, StepProgressBar(validation_bars=self._verbose)])
+            bar, lines = StepProgressBar(validation_bars=self._verbose), []
+            # In a file tqdm's \r redraws join into lines of thousands of characters (--verbosity all: Lightning's own).
+            if not console.terminal() and not self._verbose:
+                bar.disable()
+                lines = [console.StepLines()]
+            kwargs.setdefault("callbacks", [*callbacks, bar, *lines])
         if not self._verbose and config.get("enable_model_summary") is None:
             kwargs.setdefault("enable_model_summary", False)  # a table (rich's when installed), not a log line
         trainer = super().instantiate_trainer(**kwargs)
@@ -463,33 +472,62 @@ class StudyCLI(SFTCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
-        parser.add_argument("--objectives", type=str, nargs="+", default=list(study.DEFAULT_OBJECTIVES),
-                            help="Objectives to compare: overlay names of configs/objectives (nll, negprob, dft, "
-                                 "adaptive, linear, ...), YAML overlays, or Objective class paths.")
-        parser.add_argument("--seeds", type=int, default=3,
-                            help="Runs per objective, seeds 0..N-1: the training order and RNGs (the rows stay).")
-        parser.add_argument("--max_steps", type=Optional[int], default=None,
-                            help="Optimizer steps per run (None: the job's trainer.max_steps).")
-        parser.add_argument("--val_rows", type=int, default=200,
-                            help="Held-out rows every run is scored on: the first N of data.val, or held out "
-                                 "of the job's data when data.val is not set; never trained on (checked).")
-        parser.add_argument("--checker", type=Optional[Literal[tuple(CHECKERS)]], default=None,
-                            help="Answer checker (None: the job's GenerationEval's, else the built-in task's).")
-        parser.add_argument("--max_new_tokens", type=Optional[int], default=None,
-                            help="Generation budget per answer (None: the job's GenerationEval's, else "
-                                 f"{GenerationArgs.max_new_tokens}); greedy.")
-        parser.add_argument("--out", type=str, default="runs/study",
-                            help="Output folder: study.csv (one row per run; a rerun skips finished runs), "
-                                 "study.md, study.png, recommendation.yaml.")
-        parser.add_argument("--bootstrap", type=int, default=4000, help="Bootstrap resamples per interval.")
+        _add_study_arguments(parser)
 
 
-def study_main(argv: list[str] | None = None) -> compare.Comparison:
+def _add_study_arguments(parser: Any) -> None:
+    """The study's own options (:attr:`StudyCLI.options`), on the full parser and on ``study --help``'s."""
+    parser.add_argument("--objectives", type=str, nargs="+", default=list(study.DEFAULT_OBJECTIVES),
+                        help="Objectives to compare: overlay names of configs/objectives (nll, negprob, dft, "
+                             "adaptive, linear, ...), YAML overlays, or Objective class paths.")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="Runs per objective, seeds 0..N-1: the training order and RNGs (the rows stay).")
+    parser.add_argument("--max_steps", type=Optional[int], default=None,
+                        help="Optimizer steps per run (None: the job's trainer.max_steps).")
+    parser.add_argument("--val_rows", type=int, default=200,
+                        help="Held-out rows every run is scored on: the first N of data.val, or held out "
+                             "of the job's data when data.val is not set; never trained on (checked).")
+    parser.add_argument("--checker", type=Optional[Literal[tuple(CHECKERS)]], default=None,
+                        help="Answer checker (None: the job's GenerationEval's, else the built-in task's).")
+    parser.add_argument("--max_new_tokens", type=Optional[int], default=None,
+                        help="Generation budget per answer (None: the job's GenerationEval's, else "
+                             f"{GenerationArgs.max_new_tokens}); greedy.")
+    parser.add_argument("--out", type=str, default="runs/study",
+                        help="Output folder: study.csv (one row per run; a rerun skips finished runs), "
+                             "study.md, study.png, recommendation.yaml.")
+    parser.add_argument("--bootstrap", type=int, default=4000, help="Bootstrap resamples per interval.")
+
+
+def study_help() -> str:
+    """``study --help``: the study's own options, then where the job's are. Built without the fit parser, whose
+    help (every Trainer, model and data option: ~780 lines, seconds to build) is ``fit --help``'s."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog="python -m bnll_lightning study",
+        description="Fine-tune the job once per objective and seed, score every run on the same held-out rows by "
+                    "generation, and print the comparison (study.md, study.png, recommendation.yaml in --out). "
+                    "File data (rows that are not a built-in task's) needs --checker exact, normalized or math, "
+                    "unless the job's trainer.callbacks has a GenerationEval, whose checker the study then uses.",
+        epilog="The job's own options (model, data, trainer, seed_everything) are fit's and apply here too: "
+               "python -m bnll_lightning fit --help",
+    )  # fmt: skip
+    parser.add_argument("-c", "--config", action=ActionConfigFile,
+                        help="The job: a fit config (repeat to layer overlays), as fit reads it.")
+    _add_study_arguments(parser)
+    return parser.format_help()
+
+
+def study_main(argv: list[str] | None = None) -> compare.Comparison | None:
     """``python -m bnll_lightning study --config job.yaml [--objectives ...] [--seeds N] [--max_steps N]
     [--val_rows N] [--out DIR]``: fine-tune the job once per objective and seed, score every run on the same
     held-out rows, and print the comparison. On one device the runs train copies of the base model loaded
-    once, in this process; with several devices or a distributed strategy each run is a ``fit`` process."""
+    once, in this process; with several devices or a distributed strategy each run is a ``fit`` process.
+    ``-h``/``--help``: :func:`study_help` (None returned)."""
     argv = list(argv or [])
+    if {"-h", "--help"} & set(argv):
+        print(study_help(), end="", flush=True)
+        return None
     with study.lightning_quiet():
         cli = load_from_config(argv, StudyCLI)  # parses the job and loads the base model, once
     cfg, trainer = cli.config, cli.trainer
@@ -672,6 +710,15 @@ def main(argv: list[str] | None = None) -> None:
     a checkpoint, prints the command that resumes it and exits with 143. ``BNLL_DEBUG=1`` re-raises
     with the traceback instead."""
     args = list(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():
+        # torch deprecates LeafSpec and Lightning's own pytree code uses it: nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        _main(args, argv)
+
+
+def _main(args: list[str], argv: list[str] | None) -> None:
+    """:func:`main`'s work: run the subcommand, turning the errors it documents into one line and an exit code."""
     try:
         if args and args[0] in EXTRA_COMMANDS:
             EXTRA_COMMANDS[args[0]](args[1:])

@@ -4,7 +4,8 @@
 summary, seeds; third-party progress bars: GGUF conversion, loading and writing weights; advice-only
 warnings) and prints each warning on one line; :func:`restore` undoes it. :class:`ConsoleReport` writes
 the header, the validation lines and the summary (the training bar is
-:class:`~bnll_lightning.callbacks.StepProgressBar`'s). The CLI uses both unless ``--verbosity all``.
+:class:`~bnll_lightning.callbacks.StepProgressBar`'s in a terminal, :class:`StepLines`' plain lines when
+stdout is a file or a pipe). The CLI uses both unless ``--verbosity all``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from bnll_lightning.models import describe_model
 
-__all__ = ["ConsoleReport", "quiet", "restore"]
+__all__ = ["ConsoleReport", "StepLines", "quiet", "restore", "terminal"]
 
 _undo: list[Callable[[], None]] = []
 
@@ -45,7 +46,6 @@ def quiet() -> None:
     transformers_logging.disable_progress_bar()
     hub.disable_progress_bars()
     warnings.filterwarnings("ignore", category=PossibleUserWarning)  # advice (e.g. "few workers"), not a problem
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning's own call
     warnings.formatwarning = _one_line
 
     def undo() -> None:
@@ -72,6 +72,7 @@ def _write(line: str) -> None:
     from tqdm import tqdm
 
     tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()  # a log file (block-buffered) shows the line now, not at exit
 
 
 def _number(value: Any) -> str:
@@ -155,6 +156,44 @@ class ConsoleReport(L.Callback):
         if log_dir:
             lines.append(f"logs       tensorboard --logdir {_tensorboard_root(trainer, log_dir)}")
         _write("\n".join(lines))
+
+
+def terminal() -> bool:
+    """Whether stdout is a terminal: where a bar's ``\\r`` redraws overwrite each other (in a file they pile up)."""
+    return sys.stdout is not None and sys.stdout.isatty()
+
+
+class StepLines(L.Callback):
+    """The training bar as plain lines, for a stdout that is not a terminal (a log file, a pipe, CI): every
+    ``every_n_steps`` optimizer steps and at the last, ``step k/N (elapsed): α … · loss … · mean p …`` with the
+    trainer's progress bar's metrics (the CLI disables that bar's drawing there, Lightning's ``disable()``)."""
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        """
+        Args:
+            every_n_steps: Optimizer steps between two lines; None: a tenth of the run (at least 1; 50 when
+                the run's length is unknown).
+        """
+        self.every_n_steps = every_n_steps
+        self._start, self._last = 0.0, -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._last = time.perf_counter(), trainer.global_step  # a resumed run counts from its step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        step = trainer.global_step
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        total = int(total) if total != float("inf") else None
+        every = self.every_n_steps or max(1, (total or 500) // 10)
+        if step == self._last or (step % every and step != total) or not trainer.is_global_zero:
+            return  # no optimizer step in this micro-batch, not a reporting step, or not rank zero
+        self._last = step
+        bar = trainer.progress_bar_callback
+        metrics = bar.get_metrics(trainer, pl_module) if bar is not None else {}
+        shown = " · ".join(f"{k} {_number(v) if isinstance(v, (int, float)) else v}" for k, v in metrics.items())
+        _write(f"step {step}/{total or '?'} ({_duration(time.perf_counter() - self._start)})"
+               + (f": {shown}" if shown else ""))
 
 
 def _tensorboard_root(trainer: L.Trainer, log_dir: str | None) -> str:

@@ -72,6 +72,12 @@ def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
+def _logits(model: nn.Module, inputs: dict[str, Tensor | None]) -> Tensor:
+    """The model's logits for ``inputs``, without its KV cache: with ``use_cache=True`` (the HF default)
+    transformers ignores a packed batch's ``position_ids`` row boundaries, and packed rows attend across rows."""
+    return model(**inputs, use_cache=False).logits
+
+
 def target_labels(batch: dict[str, Tensor]) -> Tensor:
     """Each position's target: position t predicts token t + 1 (the labels shifted once); the last has none."""
     return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -129,7 +135,7 @@ class LogpHead:
                 entropy=request.entropy, topk=request.topk, reference_hidden=ref_hidden, reference_head=ref_head,
                 kl=request.kl,
             )
-        logits = model(**inputs).logits
+        logits = _logits(model, inputs)
         return token_stats(logits, labels, request, ref_logits=reference.logits(**inputs) if reference else None)
 
     @torch.no_grad()
@@ -141,6 +147,6 @@ class LogpHead:
             hidden, (weight, bias) = forward_hidden(model, **inputs), output_head(model)
             return streamed_eval_logprobs(hidden, weight, labels, IGNORE_INDEX, self.chunk_size, bias, self.scale,
                                           self.softcap, self.dtype)
-        logits = model(**inputs).logits
+        logits = _logits(model, inputs)
         logp, mask = token_logprobs(logits, labels)
         return logp, mask, logits.argmax(-1) == labels

@@ -5,34 +5,38 @@ from __future__ import annotations
 import math
 
 import lightning.pytorch as L
+from lightning.pytorch.utilities import rank_zero_warn
 
 from bnll_lightning.alpha import PlateauAlpha
 
 
-def planned_validations(trainer: L.Trainer) -> int:
-    """How many validations this fit will run, from the trainer's own schedule (an estimate: 0 when there is
-    no validation data or ``limit_val_batches`` is 0)."""
+def planned_validations(trainer: L.Trainer, batches: float | None = None) -> int:
+    """How many validations Lightning's schedule runs within the first ``batches`` training batches (None: the
+    whole fit); 0 when there is no validation data or ``limit_val_batches`` is 0."""
     loop = trainer.fit_loop.epoch_loop.val_loop
     # Lightning sets up the validation data at the first validation; doing it now is what it would do then.
     loop.setup_data()
     if not sum(trainer.num_val_batches) or trainer.val_check_batch is None:
         return 0
-    per_epoch_batches = trainer.num_training_batches
-    accumulate = trainer.accumulate_grad_batches
-    budget = [math.inf]
-    if trainer.max_steps is not None and trainer.max_steps >= 0:
-        budget.append(trainer.max_steps * accumulate)
-    if trainer.max_epochs is not None and trainer.max_epochs >= 0 and math.isfinite(per_epoch_batches):
-        budget.append(trainer.max_epochs * per_epoch_batches)
-    total = min(budget)
-    if not math.isfinite(total) or trainer.val_check_batch == math.inf:
-        return 0 if not math.isfinite(total) else int(total // per_epoch_batches)
+    per_epoch = trainer.num_training_batches
+    if batches is None:
+        budget = [math.inf]
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            budget.append(trainer.max_steps * trainer.accumulate_grad_batches)
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and math.isfinite(per_epoch):
+            budget.append(trainer.max_epochs * per_epoch)
+        batches = min(budget)
+    if not math.isfinite(batches) or not math.isfinite(per_epoch):
+        return 0  # an endless or unsized run: no count to plan with
     every = trainer.check_val_every_n_epoch
-    if every is None:  # validation every val_check_batch batches, across epochs
-        return int(total // trainer.val_check_batch)
-    epochs = int(total // per_epoch_batches) if math.isfinite(per_epoch_batches) else 1
-    per_epoch = int(per_epoch_batches // trainer.val_check_batch) if math.isfinite(per_epoch_batches) else 0
-    return (epochs // every) * per_epoch
+    if every is None:  # every val_check_batch batches, counted across epochs
+        return int(batches // trainer.val_check_batch)
+    full, rest = divmod(int(batches), int(per_epoch))
+    per = int(per_epoch // trainer.val_check_batch) if math.isfinite(trainer.val_check_batch) else 1
+    count = (full // every) * per
+    if (full + 1) % every == 0 and math.isfinite(trainer.val_check_batch):  # the epoch under way
+        count += int(rest // trainer.val_check_batch)
+    return count
 
 
 class PlateauFeed(L.Callback):
@@ -42,8 +46,21 @@ class PlateauFeed(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         controller = getattr(pl_module, "alpha_controller", None)
-        if isinstance(controller, PlateauAlpha) and controller.run_mode is None:
+        if not isinstance(controller, PlateauAlpha):
+            return
+        if controller.run_mode is None:
             controller.plan(planned_validations(trainer))
+        elif controller.run_mode == "validation":
+            # Lightning resumes a checkpoint written at a validation's training batch *after* that validation
+            # (it fast-forwards the loop): the controller never sees it. Said, not silently different.
+            due = planned_validations(trainer, trainer.global_step * trainer.accumulate_grad_batches)
+            if due > controller.validations:
+                rank_zero_warn(
+                    f"PlateauAlpha: resumed at step {trainer.global_step} from a checkpoint written before that step's"
+                    f" validation, which Lightning does not rerun: the controller has seen {controller.validations} of"
+                    f" {due} validations, so alpha may rise one validation later than in an uninterrupted run. Save"
+                    " checkpoints after validation (ModelCheckpoint with monitor=...) for an exact resume."
+                )
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         controller = getattr(pl_module, "alpha_controller", None)

@@ -430,3 +430,83 @@ def test_signatures_typed_and_documented_for_jsonargparse():
         p = jsonargparse.ArgumentParser(exit_on_error=False)
         p.add_class_arguments(cls, "a")
         assert "steps" in p.format_help() or cls is ConstantAlpha
+
+
+# ----------------------------------------------------------------------------- PlateauAlpha
+
+
+def _plateau(**kwargs):
+    from bnll_lightning.alpha import PlateauAlpha
+
+    controller = PlateauAlpha(**kwargs)
+    assert controller.plan(10) == "validation"
+    return controller
+
+
+@pytest.mark.parametrize(
+    "kwargs, sequence, levels",
+    [
+        # patience 0: the first validation that does not beat the best raises α all the way.
+        ({}, [3.0, 2.0, 2.5, 1.0, 4.0], [0, 0, 1, 1, 1]),
+        # patience 1: two misses in a row; a new best in between resets the count.
+        ({"patience": 1}, [3.0, 3.1, 2.0, 2.2, 2.1], [0, 0, 0, 0, 1]),
+        # min_delta: an improvement smaller than it is a miss.
+        ({"min_delta": 0.5}, [3.0, 2.8], [0, 1]),
+        # two steps of 0.5, capped at alpha_max; never back down.
+        ({"alpha_step": 0.5}, [3.0, 3.0, 1.0, 1.5, 0.5, 2.0], [0, 0.5, 0.5, 1.0, 1.0, 1.0]),
+        # mode max (e.g. a validation accuracy).
+        ({"mode": "max"}, [0.5, 0.6, 0.55], [0, 0, 1]),
+        # non-finite values are not validations.
+        ({}, [3.0, float("nan"), 2.0], [0, 0, 0]),
+    ],
+)
+def test_plateau_alpha_decides_on_a_scripted_validation_sequence(kwargs, sequence, levels):
+    controller = _plateau(**kwargs)
+    assert [controller.validate(v) for v in sequence] == pytest.approx(levels)
+
+
+def test_plateau_alpha_moves_to_its_level_at_max_delta_per_step():
+    controller = _plateau(max_delta=0.4)
+    assert [controller.update(0.5) for _ in range(2)] == [0.0, 0.0]  # NLL until a validation says otherwise
+    controller.validate(2.0)
+    controller.validate(2.0)
+    assert controller.rises == [2]
+    assert [controller.update(0.5) for _ in range(4)] == pytest.approx([0.4, 0.8, 1.0, 1.0])
+
+
+def test_plateau_alpha_falls_back_to_adaptive_alpha_with_too_few_validations():
+    from bnll_lightning.alpha import AdaptiveAlpha, PlateauAlpha
+
+    controller, reference = PlateauAlpha(patience=2), AdaptiveAlpha()
+    with pytest.warns(UserWarning, match="validates 3 time"):
+        assert controller.plan(3) == "fallback"  # needs patience + 2 = 4
+    assert controller.plan(100) == "fallback"  # decided once
+    values = [0.5, 0.95, 0.995, 0.999, 0.999, 0.2]
+    assert [controller.update(v) for v in values] == pytest.approx([reference.update(v) for v in values])
+    assert controller.validate(0.0) == 0.0 and controller.validations == 0  # validations change nothing
+
+
+def test_plateau_alpha_state_round_trip_continues_identically():
+    from bnll_lightning.alpha import PlateauAlpha
+
+    a = _plateau(patience=1, alpha_step=0.5)
+    for v, p in [(3.0, 0.5), (3.5, 0.6), (2.0, 0.7), (2.5, 0.8)]:
+        a.validate(v)
+        a.update(p)
+    b = PlateauAlpha(patience=1, alpha_step=0.5)
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict()
+    for v, p in [(2.6, 0.9), (2.7, 0.9), (1.0, 0.9), (1.1, 0.9), (1.2, 0.9)]:
+        assert (a.validate(v), a.update(p)) == (b.validate(v), b.update(p))
+    assert a.state_dict() == b.state_dict() and a.rises == b.rises and len(a.rises) == 2
+
+
+def test_plateau_alpha_rejects_bad_settings_and_a_warm_start():
+    from bnll_lightning.alpha import PlateauAlpha
+
+    for kwargs in ({"alpha_step": 0.0}, {"patience": -1}, {"patience": 1.5}, {"mode": "up"}, {"monitor": ""},
+                   {"min_delta": -1.0}):  # fmt: skip
+        with pytest.raises(ValueError, match="PlateauAlpha"):
+            PlateauAlpha(**kwargs)
+    with pytest.raises(RuntimeError, match="warm_start_batches"):
+        PlateauAlpha().start(0.5)

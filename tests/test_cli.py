@@ -107,3 +107,32 @@ def test_fit_with_selecting_objective_logs_selected_fraction(tmp_path, tiny_mode
     assert "train/alpha" not in values  # no alpha for objectives outside the family
     for fraction in values["train/selected_fraction"]:
         assert 0.5 <= fraction <= 0.6  # ceil(0.5 n) of n tokens per micro-batch
+
+
+def test_study_help_shows_the_studys_own_options_first(capsys):
+    main(["study", "--help"])  # without building the fit parser: its ~780 lines are fit --help's
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m bnll_lightning study ")
+    assert "Lightning Trainer command line tool" not in text and len(text.splitlines()) < 100
+    for option in ("--config", "--objectives", "--seeds", "--max_steps", "--val_rows", "--checker", "--out"):
+        assert option in text, option
+    assert "needs --checker" in text and "python -m bnll_lightning fit --help" in text
+
+
+def test_a_study_of_own_data_warns_of_no_seed_nor_leafspec(tmp_path, tiny_model_dir, capsys):
+    import json
+    import warnings
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"What is {i} + 1?", "response": str(i + 1)}) + "\n"
+                            for i in range(24)))
+    job = tmp_path / "job.yaml"  # a minimal own-data job: no seed_everything
+    job.write_text(yaml.safe_dump({"model": {"model": tiny_model_dir}, "data": {"train": str(rows), "batch_size": 4},
+                                   "trainer": {"max_steps": 2, "logger": False}}))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # past pytest's own filters (pyproject.toml ignores LeafSpec's)
+        main(["study", "--config", str(job), "--objectives", "nll", "--seeds", "1", "--val_rows", "4",
+              "--max_new_tokens", "2", "--checker", "exact", "--out", str(tmp_path / "study")])
+    messages = [str(w.message) for w in seen]
+    assert not [m for m in messages if "No seed found" in m or "LeafSpec" in m], messages
+    assert "| nll | 1 |" in capsys.readouterr().out  # the study ran its one run

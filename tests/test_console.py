@@ -1,10 +1,12 @@
-"""A fit's console: a short header, the training bar, one line per validation, a summary; the rest on request."""
+"""A fit's console: a short header, the training bar (plain lines in a file), one line per validation, a summary."""
 
 from __future__ import annotations
 
 import re
 
-from bnll_lightning.cli import main
+from bnll_lightning import console
+from bnll_lightning.callbacks import StepProgressBar
+from bnll_lightning.cli import SFTCLI, load_from_config, main
 
 
 def fit(tmp_path, model_dir, *extra):
@@ -21,10 +23,11 @@ def lines(text: str) -> list[str]:
 
 
 def test_a_fit_prints_a_header_the_bar_a_line_per_validation_and_a_summary(tmp_path, tiny_model_dir, capfd):
-    fit(tmp_path, tiny_model_dir)
+    fit(tmp_path, tiny_model_dir)  # stdout is pytest's file here, not a terminal: the bar is plain lines
     out, err = capfd.readouterr()
     (log_dir,) = (tmp_path / "runs").glob("*/version_*")
-    printed = [line for line in lines(out) if not line.startswith(("epoch 0, step", "Training"))]  # the bar
+    # Not the bar's lines, nor the disk report (disk.py's, tested in test_disk.py).
+    printed = [line for line in lines(out) if not re.match(r"step |disk |\s+[\d.]+ [kMGT]?B  ", line)]
     assert printed == [
         f"model      {tiny_model_dir}",
         "data       builtin:sort: 16 training rows, 4 validation rows",
@@ -43,8 +46,12 @@ def test_a_fit_prints_a_header_the_bar_a_line_per_validation_and_a_summary(tmp_p
     assert printed[-3].startswith("  final  val/accuracy ")
     assert printed[-2:] == [f"model      {log_dir / 'hf_model'}",
                             f"logs       tensorboard --logdir {tmp_path / 'runs'}"]
-    bar = [line for line in lines(out) if line.startswith("epoch 0, step")][-1]
-    assert re.search(r"4/4 .*loss=\S+, mean p=\S+\]$", bar)  # one bar: the step, the loss, the mean p
+    # The bar in a file: no carriage-return redraws, a short line per step (a tenth of 4 steps), the
+    # step, the time, α, the loss and the mean p.
+    assert "\r" not in out and max(len(line) for line in out.splitlines()) < 200
+    bar = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split(" (")[0] for line in bar] == ["step 1/4", "step 2/4", "step 3/4", "step 4/4"]
+    assert all(re.fullmatch(r"step \d/4 \(\d+ s\): α 0 · loss \S+ · mean p \S+", line) for line in bar), bar
     # Nothing else: no devices, tips, model summary, seed, loading or validation bars, source lines of warnings.
     noise = ("GPU available", "Tip:", "Params", "Seed set", "Loading weights", "Writing model", "Validation",
              "LeafSpec", "warnings.warn")
@@ -58,3 +65,30 @@ def test_verbosity_all_shows_what_lightning_and_transformers_print(tmp_path, tin
     # (Lightning's INFO lines, "GPU available" and the like, go to pytest's log capture here, not to the terminal.)
     assert "Trainable params" in everything and "Validation" in everything and "Writing model shards" in everything
     assert "model      " in out and "done in " in out  # the header and the summary too
+
+
+def test_the_bar_draws_in_a_terminal_and_prints_lines_elsewhere(tiny_model_dir, monkeypatch):
+    args = ["--model.model", tiny_model_dir, "--trainer.max_steps", "2", "--trainer.logger", "false"]
+    monkeypatch.setattr(console, "terminal", lambda: True)
+    cli = load_from_config(args, SFTCLI)
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepProgressBar) and bar.is_enabled
+    assert not [c for c in cli.trainer.callbacks if isinstance(c, console.StepLines)]
+    monkeypatch.setattr(console, "terminal", lambda: False)
+    cli = load_from_config(args, SFTCLI)
+    assert cli.trainer.progress_bar_callback.is_disabled  # Lightning's switch: the bar keeps its values, draws nothing
+    assert len([c for c in cli.trainer.callbacks if isinstance(c, console.StepLines)]) == 1
+
+
+def test_step_lines_every_n_steps_and_at_the_last(tmp_path, capsys):
+    import lightning.pytorch as L
+    import torch
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    trainer = L.Trainer(max_steps=7, logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=False, callbacks=[console.StepLines(every_n_steps=3)],
+                        limit_val_batches=0, accumulate_grad_batches=2, default_root_dir=tmp_path)
+    torch.manual_seed(0)
+    trainer.fit(BoringModel())
+    steps = [line.split(" (")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert steps == ["step 3/7", "step 6/7", "step 7/7"]  # optimizer steps, not micro-batches; and the last

@@ -186,3 +186,51 @@ def test_the_overview_bolds_the_best_static_objective_and_counts_short_seeds():
     assert header.split(" | ")[1:] == [NS.ENTRIES[k].label for k in ("nll", "negprob")] + [NS.ENTRIES["dft"].label + " |"]
     # DFT is ahead but has 1 of 2 seeds: shown with its count, not crowned; the ramp was not run: no column
     assert line == "| `successor_self` (dev), 20% noise, 2 seeds | 0.375 | **0.750** | 1.000 (1 seed) |"
+
+
+@pytest.mark.parametrize("name", sorted(NS.NOISE_TASKS))
+def test_the_validation_split_is_held_out_and_noisy_at_the_training_rate(tmp_path, tokenizer, name):
+    task = NS.NOISE_TASKS[name]
+    args = _args(tmp_path, validate=True)
+    evaluation = {r["prompt"] for r in NS.eval_rows(task, args)}
+    for seed in range(3):
+        train_path, probe_path = NS.seed_rows(task, seed, args, str(tmp_path))
+        split = NS.validation_split(probe_path, seed, 0.5, tokenizer, args)
+        prompts = [r["prompt"] for r in split.raw_rows("train")]
+        train = {json.loads(line)["prompt"] for line in open(train_path)}
+        assert len(prompts) == args.probe_rows and not set(prompts) & (evaluation | train)
+        assert split.stats["train"]["noisy"] == round(0.5 * args.probe_rows)  # the user's data: as noisy as training
+        assert len(NS.validation_loader(split, args).dataset) == args.probe_rows
+
+
+def test_best_by_validation_picks_the_step_the_metric_says(tmp_path):
+    import lightning.pytorch as L
+    import torch
+
+    scripted = [3.0, 2.0, 1.5, 1.7, 1.6, 2.5]  # val/nll after epochs 1..6: the best is epoch 3, step 3 * 2
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/nll", scripted[self.current_epoch])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
+    best = NS.best_checkpoint(str(tmp_path), "val/nll")
+    trainer = L.Trainer(max_epochs=len(scripted), logger=False, callbacks=[best], enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)  # fmt: skip
+    module = Module()
+    trainer.fit(module, data, data)
+    step, path = NS.best_by_validation(best)
+    assert step == 6 and float(best.best_model_score) == 1.5
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # top-1: one file, the best
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 6 and "optimizer_states" not in saved  # weights only

@@ -1,0 +1,244 @@
+"""Early stopping against the objectives, and each option's regret across the studies, from their CSVs.
+
+Two tables (issue 27):
+
+* **Early stopping** (``noise_study.py --validate``): per task and noise rate, each objective's held-out
+  accuracy at its last checkpoint and at its best checkpoint by the validation metric (``ModelCheckpoint``
+  on ``val/nll`` of a held-out split as noisy as training), and both against early-stopped NLL, paired.
+* **Regret**: for every option (an objective or controller at its last checkpoint, or with early
+  stopping), over every cell it ran in (the continuum tasks, the noise grid, the early-stopping grid), its
+  paired difference to the cell's best static objective (last checkpoint): the worst cell, the mean over
+  cells (the cells' bootstrap draws averaged: cells are independent), and the cells it is behind with an
+  interval below 0. What a user loses by picking the option without knowing where their task sits.
+
+    python benchmarks/regret.py      # writes docs/early_stop/early_stop.md from the committed CSVs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from bnll_lightning.compare import format_ci
+from bnll_lightning.study import RunsCSV, items_array
+
+ES = "+ES"  # an option's suffix: its best checkpoint by validation instead of its last
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = {  # study -> its CSV (the configuration its report uses: the one with the most runs)
+    "continuum": ROOT / "docs" / "continuum" / "continuum.csv",
+    "noise": ROOT / "docs" / "noise_study" / "noise_study.csv",
+    "early_stop": ROOT / "docs" / "early_stop" / "noise_study.csv",
+}
+Cell = dict[str, dict[int, np.ndarray]]  # option -> seed -> per-item 0/1
+
+
+def _entries() -> Mapping[str, Any]:
+    from benchmarks.noise_study import ENTRIES
+
+    return ENTRIES
+
+
+def label(option: str) -> str:
+    key, es = (option[: -len(ES)], True) if option.endswith(ES) else (option, False)
+    entry = _entries().get(key)
+    name = entry.label if entry is not None else key
+    return f"{name}, best by val/nll" if es else name
+
+
+def is_static(option: str) -> bool:
+    entry = _entries().get(option)
+    return bool(entry is not None and entry.static)
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    """The rows of the CSV's most-run configuration (a CSV may hold pilots of other ones)."""
+    if not path.exists():
+        return []
+    rows = RunsCSV(path, ()).read()
+    if not rows:
+        return []
+    configs: dict[str, int] = {}
+    for r in rows:
+        configs[r["config"]] = configs.get(r["config"], 0) + 1
+    config = max(configs, key=configs.get)
+    return [r for r in rows if r["config"] == config and r["objective"] != "base"]
+
+
+def _items(items: str) -> np.ndarray:
+    return items_array(items).astype(np.float64)
+
+
+def _noise(r: Mapping[str, Any]) -> float:
+    return round(float(r.get("noise") or 0.0), 3)
+
+
+def cells(sources: Mapping[str, Path] = SOURCES) -> tuple[dict[tuple[str, str, float], Cell], dict[str, Any]]:
+    """(study, task, noise) -> option -> seed -> items. The early-stopping grid's runs join the noise grid's cell
+    of the same task and rate (same rows, order, noise and evaluation items) as the options that cell lacks:
+    each objective with early stopping, and the controllers only it ran; a cell only it has stays its own.
+    Also says how many of its last checkpoints reproduce the noise grid's item by item."""
+    out: dict[tuple[str, str, float], Cell] = {}
+    for study in ("continuum", "noise"):
+        for r in read(sources[study]):
+            out.setdefault((study, r["task"], _noise(r)), {}).setdefault(r["objective"], {})[int(r["seed"])] = (
+                _items(r["items"]))
+    same = compared = 0
+    for r in read(sources["early_stop"]):
+        seed, last = int(r["seed"]), _items(r["items"])
+        cell = out.get(("noise", r["task"], _noise(r)))
+        if cell is None:
+            cell = out.setdefault(("early_stop", r["task"], _noise(r)), {})
+        earlier = cell.get(r["objective"], {}).get(seed)
+        if earlier is not None:
+            compared += 1
+            same += bool(np.array_equal(earlier, last))
+        else:
+            cell.setdefault(r["objective"], {})[seed] = last
+        if r.get("best_items"):
+            cell.setdefault(r["objective"] + ES, {})[seed] = _items(r["best_items"])
+    return out, {"reproduced": same, "compared": compared}
+
+
+def draws(a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0) -> np.ndarray:
+    """Bootstrap means of a − b, [seeds, items] paired: seeds and items drawn independently, as
+    ``bnll_lightning.compare.bootstrap`` (whose interval is these draws' 2.5/97.5 percentiles)."""
+    # Own code beside compare.bootstrap: the mean over cells needs the draws themselves, not just an interval.
+    x = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    s, n = x.shape
+    si, ii = rng.integers(0, s, size=(resamples, s)), rng.integers(0, n, size=(resamples, n))
+    return x[si[:, :, None], ii[:, None, :]].mean(axis=(1, 2))
+
+
+def _ci(mean: float, d: np.ndarray) -> tuple[float, float, float]:
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    return float(mean), float(lo), float(hi)
+
+
+def paired(cell: Cell, a: str, b: str, resamples: int) -> tuple[tuple[float, float, float], np.ndarray] | None:
+    common = sorted(set(cell.get(a, ())) & set(cell.get(b, ())))
+    if not common:
+        return None
+    x, y = np.stack([cell[a][s] for s in common]), np.stack([cell[b][s] for s in common])
+    d = draws(x, y, resamples)
+    return _ci(float((x - y).mean()), d), d
+
+
+def best_static(cell: Cell) -> str | None:
+    """The cell's best static objective at its last checkpoint, among those with the cell's most seeds."""
+    static = {k: v for k, v in cell.items() if is_static(k)}
+    if not static:
+        return None
+    most = max(len(v) for v in static.values())
+    scores = {k: float(np.mean([x.mean() for x in v.values()])) for k, v in static.items() if len(v) == most}
+    return max(scores, key=scores.get)
+
+
+def regret(all_cells: Mapping[tuple[str, str, float], Cell], resamples: int = 2000) -> list[dict[str, Any]]:
+    """Per option: cells run, worst and mean Δ vs the cell's best static objective (paired), cells behind."""
+    per: dict[str, list[tuple[tuple[str, str, float], tuple[float, float, float], np.ndarray]]] = {}
+    for key, cell in sorted(all_cells.items()):
+        best = best_static(cell)
+        if best is None:
+            continue
+        for option in cell:
+            if option == best:
+                d = np.zeros(resamples)
+                per.setdefault(option, []).append((key, (0.0, 0.0, 0.0), d))
+                continue
+            result = paired(cell, option, best, resamples)
+            if result is not None and len(cell[option]) == len(cell[best]):  # a partly run option waits
+                per.setdefault(option, []).append((key, *result))
+    out = []
+    for option, rows in per.items():
+        worst = min(rows, key=lambda r: r[1][0])
+        mean = float(np.mean([r[1][0] for r in rows]))
+        mean_draws = np.mean(np.stack([r[2] for r in rows]), axis=0)
+        out.append({"option": option, "cells": len(rows), "worst": worst[1], "worst_cell": worst[0],
+                    "mean": _ci(mean, mean_draws), "behind": sum(r[1][2] < 0 for r in rows),
+                    "cell_list": [r[0] for r in rows]})  # fmt: skip
+    return sorted(out, key=lambda r: (-r["worst"][0], -r["mean"][0]))
+
+
+def regret_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| option | cells | worst shortfall [95 % CI] | in cell | mean Δ over cells [95 % CI] | cells behind (CI < 0) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        study, task, noise = r["worst_cell"]
+        lines.append(f"| {label(r['option'])} | {r['cells']} | {format_ci(r['worst'], signed=True)} | {study}: "
+                     f"`{task}` {noise:.0%} | {format_ci(r['mean'], signed=True)} | {r['behind']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def early_stop_table(es_rows: Sequence[dict[str, Any]], resamples: int = 2000) -> str:
+    """Per (task, noise) of the early-stopping grid: last and best-by-validation accuracy, and both against
+    early-stopped NLL (paired over the seeds both have)."""
+    by: dict[tuple[str, float], Cell] = {}
+    epochs: dict[tuple[str, float, str], list[int]] = {}
+    roles: dict[str, str] = {}
+    for r in es_rows:
+        cell = by.setdefault((r["task"], _noise(r)), {})
+        cell.setdefault(r["objective"], {})[int(r["seed"])] = _items(r["items"])
+        if r.get("best_items"):
+            cell.setdefault(r["objective"] + ES, {})[int(r["seed"])] = _items(r["best_items"])
+            epochs.setdefault((r["task"], _noise(r), r["objective"]), []).append(int(r["best_epoch"]))
+        roles[r["task"]] = r["role"]
+    lines = ["| task (role), noise | objective | seeds | last checkpoint | best by val/nll | best epochs |"
+             " best − last | last − early-stopped NLL | best − early-stopped NLL |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (task, noise), cell in sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        ref = "nll" + ES
+        for k in [k for k in _entries() if k in cell]:
+            runs = cell[k]
+            acc = lambda o: _ci(float(np.mean([v.mean() for v in cell[o].values()])), draws(  # noqa: E731
+                np.stack(list(cell[o].values())), np.zeros((len(cell[o]), len(next(iter(cell[o].values()))))),
+                resamples)) if o in cell else None
+            diff = lambda a, b: (paired(cell, a, b, resamples) or (None,))[0]  # noqa: E731
+            lines.append(
+                f"| `{task}` ({roles[task]}), {noise:.0%} | {label(k)} | {len(runs)} | {format_ci(acc(k))} | "
+                f"{format_ci(acc(k + ES))} | {','.join(map(str, epochs.get((task, noise, k), [])))} | "
+                f"{format_ci(diff(k + ES, k), signed=True)} | "
+                f"{format_ci(diff(k, ref) if ref in cell else None, signed=True)} | "
+                f"{format_ci(diff(k + ES, ref) if k != 'nll' and ref in cell else None, signed=True)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "docs" / "early_stop" / "early_stop.md"))
+    parser.add_argument("--bootstrap", type=int, default=2000, help="resamples per interval")
+    args = parser.parse_args(argv)
+    all_cells, check = cells()
+    es_rows = read(SOURCES["early_stop"])
+    text = "\n\n".join([
+        "### Early stopping against the objectives, and regret across the studies",
+        f"- command: `python benchmarks/regret.py`; sources: " + ", ".join(
+            f"{k} `{os.path.relpath(v, ROOT)}` ({len(read(v))} runs)" for k, v in SOURCES.items()),
+        f"- the early-stopping grid's last checkpoints reproduce the noise grid's item by item in {check['reproduced']}"
+        f" of {check['compared']} runs both have",
+        "Early stopping (validation after every epoch on the seed's held-out rows, noised at the training rate; "
+        "`ModelCheckpoint(monitor='val/nll', save_top_k=1)`; held-out accuracy on the clean evaluation items, "
+        "paired two-way bootstrap):",
+        early_stop_table(es_rows, args.bootstrap),
+        "Regret: each option against its cell's best static objective (last checkpoint), paired; options run in "
+        "fewer cells are judged on fewer:",
+        regret_table(regret(all_cells, args.bootstrap)),
+    ]) + "\n"
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
