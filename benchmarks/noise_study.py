@@ -97,6 +97,10 @@ NOISE_TASKS = {
         # on 46: 30 train and 16 probe a seed).
         NoiseTask("capital_self", "world_capital", True, "report", "model-strong targets: the base model's own right "
                   "capitals (189 countries)", num_eval=90, pool=99, num_train=30),  # fmt: skip
+        # Knowledge: the past tense of 779 English verbs (tasks.PastTenseTask); base accuracy ~0.47, so its own right
+        # answers are a strong set with >= 200 held-out items (issue 27: power where capital_self's 90 are too few).
+        NoiseTask("past_tense_self", "past_tense", True, "report", "model-strong targets: the base model's own right "
+                  "past tenses of English verbs (779 verbs)"),  # fmt: skip
         # The weak end, trained long: clean canonical targets the base model finds unlikely.
         NoiseTask("reverse3_long", "reverse3", False, "report", "model-weak, long: reverse a 3-letter pseudo-word, "
                   "canonical targets", num_train=64),  # fmt: skip

@@ -9,13 +9,18 @@ The statistics every comparison here uses (``study``, ``compare``, ``benchmarks/
 * :func:`markdown`, :func:`plot`, :func:`recommendation` - the table, the PNG and the YAML to paste;
 * :func:`read_run` / :func:`match_items` - per-item scores from the ``predictions/step_N.jsonl`` that
   :class:`~bnll_lightning.callbacks.GenerationEval` writes, paired by row index across runs, refused
-  when two runs were scored on different items.
+  when two runs were scored on different items;
+* :func:`checkpoints_of` / :func:`delete_checkpoints` - what the compared runs hold that a comparison never
+  reads. The runs are plain ``fit`` runs: their ``checkpoints/`` hold the weights and the optimizer state that
+  ``--ckpt_path last`` resumes or extends them from (1.6 GB for the embedded model), so compare says how much
+  they hold and deletes them only when asked (a run still training must keep them).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +28,15 @@ from typing import Any
 
 import numpy as np
 
+from bnll_lightning.disk import by_place
+
 __all__ = [
     "Comparison",
     "RunItems",
     "StudyError",
     "bootstrap",
+    "checkpoints_of",
+    "delete_checkpoints",
     "find_runs",
     "format_ci",
     "markdown",
@@ -390,3 +399,16 @@ def match_items(runs: Sequence[RunItems]) -> dict[str, dict[Hashable, np.ndarray
 def _short(text: str, width: int = 40) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def checkpoints_of(runs: Sequence[RunItems]) -> dict[Path, int]:
+    """The ``checkpoints/`` folder of each run (beside its ``predictions/``) that has one, and its bytes."""
+    folders = {run.path.parent.parent / "checkpoints" for run in runs}
+    return {folder: by_place({"checkpoints": folder})["checkpoints"] for folder in sorted(folders) if folder.is_dir()}
+
+
+def delete_checkpoints(found: Mapping[Path, int]) -> int:
+    """Remove the folders :func:`checkpoints_of` found, once their runs are compared; returns the bytes freed."""
+    for folder in found:
+        shutil.rmtree(folder)
+    return sum(found.values())

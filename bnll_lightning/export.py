@@ -12,18 +12,20 @@ from typing import Any
 
 import lightning.pytorch as L
 import yaml
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from bnll_lightning import disk
 from bnll_lightning.constraints import ConfigError
 from bnll_lightning.lora import export_lora, is_peft_model
 from bnll_lightning.models import EMBEDDED_SOURCE, describe_model, is_embedded
 from bnll_lightning.signals import checkpoint_path, remove_stopgap
 from bnll_lightning.strategies import is_sharded
 
-__all__ = ["ExportFailed", "HFExport", "gathered_state_dict", "model_card", "replace_directory", "save_pretrained",
-           "unwritable_reason"]
+__all__ = ["ExportFailed", "HFExport", "gathered_state_dict", "model_card", "replace_directory", "run_places",
+           "save_pretrained", "unwritable_reason"]
 
 #: The checkpoint a failed export leaves (the name starts with "last": ``--ckpt_path last`` finds it).
 FAILED_EXPORT_CHECKPOINT = "last-export-failed.ckpt"
@@ -96,6 +98,9 @@ class HFExport(L.Callback):
     place when complete. If writing fails anyway (a full disk), the partial folder is removed, the
     trained weights go to a checkpoint (``last-export-failed.ckpt`` beside the periodic ones, else in
     the system's temporary folder) that ``fit --ckpt_path`` exports from, and :class:`ExportFailed` says where.
+
+    At the end of fit rank zero prints what the run holds on disk, per place: its checkpoint folders, the export
+    and the rest of its log directory (:mod:`bnll_lightning.disk`).
     """
 
     def __init__(self, model_card: bool = True) -> None:
@@ -141,6 +146,10 @@ class HFExport(L.Callback):
         # Lightning then skips on_train_end: export here.
         if self.exported is None:
             self._export(trainer, pl_module)
+        # After every on_train_end: ModelCheckpoint writes save_last's last.ckpt there.
+        places = run_places(trainer, self.exported)
+        if trainer.is_global_zero:
+            disk.print_report(places)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Every rank runs this: log_dir broadcasts from rank 0 and the sharded gather is a collective.
@@ -195,6 +204,19 @@ class HFExport(L.Callback):
         self.alphas = list(state_dict.get("alphas", []))
 
 
+def run_places(trainer: L.Trainer, export: str | None) -> dict[str, str | None]:
+    """Where a fit wrote: its checkpoint folders, ``export`` and its log directory (a TensorBoard or CSV logger's
+    own version folder; another logger's folder may hold other runs). Every rank must call it (``log_dir``)."""
+    loggers = trainer.loggers
+    log_dir = trainer.log_dir if loggers else None  # a broadcast
+    if loggers and not isinstance(loggers[0], (TensorBoardLogger, CSVLogger)):
+        log_dir = None
+    places: dict[str, str | None] = {}
+    for k, callback in enumerate(trainer.checkpoint_callbacks):
+        places["checkpoints" if k == 0 else f"checkpoints {k + 1}"] = getattr(callback, "dirpath", None)
+    return {**places, "export": export, "logs": log_dir}
+
+
 def gathered_state_dict(trainer: L.Trainer, module: L.LightningModule) -> dict[str, Tensor] | None:
     """Under FSDP or FSDP2: the full weights of ``module.model`` gathered on rank 0 (CPU; empty on the
     other ranks). Every rank must call it. None when the model is not sharded."""
@@ -206,6 +228,18 @@ def gathered_state_dict(trainer: L.Trainer, module: L.LightningModule) -> dict[s
     return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
 
 
+def tie_gathered(model: Any, state_dict: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """``state_dict`` with each tied weight (``lm_head.weight`` of a model that ties its embeddings) the very
+    tensor of its source, so that ``save_pretrained`` stores it once, as it does for the live model's shared
+    parameters. A gathered (sharded) state dict holds a separate copy per key, which transformers, matching
+    tied weights by storage, would write twice (the embedded model: 113 MB more)."""
+    if not state_dict:
+        return state_dict
+    tied = {target: source for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items()
+            if target in state_dict and source in state_dict}  # fmt: skip
+    return {**state_dict, **{target: state_dict[source] for target, source in tied.items()}} if tied else state_dict
+
+
 def save_pretrained(module: L.LightningModule, directory: str, state_dict: dict[str, Tensor] | None = None) -> str:
     """Write ``module.model`` and its tokenizer with ``save_pretrained`` (loadable by ``from_pretrained``);
     ``state_dict``: the gathered full weights of a sharded model. LoRA: as ``module.lora_export`` says."""
@@ -213,7 +247,7 @@ def save_pretrained(module: L.LightningModule, directory: str, state_dict: dict[
     if is_peft_model(module.model):
         export_lora(module.model, directory, module.lora_export)
     else:
-        module.model.save_pretrained(directory, state_dict=state_dict)
+        module.model.save_pretrained(directory, state_dict=tie_gathered(module.model, state_dict))
     module.tokenizer.save_pretrained(directory)
     return directory
 

@@ -7,13 +7,23 @@ share, so that the loop exists once:
   end-of-fit export; :func:`fine_tune` - a short ``Trainer.fit`` with no logger, checkpoint or validation;
   :func:`answer` - greedy answers scored by a checker; :class:`AlphaTrace` - α and mean p per step;
 * :class:`RunsCSV` - one row per finished run, appended at once under a file lock, read back typed;
-  :func:`run_missing` - the runs of a plan that the CSV does not hold yet, with the projected time and a
-  progress bar across runs (an interrupted study continues where it stopped);
+  :func:`run_missing` - the runs of a plan that the CSV does not hold yet, with the time left projected from
+  the runs measured (:func:`projected_per_run`) and a progress bar across runs (an interrupted study continues
+  where it stopped);
 * the study itself: :func:`objective_args` (overlay names or class paths), :func:`held_out` (validation
   rows never trained on, checked), :class:`Study` (the plan, the CSV rows) run by :class:`InProcessStudy`
   (one process, copies of the base model) or :class:`SubprocessStudy` (a ``fit`` process per run, for
   jobs on several devices or under a distributed strategy; :class:`RunTrace` in it), and :func:`report`
   (table, plot, recommendation).
+
+What a study run leaves on disk, chosen for what reads it later: its CSV row and its answers
+(``out/answers/<config>/<objective>-seed<seed>.jsonl``: prompt, the model's answer, the reference, correct; a few
+kB), which tell a model that answers wrong from a checker that misreads it. No checkpoint: a run is scored as
+soon as it has trained and an interrupted study reruns the whole run, so neither its weights nor its optimizer
+state is read again (the in-process Trainer has checkpointing and the logger off; a run's ``fit`` process gets
+``--trainer.enable_checkpointing false`` and the study's callbacks instead of the job's, its ModelCheckpoint
+included). No export (under FSDP a run is scored from its export, removed once scored). A plain ``fit``, by
+contrast, keeps its full checkpoint (weights and optimizer state): ``--ckpt_path last`` resumes from it exactly.
 """
 
 from __future__ import annotations
@@ -42,11 +52,11 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 
-from bnll_lightning import compare
+from bnll_lightning import compare, disk
 from bnll_lightning.callbacks import GenerationEval
 from bnll_lightning.compare import BASE, StudyError
 from bnll_lightning.data import SFTDataModule
-from bnll_lightning.evaluate import EvalResult, evaluate_generation
+from bnll_lightning.evaluate import EvalResult, evaluate_generation, write_jsonl
 from bnll_lightning.export import HFExport
 from bnll_lightning.module import SFTModule
 from bnll_lightning.objectives import Objective
@@ -64,6 +74,7 @@ __all__ = [
     "held_out",
     "items_string",
     "objective_args",
+    "projected_per_run",
     "report",
     "Study",
     "run_missing",
@@ -333,13 +344,33 @@ class RunsCSV:
         return rows
 
 
+def projected_per_run(seconds: Sequence[float]) -> float:
+    """Seconds a run will take, from the runs of this process so far (wall time, each whole): their mean, the
+    first left out once there are others, since it pays the process's warm-up (the first fit and generation).
+    A study told 56 s per run (then: a 2-step pilot scaled up, plus the base model's scoring) took 26 s, then 18 s."""
+    later = seconds[1:] or seconds
+    return sum(later) / len(later)
+
+
+def duration(seconds: float) -> str:
+    """``90 s``, ``12 min``, ``3 h 05 min``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
 def run_missing(plan: Sequence[Hashable], done: set[Hashable], run: Callable[[Any], dict[str, Any]], csv_file: RunsCSV,
-                *, name: str, per_run_seconds: float, describe: Callable[[Any, dict[str, Any]], str] | None = None,
-                shard: tuple[int, int] | None = None, progress: bool = True) -> int:  # fmt: skip
+                *, name: str, per_run_seconds: float | None = None,
+                describe: Callable[[Any, dict[str, Any]], str] | None = None, shard: tuple[int, int] | None = None,
+                progress: bool = True, clock: Callable[[], float] = time.perf_counter) -> int:  # fmt: skip
     """Run the runs of ``plan`` not in ``done`` (of this shard: every N-th from the K-th, for shards
     started together), appending each row as it finishes; returns how many ran.
 
-    Prints the count and the projected time (``per_run_seconds`` each) first, and a bar across runs.
+    Prints the count first, with the time projected from ``per_run_seconds`` (runs measured before, e.g. the
+    CSV's) if given, and after each run the time left, projected from the runs measured by ``clock`` so far
+    (:func:`projected_per_run`); a bar across runs.
     """
     from tqdm import tqdm
 
@@ -347,17 +378,26 @@ def run_missing(plan: Sequence[Hashable], done: set[Hashable], run: Callable[[An
     k, n = shard or (0, 1)
     todo = left[k::n]  # shards started together read the same CSV, so they split the same list
     where = f"shard {k}/{n}: " if shard is not None else ""
-    print(f"[{name}] {where}{len(todo)} of the {len(left)} runs left to do ({len(plan) - len(left)} in the CSV);"
-          f" projected {len(todo) * per_run_seconds / 60:.0f} min at ~{per_run_seconds:.0f} s per run",
-          file=sys.stderr, flush=True)  # fmt: skip
+    projected = (f"projected {duration(len(todo) * per_run_seconds)} at ~{per_run_seconds:.0f} s per run"
+                 if per_run_seconds else "the time left is projected after the first run")  # fmt: skip
+    print(f"[{name}] {where}{len(todo)} of the {len(left)} runs left to do ({len(plan) - len(left)} in the CSV)"
+          + (f"; {projected}" if todo else ""), file=sys.stderr, flush=True)  # fmt: skip
     bar = tqdm(todo, desc=f"{name} {k}/{n}" if shard else name, unit="run", file=sys.stderr, disable=not progress)
-    for key in bar:
+    seconds: list[float] = []
+    for number, key in enumerate(bar, 1):
         bar.set_postfix_str(" ".join(map(str, key)) if isinstance(key, tuple) else str(key))
+        start = clock()
         row = run(key)
         _free()
         csv_file.append(row)
+        seconds.append(clock() - start)
         if describe is not None:
             tqdm.write(describe(key, row), file=sys.stderr)
+        if number < len(todo):
+            per_run = projected_per_run(seconds)
+            runs = len(todo) - number
+            tqdm.write(f"[{name}] {where}{runs} run{'s' if runs > 1 else ''} left: ~{duration(runs * per_run)}"
+                       f" at ~{per_run:.0f} s per run (measured)", file=sys.stderr)  # fmt: skip
     return len(todo)
 
 
@@ -481,8 +521,9 @@ def _stable(value: Any) -> str:
 
 class Study:
     """The runs of one study: every (objective, seed) and the base model, each appended to ``out/study.csv``
-    as it finishes; runs the CSV already holds for the same ``config`` are skipped. How a run is made is
-    the subclass's (:meth:`measure`, :meth:`pilot`): :class:`InProcessStudy`, :class:`SubprocessStudy`."""
+    as it finishes, its answers kept in :meth:`answers_path`; runs the CSV already holds for the same ``config``
+    are skipped. How a run is made is the subclass's (:meth:`measure`): :class:`InProcessStudy`,
+    :class:`SubprocessStudy`."""
 
     def __init__(
         self,
@@ -529,29 +570,33 @@ class Study:
         return [(key, seed) for seed in self.seeds for key in self.objectives]
 
     def run(self) -> list[dict[str, Any]]:
-        """Score the base model (first: its time is the projection's), measure a pilot, run what is
-        missing; returns the CSV's rows of this config."""
+        """Score the base model, run what is missing; returns the CSV's rows of this config. The time left is
+        projected from the runs measured (the CSV's, then this session's): the base model's scoring is not a
+        run's (it rambles to the token limit) and a short pilot paid the first fit's warm-up for nothing."""
         with lightning_quiet():
             done = {(r["objective"], r["seed"]) for r in self.table.read(self.config)}
             if (BASE, None) not in done:
                 print("[study] scoring the base model", file=sys.stderr, flush=True)
-                self.table.append(self.run_one((BASE, None)))
+                row = self.run_one((BASE, None))
+                self.table.append(row)
+                print(_describe((BASE, None), row), file=sys.stderr, flush=True)
                 _free()
             rows = self.table.read(self.config)
             measured = [r["train_seconds"] + r["eval_seconds"] for r in rows if r["objective"] != BASE]
-            if measured:
-                per_run = sum(measured) / len(measured)
-            elif any(key not in done for key in self.plan()):
-                per_run = self.pilot() + next(r["eval_seconds"] for r in rows if r["objective"] == BASE)
-            else:
-                per_run = 0.0
-            run_missing(self.plan(), done, self.run_one, self.table, name="study", per_run_seconds=per_run,
-                        describe=_describe, progress=self.progress)  # fmt: skip
+            run_missing(self.plan(), done, self.run_one, self.table, name="study",
+                        per_run_seconds=sum(measured) / len(measured) if measured else None, describe=_describe,
+                        progress=self.progress)  # fmt: skip
         return self.table.read(self.config)
+
+    def answers_path(self, objective: str, seed: int | None) -> Path:
+        """Where a run's answers are kept: ``out/answers/<config>/<objective>-seed<seed>.jsonl`` (the base model:
+        ``base.jsonl``), one GenerationEval record per held-out row (prompt, prediction, answer, correct)."""
+        name = BASE if objective == BASE else f"{objective}-seed{seed}"
+        return self.out / "answers" / self.config / f"{name}.jsonl"
 
     def run_one(self, key: tuple[str, int | None]) -> dict[str, Any]:
         """One run's CSV row: fine-tune with ``key``'s objective and seed and score it (the base model:
-        scored only)."""
+        scored only); its answers kept. The row's ``on_disk`` (not a CSV column) says what the run left."""
         objective, seed = key
         figures, items = self.measure(objective, seed)
         if objective != BASE:
@@ -559,22 +604,23 @@ class Study:
         correct = items.count("1")
         return {"config": self.config, "objective": objective, "seed": seed, "model": self.model, **figures,
                 "accuracy": correct / len(items), "correct": correct, "n": len(items), "items": items,
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "on_disk": disk.one_line(self.left_by(objective, seed))}  # fmt: skip
+
+    def left_by(self, objective: str, seed: int | None) -> dict[str, Path]:
+        """Where a run leaves files: its answers."""
+        return {"answers": self.answers_path(objective, seed)}
 
     def measure(self, objective: str, seed: int | None) -> tuple[dict[str, Any], str]:
         """One run's figures (``steps``, ``train_seconds``, ``eval_seconds``; a fine-tuned run also the
-        :meth:`AlphaTrace.summary`) and its :func:`items_string` on the held-out rows; ``objective``
-        :data:`BASE`: the base model, scored only."""
-        raise NotImplementedError
-
-    def pilot(self) -> float:
-        """Seconds a run will take besides scoring, from a short run (setup included, so a little high)."""
+        :meth:`AlphaTrace.summary`) and its :func:`items_string` on the held-out rows, its answers written to
+        :meth:`answers_path`; ``objective`` :data:`BASE`: the base model, scored only."""
         raise NotImplementedError
 
 
 class InProcessStudy(Study):
     """A study in this process: every run trains a copy of the base model held in memory (loaded once), with
-    no logs, checkpoints or exports, on one device."""
+    no logs, checkpoints or exports, on one device: a run leaves its answers only."""
 
     def __init__(self, make_module: Callable[[str], SFTModule], data: SFTDataModule, trainer_kwargs: Mapping[str, Any],
                  *args: Any, **kwargs: Any) -> None:  # fmt: skip
@@ -610,15 +656,8 @@ class InProcessStudy(Study):
             figures = {**trace.summary(static_alpha(module)), "steps": trainer.global_step,
                        "train_seconds": train_seconds, "eval_seconds": seconds}  # fmt: skip
         _free(module)
+        write_jsonl(str(self.answers_path(objective, seed)), result.predictions)
         return figures, items_string(result)
-
-    def pilot(self) -> float:
-        steps = min(2, self.max_steps)
-        self.data.seed = 0
-        _, seconds = fine_tune(self.make_module(self.objectives[0]), self.data, steps, self.trainer_kwargs, (), self.root)
-        _free()  # the pilot's module, optimizer state and trainer: unreachable now
-        print(f"[study] pilot: {steps} training steps took {seconds:.1f} s", file=sys.stderr, flush=True)
-        return seconds / steps * self.max_steps
 
 
 class SubprocessStudy(Study):
@@ -664,10 +703,10 @@ class SubprocessStudy(Study):
                 f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
         return super().run()
 
-    def run_dir(self, objective: str, seed: int | None, pilot: bool = False) -> Path:
-        """The run's log directory: ``out/runs/seed_<seed>/<objective>`` (what ``compare`` reads), ``out/runs/base``
-        or ``out/runs/pilot``."""
-        return self.out / "runs" / ("pilot" if pilot else BASE if objective == BASE else f"seed_{seed}/{objective}")
+    def run_dir(self, objective: str, seed: int | None) -> Path:
+        """The run's log directory: ``out/runs/seed_<seed>/<objective>`` (what ``compare`` reads) or
+        ``out/runs/base``."""
+        return self.out / "runs" / (BASE if objective == BASE else f"seed_{seed}/{objective}")
 
     def job_args(self, objective: str, seed: int) -> list[str]:
         """What every process of a run reads: the objective's config (the base model: the first's) and the
@@ -678,15 +717,15 @@ class SubprocessStudy(Study):
                 "--data.noise", "0", "--data.weight_column", "weight", "--data.max_rows", "null",
                 "--data.seed", str(seed), "--trainer.logger", "false"]  # fmt: skip
 
-    def command(self, objective: str, seed: int | None, pilot: bool = False) -> list[str]:
+    def command(self, objective: str, seed: int | None) -> list[str]:
         """The command of one run: ``fit`` of ``max_steps`` optimizer steps with ``objective``'s config, scored
-        by GenerationEval after the last step; ``objective`` :data:`BASE`: ``validate`` of the base model;
-        ``pilot``: 2 steps, not scored. Sharded: the run exports instead of scoring."""
+        by GenerationEval after the last step; ``objective`` :data:`BASE`: ``validate`` of the base model.
+        Sharded: the run exports instead of scoring."""
         seed = 0 if seed is None else seed
-        steps = min(2, self.max_steps) if pilot else self.max_steps
-        scored, run_dir = not (pilot or self.sharded), self.run_dir(objective, seed, pilot)
+        steps = self.max_steps
+        scored, run_dir = not self.sharded, self.run_dir(objective, seed)
         callbacks: list[dict[str, Any]] = [{"class_path": f"{RunTrace.__module__}.RunTrace",
-                                            "init_args": {"export": self.sharded and not pilot}}]  # fmt: skip
+                                            "init_args": {"export": self.sharded}}]  # fmt: skip
         if scored:
             generation = {"checker": self.checker, "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
             callbacks.append({"class_path": f"{GenerationEval.__module__}.GenerationEval", "init_args": generation})
@@ -729,19 +768,19 @@ class SubprocessStudy(Study):
             last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "no output")
             raise StudyError(f"run {name} failed (exit {code}): {last[:200]}; log: {log}")
 
-    def run_processes(self, objective: str, seed: int | None, pilot: bool = False) -> dict[str, Any]:
+    def run_processes(self, objective: str, seed: int | None) -> dict[str, Any]:
         """Run :meth:`command` (sharded, then :meth:`evaluate_command`) in a fresh run directory; the
         :class:`RunTrace` figures."""
-        run_dir = self.run_dir(objective, seed, pilot)
+        run_dir = self.run_dir(objective, seed)
         log = run_dir / "study.log"
-        name = "pilot" if pilot else "base model" if objective == BASE else f"{objective} seed {seed}"
+        name = "base model" if objective == BASE else f"{objective} seed {seed}"
         shutil.rmtree(run_dir, ignore_errors=True)  # what a failed attempt left
         run_dir.mkdir(parents=True)
         figures: dict[str, Any] = {"steps": 0, "train_seconds": 0.0}  # sharded, the base model is only evaluated
         if not (self.sharded and objective == BASE):
-            self.launch(self.command(objective, seed, pilot), log, name)
+            self.launch(self.command(objective, seed), log, name)
             figures = json.loads((run_dir / TRACE_FILE).read_text(encoding="utf-8"))
-        if self.sharded and not pilot:
+        if self.sharded:
             start = time.perf_counter()
             self.launch(self.evaluate_command(objective, seed, figures["steps"]), log, name)
             figures["eval_seconds"] = time.perf_counter() - start  # its process: the export's loading included
@@ -751,27 +790,26 @@ class SubprocessStudy(Study):
     def measure(self, objective: str, seed: int | None) -> tuple[dict[str, Any], str]:
         figures = self.run_processes(objective, seed)
         run_dir = self.run_dir(objective, seed)
-        scores = compare.read_run(run_dir).scores
-        if len(scores) != len(self.rows):
-            raise StudyError(f"{run_dir}: {len(scores)} rows scored, not the {len(self.rows)} held out; log: "
+        run = compare.read_run(run_dir)
+        if len(run.scores) != len(self.rows):
+            raise StudyError(f"{run_dir}: {len(run.scores)} rows scored, not the {len(self.rows)} held out; log: "
                              f"{run_dir / 'study.log'}")  # fmt: skip
+        answers = self.answers_path(objective, seed)
+        answers.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run.path, answers)  # beside the other runs' answers, in every study's layout
         if objective == BASE:
             figures = {k: figures[k] for k in ("steps", "train_seconds", "eval_seconds")}
-        return figures, "".join("1" if s == 1 else "0" for s in scores)
+        return figures, "".join("1" if s == 1 else "0" for s in run.scores)
 
-    def pilot(self) -> float:
-        start = time.perf_counter()
-        trace = self.run_processes(self.objectives[0], 0, pilot=True)
-        seconds = time.perf_counter() - start
-        shutil.rmtree(self.run_dir(self.objectives[0], 0, pilot=True))
-        print(f"[study] pilot: a process of {trace['steps']} training steps took {seconds:.1f} s "
-              f"({trace['train_seconds']:.1f} s training)", file=sys.stderr, flush=True)  # fmt: skip
-        return seconds + trace["train_seconds"] * (self.max_steps / trace["steps"] - 1)
+    def left_by(self, objective: str, seed: int | None) -> dict[str, Path]:
+        """Where a run leaves files: its answers and its run directory (log, trace, predictions)."""
+        return {**super().left_by(objective, seed), "run": self.run_dir(objective, seed)}
 
 
 def _describe(key: tuple[str, int | None], row: dict[str, Any]) -> str:
     return (f"  {key[0]:<12} seed {key[1]!s:<4} accuracy {row['accuracy']:.3f} ({row['correct']}/{row['n']}; "
-            f"{row['train_seconds']:.0f} s training + {row['eval_seconds']:.0f} s scoring)")  # fmt: skip
+            f"{row['train_seconds']:.0f} s training + {row['eval_seconds']:.0f} s scoring)"
+            + (f"; on disk {row['on_disk']}" if row.get("on_disk") else ""))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the study: report
@@ -809,6 +847,8 @@ def report(rows: Sequence[Mapping[str, Any]], objectives: Sequence[str], out: st
     (out / "recommendation.yaml").write_text(yaml_text, encoding="utf-8")
     plotted = compare.plot(result, out / "study.png")
     files = ["study.csv", "study.md", "recommendation.yaml"] + (["study.png"] if plotted else [])
+    files += sorted({f"answers/{r['config']}/ (each run's answers)" for r in rows
+                     if (out / "answers" / r["config"]).is_dir()})  # fmt: skip
     text = "\n".join([table, "", yaml_text, f"files in {out}: {', '.join(files)}"
                       + ("" if plotted else " (no plot: pip install matplotlib)")])  # fmt: skip
     return result, text

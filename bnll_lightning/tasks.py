@@ -35,6 +35,7 @@ __all__ = [
     "AddTask",
     "CapitalTask",
     "FigletTask",
+    "PastTenseTask",
     "PluralTask",
     "ReverseTask",
     "SortTask",
@@ -586,11 +587,174 @@ class PluralTask(_WordTask):
         return rng.choice(wrong)
 
 
+# Irregular verbs: base -> simple past, the accepted spellings (canonical first; a second form where
+# dictionaries give both, e.g. "dreamed"/"dreamt"). Left out: verbs whose past may be spelled like the base
+# form ("put", "cut", "read": an echo of the question would read as a right answer), and verbs whose base
+# form is another verb's past or has a homonym with another past ("found", "wind", "lie" -> "lay"/"lied").
+IRREGULAR_PAST: dict[str, tuple[str, ...]] = {
+    "arise": ("arose",), "awake": ("awoke", "awaked"), "bear": ("bore",), "become": ("became",),
+    "befall": ("befell",), "begin": ("began",), "behold": ("beheld",), "bend": ("bent",), "bind": ("bound",),
+    "bite": ("bit",), "bleed": ("bled",), "blow": ("blew",), "break": ("broke",), "breed": ("bred",),
+    "bring": ("brought",), "build": ("built",), "burn": ("burned", "burnt"), "buy": ("bought",),
+    "catch": ("caught",), "choose": ("chose",), "cling": ("clung",), "come": ("came",), "creep": ("crept",),
+    "deal": ("dealt",), "dig": ("dug",), "dive": ("dived", "dove"), "do": ("did",), "draw": ("drew",),
+    "dream": ("dreamed", "dreamt"), "drink": ("drank",), "drive": ("drove",), "dwell": ("dwelt", "dwelled"),
+    "eat": ("ate",), "fall": ("fell",), "feed": ("fed",), "feel": ("felt",), "fight": ("fought",),
+    "find": ("found",), "flee": ("fled",), "fling": ("flung",), "fly": ("flew",), "forbid": ("forbade", "forbad"),
+    "foresee": ("foresaw",), "foretell": ("foretold",), "forget": ("forgot",), "forgive": ("forgave",),
+    "forsake": ("forsook",), "freeze": ("froze",), "get": ("got",), "give": ("gave",), "go": ("went",),
+    "grind": ("ground",), "grow": ("grew",), "hang": ("hung", "hanged"), "have": ("had",), "hear": ("heard",),
+    "hide": ("hid",), "hold": ("held",), "keep": ("kept",), "kneel": ("knelt", "kneeled"), "know": ("knew",),
+    "lay": ("laid",), "lead": ("led",), "lean": ("leaned", "leant"), "leap": ("leaped", "leapt"),
+    "learn": ("learned", "learnt"), "leave": ("left",), "lend": ("lent",), "light": ("lit", "lighted"),
+    "lose": ("lost",), "make": ("made",), "mean": ("meant",), "meet": ("met",), "mislead": ("misled",),
+    "mistake": ("mistook",), "misunderstand": ("misunderstood",), "outdo": ("outdid",), "outgrow": ("outgrew",),
+    "outrun": ("outran",), "overcome": ("overcame",), "overhear": ("overheard",), "oversee": ("oversaw",),
+    "oversleep": ("overslept",), "overtake": ("overtook",), "overthrow": ("overthrew",), "partake": ("partook",),
+    "pay": ("paid",), "plead": ("pleaded", "pled"), "rebuild": ("rebuilt",), "redo": ("redid",),
+    "remake": ("remade",), "repay": ("repaid",), "resell": ("resold",), "retell": ("retold",),
+    "rewrite": ("rewrote",), "ride": ("rode",), "ring": ("rang",), "rise": ("rose",), "run": ("ran",),
+    "say": ("said",), "see": ("saw",), "seek": ("sought",), "sell": ("sold",), "send": ("sent",),
+    "shake": ("shook",), "shine": ("shone", "shined"), "shoot": ("shot",), "shrink": ("shrank", "shrunk"),
+    "sing": ("sang",), "sink": ("sank", "sunk"), "sit": ("sat",), "slay": ("slew", "slayed"), "sleep": ("slept",),
+    "slide": ("slid",), "sling": ("slung",), "smell": ("smelled", "smelt"), "sneak": ("sneaked", "snuck"),
+    "speak": ("spoke",), "speed": ("sped", "speeded"), "spell": ("spelled", "spelt"), "spend": ("spent",),
+    "spill": ("spilled", "spilt"), "spin": ("spun",), "spoil": ("spoiled", "spoilt"),
+    "spring": ("sprang", "sprung"), "stand": ("stood",), "steal": ("stole",), "stick": ("stuck",),
+    "sting": ("stung",), "stink": ("stank", "stunk"), "stride": ("strode",), "strike": ("struck",),
+    "string": ("strung",), "strive": ("strove", "strived"), "swear": ("swore",), "sweep": ("swept",),
+    "swim": ("swam",), "swing": ("swung",), "take": ("took",), "teach": ("taught",), "tear": ("tore",),
+    "tell": ("told",), "think": ("thought",), "throw": ("threw",), "tread": ("trod", "treaded"),
+    "undergo": ("underwent",), "understand": ("understood",), "undertake": ("undertook",), "undo": ("undid",),
+    "uphold": ("upheld",), "wake": ("woke", "waked"), "wear": ("wore",), "weave": ("wove", "weaved"),
+    "weep": ("wept",), "win": ("won",), "withdraw": ("withdrew",), "withhold": ("withheld",),
+    "withstand": ("withstood",), "wring": ("wrung",), "write": ("wrote",),
+}
+
+# Regular verbs that double their final consonant (one-syllable consonant-vowel-consonant verbs, and verbs
+# stressed on a last such syllable): base -> past, written out.
+DOUBLED_PAST: dict[str, str] = {
+    verb: verb + verb[-1] + "ed"
+    for verb in (
+        "abhor acquit admit bag ban bar beg blot blur chat chip chop clap clog commit compel confer control "
+        "dab deter dim dip drag drip drop drum emit equip expel fan flap flip flog gag grab grin hem hop hug hum "
+        "incur jab jam jog jot knot log map mob mop nag nap nod occur omit pat patrol permit pet pin plan plod plot "
+        "plug pop prefer prod propel rap rebel recur refer regret rip rob rot rub sag scan scar scrub ship shop "
+        "shrug sip skip slam slap slip snap sob spot spur stab star step stir stop strap strip strum stun submit "
+        "swap tag tan tap throb tip transmit trap trim trip trot tug wag whip wrap zip"
+    ).split()
+}
+
+# Regular verbs spelled by rule (:func:`regular_past`): ``+d`` after a final e, ``y -> ied`` after a
+# consonant, ``+ed`` otherwise. Left out: verbs spelled differently in British and American English
+# ("travel", "realise"), verbs in -c ("panic"), and verbs whose base form is another verb's past ("found").
+_REGULAR_VERBS = (
+    "accept accuse ache achieve act add address admire adopt advise afford agree alert allow amuse announce "
+    "annoy answer appear applaud apply appreciate approve argue arrange arrest arrive ask attach attack attempt "
+    "attend attract avoid back bake balance bang bathe battle beam behave belong blink bless bloom blush boast "
+    "boil bolt book borrow bother bounce bow box brake branch breathe brush bump bury buzz calculate call camp "
+    "care carry carve cause challenge change charge chase cheat check cheer chew choke clean clear climb close "
+    "coach collect comb command complain complete concentrate concern confess confuse connect consider consist "
+    "contain continue copy correct cough count cover crack crash crawl cross crush cry cure curl cycle damage "
+    "dance dare decay deceive decide decorate delay delight deliver deny depend describe deserve destroy detect "
+    "develop disagree disappear discover dislike divide double doubt drain dress drown dry dust earn educate "
+    "embarrass employ empty encourage end enjoy enter entertain escape examine excite excuse exercise exist "
+    "expand expect explain explode extend face fade fail fancy fasten fear fence fetch file fill film fire fix "
+    "flash float flood flow fold follow fool force form frame frighten fry gather gaze glow glue grate greet "
+    "guarantee guard guess guide hammer hand handle happen harm hate haunt head heal heap heat help hook hope "
+    "hover hunt hurry identify ignore imagine impress improve include increase influence inform inject injure "
+    "instruct intend interest interfere interrupt introduce invent invite irritate itch jail joke judge juggle "
+    "jump kick kill kiss knock land last laugh launch lick lift like list listen live load lock look love manage "
+    "march mark marry match matter measure melt mend milk miss mix moan mourn move multiply murder nail name "
+    "need nest note notice number obey object observe obtain offend offer open order owe own pack paddle paint "
+    "park part pass paste pause peck peel perform phone pick pinch place plant play please point poke polish "
+    "possess post pour pray preach prepare present preserve press pretend prevent print produce promise protect "
+    "provide pull pump punch punish push question race rain raise reach receive record reduce reflect refuse "
+    "reign reject rejoice relax release rely remain remember remind remove repair repeat replace reply report "
+    "request rescue retire return rinse risk rock roll ruin rule rush sail satisfy save scare scatter scold "
+    "scrape scratch scream screw seal search separate serve settle share shave shelter shiver shock sigh sign "
+    "slow smash smile smoke snatch sneeze sniff snore snow soak sound spare spark sparkle spray squash squeak "
+    "squeeze stain stamp stare start stay steer store stretch stroke stuff study subtract succeed suck suffer "
+    "suggest suit supply support suppose surprise surround suspect suspend switch talk tame taste tease tempt "
+    "terrify test thank thaw tick tickle tie tire touch tow trace trade train transport treat tremble trick "
+    "trouble trust try tumble turn twist type unite unlock unpack use vanish visit wail wait walk wander want "
+    "warm warn wash waste watch water wave weigh welcome whine whirl whisper whistle wink wipe wish wobble wonder "
+    "work worry wreck wrestle yawn yell zoom"
+).split()
+
+
+def regular_past(verb: str) -> str:
+    """The past tense of a regular verb that does not double its final consonant: ``bake -> baked``,
+    ``try -> tried``, ``play -> played``, ``fix -> fixed``, ``visit -> visited``."""
+    if verb.endswith("e"):
+        return verb + "d"
+    if verb.endswith("y") and len(verb) > 1 and verb[-2] not in "aeiou":
+        return verb[:-1] + "ied"
+    return verb + "ed"
+
+
+# Every verb of the task: base -> accepted past forms (canonical first).
+PAST_TENSE: dict[str, tuple[str, ...]] = {
+    **{verb: (regular_past(verb),) for verb in _REGULAR_VERBS},
+    **{verb: (past,) for verb, past in DOUBLED_PAST.items()},
+    **IRREGULAR_PAST,
+}
+
+
+class PastTenseTask(_WordTask):
+    """The simple past of an English verb from a built-in table of 779 (:data:`PAST_TENSE`: the 160
+    irregular verbs of :data:`IRREGULAR_PAST` written out, the 119 doubling verbs of :data:`DOUBLED_PAST`,
+    500 regular verbs spelled by :func:`regular_past`): knowledge a small instruct model has, with enough
+    distinct rows for a held-out set of 200 and a training pool of 300 more. Response: e.g. ``"went"``.
+    The embedded SmolLM2-135M-Instruct is right on 47 % of 200 held-out verbs (13 of 45 irregular ones),
+    in its own words (``The past tense of "call" is "called."``).
+
+    Check: word rules, case-insensitive, against the canonical past or another accepted spelling (``went``,
+    ``Went.``, ``The past tense of "go" is "went".``; ``dreamt`` for ``dreamed``); ``goed``, ``gone`` and
+    ``go`` fail. Corruption: the regularised form (``goed``, ``stoped``, ``tryed``) or the base form, else
+    another verb's past.
+    """
+
+    name = "past_tense"
+    description = "give the simple past of an English verb"
+
+    def __init__(self) -> None:
+        self.table = PAST_TENSE
+        self._verbs = list(self.table)
+        self._verb_of = {forms[0]: verb for verb, forms in self.table.items()}
+
+    def sample(self, rng):
+        verb = rng.choice(self._verbs)
+        prompt = f'What is the past tense of "{verb}"? Reply with only the past tense.'
+        return prompt, self.table[verb][0]
+
+    def spellings(self, answer):
+        verb = self._verb_of.get(answer)
+        return self.table[verb] if verb is not None else (answer,)
+
+    def corrupt(self, answer, rng):
+        right = {s.casefold() for s in self.spellings(answer)}
+        verb = self._verb_of.get(answer)
+        slips = []
+        if verb is not None:
+            # A regularised irregular ("goed"), a missed doubling or y -> i ("stoped", "tryed"), the base form.
+            slips = [regular_past(verb), verb] + ([] if verb.endswith("e") else [verb + "ed"])
+        slips = [w for w in dict.fromkeys(slips) if w.casefold() not in right]
+        if slips and rng.random() < 0.5:
+            return rng.choice(slips)
+        return rng.choice([forms[0] for forms in self.table.values() if forms[0].casefold() not in right])
+
+    def check(self, prediction, row):
+        cands = {c.casefold() for c in _word_candidates(final_line(prediction), 1)}
+        return any(s.casefold() in cands for s in self.spellings(str(row["answer"])))
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         SortTask(), ReverseTask(), ReverseTask("reverse3", 3, 3), AddTask(), SuccessorTask(), FigletTask(),
         CapitalTask(), CapitalTask("world_capital", WORLD_CAPITALS), UppercaseTask(), PluralTask(),
+        PastTenseTask(),
     )
 }
 

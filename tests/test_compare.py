@@ -127,3 +127,18 @@ def test_read_run_picks_the_last_step_and_says_what_is_missing(tmp_path):
         f.write(json.dumps({"index": 3, "prompt": "q", "answer": "a", "correct": True}) + "\n")
     with pytest.raises(compare.StudyError, match="partial"):
         compare.read_run(run)
+
+
+def test_the_checkpoints_of_compared_runs_are_found_and_deleted_only_when_asked(tmp_path):
+    runs = [write_run(tmp_path, "NLL", seed, [1, 0], objective=NLL) for seed in (0, 1)]
+    (runs[0] / "checkpoints").mkdir()
+    (runs[0] / "checkpoints" / "step=4.ckpt").write_bytes(b"x" * 3000)
+    (runs[0] / "checkpoints" / "last.ckpt").symlink_to(runs[0] / "checkpoints" / "step=4.ckpt")
+    (runs[0] / "hf_model").mkdir()
+    read = [compare.read_run(run) for run in compare.find_runs([tmp_path / "NLL"])]
+    found = compare.checkpoints_of(read)
+    assert found == {runs[0] / "checkpoints": 3000}  # the run without checkpoints has nothing to find
+    assert (runs[0] / "checkpoints").is_dir()  # finding deletes nothing
+    assert compare.delete_checkpoints(found) == 3000
+    assert not (runs[0] / "checkpoints").exists() and (runs[0] / "hf_model").is_dir()
+    assert [compare.read_run(run).scores.tolist() for run in runs] == [[1.0, 0.0], [1.0, 0.0]]  # still compared

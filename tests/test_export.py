@@ -13,10 +13,13 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
+from safetensors import safe_open
+
+from bnll_lightning import disk
 from bnll_lightning.alpha import LinearAlpha
 from bnll_lightning.cli import main
 from bnll_lightning.data import SFTDataModule
-from bnll_lightning.export import HFExport, replace_directory, unwritable_reason
+from bnll_lightning.export import HFExport, replace_directory, save_pretrained, unwritable_reason
 from bnll_lightning.module import SFTModule
 from bnll_lightning.objectives import AlphaFamily
 
@@ -34,6 +37,21 @@ def test_fit_exports_model_card_and_config(tmp_path, tiny_model_dir, capsys):
     ])
     (log_dir,) = list(save_dir.glob("*/version_*"))
     export = log_dir / "hf_model"
+    # The console's last lines: what the run left, per place, as the files' sizes add up.
+    printed = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(printed) if line.startswith("disk       "))
+    said = {line.split()[2]: line.split()[0:2] for line in printed[start + 1:]}
+    checkpoints = log_dir / "checkpoints"
+    places = {"checkpoints": checkpoints, "export": export, "logs": log_dir}
+    for name, folder in places.items():
+        inner = [p for p in places.values() if p != folder and folder in p.parents]
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()
+                   and not any(p in f.parents for p in inner))  # fmt: skip
+        assert " ".join(said[name]) == disk.human(size) and printed[start + 1:][list(said).index(name)].endswith(
+            str(folder)), name
+    assert list(checkpoints.glob("*.ckpt")) and {"checkpoints", "export", "logs"} == set(said)
+    with safe_open(str(export / "model.safetensors"), "pt") as f:  # the tied output embedding: stored once
+        assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
     card = (export / "README.md").read_text()
     assert f"**Base model:** {tiny_model_dir}" in card and "builtin:add" in card
     # The objective as configured (α 0.0), the controller that moved α, and α's course apart (it ended elsewhere).
@@ -182,3 +200,21 @@ def test_the_card_of_the_embedded_model_names_the_model_and_its_source():
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
     assert "**Base model:** SmolLM2-135M-Instruct (HuggingFaceTB/SmolLM2-135M-Instruct, from the " in card
     assert "`embedded`" not in card and "**Objective:** `AlphaFamily(alpha=0.25)`" in card
+
+
+def test_a_gathered_state_dict_stores_tied_weights_once(tmp_path, tiny_model_dir, tokenizer):
+    from types import SimpleNamespace
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.config.tie_word_embeddings
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}  # as FSDP gathers it: a copy per key
+    save_pretrained(SimpleNamespace(model=model, tokenizer=tokenizer), str(tmp_path / "sharded"), gathered)
+    save_pretrained(SimpleNamespace(model=model, tokenizer=tokenizer), str(tmp_path / "whole"))
+    files = [tmp_path / d / "model.safetensors" for d in ("sharded", "whole")]
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    assert files[0].stat().st_size == files[1].stat().st_size
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)

@@ -36,15 +36,22 @@ def read(path):
         return list(csv.DictReader(f))
 
 
+# The job as demo.yaml has it: checkpoints on, every step, and a last.ckpt; a study run keeps none of them.
+CHECKPOINTS = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+               "init_args": {"every_n_train_steps": 1, "save_last": "link"}}  # fmt: skip
+
+
 def test_study_end_to_end_and_an_interrupted_study_resumes(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # whatever a run writes to the working directory would be found below
     out = tmp_path / "out"
-    argv = ["study", "--config", job(tmp_path, tiny_model_dir), "--objectives", "nll", "bnll_lightning.objectives.DFT",
+    config = job(tmp_path, tiny_model_dir, callbacks=(GENERATION_EVAL, CHECKPOINTS), trainer={"enable_checkpointing": True})
+    argv = ["study", "--config", config, "--objectives", "nll", "bnll_lightning.objectives.DFT",
             "--seeds", "2", "--val_rows", "6", "--out", str(out), "--bootstrap", "200"]
     fits, real_fit = [], study.fine_tune
 
-    def stopped_fit(*args, **kwargs):  # the pilot, nll seed 0, DFT seed 0, then the process is "killed"
+    def stopped_fit(*args, **kwargs):  # nll seed 0, DFT seed 0, then the process is "killed"
         fits.append(args[2])
-        if len(fits) == 4:
+        if len(fits) == 3:
             raise RuntimeError("killed")
         return real_fit(*args, **kwargs)
 
@@ -53,12 +60,15 @@ def test_study_end_to_end_and_an_interrupted_study_resumes(tmp_path, tiny_model_
         main(argv)
     first = read(out / "study.csv")
     assert [(r["objective"], r["seed"]) for r in first] == [("base", ""), ("nll", "0"), ("DFT", "0")]
-    assert fits == [2, 2, 2, 2] and "[study] pilot: 2 training steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert fits == [2, 2, 2]  # no pilot: the time left is projected from the runs themselves
+    assert "runs left to do (0 in the CSV); the time left is projected after the first run" in err
+    assert "[study] 3 runs left: ~" in err and " s per run (measured)" in err
 
     monkeypatch.setattr(study, "fine_tune", real_fit)
     main(argv)
     captured = capsys.readouterr()
-    assert "[study] 2 of the 2 runs left to do (2 in the CSV)" in captured.err and "pilot" not in captured.err
+    assert "[study] 2 of the 2 runs left to do (2 in the CSV); projected " in captured.err
     rows = read(out / "study.csv")
     assert rows[:3] == first  # finished runs are kept as they were, not redone
     assert sorted((r["objective"], r["seed"]) for r in rows) == sorted(
@@ -82,6 +92,22 @@ def test_study_end_to_end_and_an_interrupted_study_resumes(tmp_path, tiny_model_
     main(argv)  # complete: nothing to run
     assert "0 of the 0 runs left to do (4 in the CSV)" in capsys.readouterr().err
     assert read(out / "study.csv") == rows
+
+    # Each run's answers beside the CSV (what tells wrong answers from a checker that misreads them), and
+    # nothing else: no checkpoint, no export, no logs, though the job has checkpointing on.
+    answers = out / "answers" / rows[0]["config"]
+    assert sorted(p.name for p in answers.iterdir()) == ["DFT-seed0.jsonl", "DFT-seed1.jsonl", "base.jsonl",
+                                                          "nll-seed0.jsonl", "nll-seed1.jsonl"]  # fmt: skip
+    for r in rows:
+        name = "base" if r["objective"] == "base" else f"{r['objective']}-seed{r['seed']}"
+        kept = [json.loads(line) for line in (answers / f"{name}.jsonl").read_text().splitlines()]
+        assert "".join("1" if a["correct"] else "0" for a in kept) == r["items"]
+        assert all({"prompt", "prediction", "answer", "correct"} <= set(a) for a in kept)
+    assert f"answers/{rows[0]['config']}/ (each run's answers)" in captured.out
+    assert "; on disk " in captured.err and str(answers / "nll-seed1.jsonl") in captured.err
+    left = [p for p in tmp_path.rglob("*") if p.is_file() and p.name not in ("job.yaml",)]
+    assert {p.suffix for p in left} == {".csv", ".md", ".yaml", ".png", ".jsonl"}
+    assert sum(p.stat().st_size for p in left) < 200_000
 
 
 @pytest.mark.parametrize("case", ["unknown objective", "val set too small", "no checker", "several nodes"])
@@ -207,11 +233,11 @@ def test_a_job_on_several_devices_runs_a_process_per_run_and_a_failed_one_exits_
     assert list(rows[0]) == list(study.STUDY_FIELDS) and rows[1]["correct"] == "3" and rows[1]["steps"] == "3"
 
     work = out / "work"
-    assert [c[3] for c in commands] == ["validate", "fit", "fit", "fit"]  # base, pilot, nll, DFT
-    base, pilot, nll = (pairs(c) for c in commands[:3])
+    assert [c[3] for c in commands] == ["validate", "fit", "fit"]  # base, nll, DFT: no pilot
+    base, nll = (pairs(c) for c in commands[:2])
     assert base["--trainer.default_root_dir"] == str(out / "runs" / "base")
-    assert pilot["--trainer.max_steps"] == "2" and pilot["--trainer.limit_val_batches"] == "0"
-    assert not (out / "runs" / "pilot").exists()
+    answers = out / "answers" / rows[0]["config"] / "nll-seed0.jsonl"  # the run's predictions, beside the CSV's
+    assert answers.read_text() == (log.parent.parent / "nll" / "predictions" / "step_3.jsonl").read_text()
     assert nll["--config"] == str(work / "nll.yaml") and nll["--trainer.default_root_dir"] == str(log.parent.parent / "nll")
     assert {k: nll[k] for k in ("--seed_everything", "--data.seed", "--trainer.max_steps", "--trainer.val_check_interval",
                                 "--trainer.check_val_every_n_epoch", "--trainer.logger", "--trainer.enable_checkpointing",
@@ -257,6 +283,28 @@ def test_a_sharded_job_scores_each_run_by_evaluating_its_export_on_one_device(tm
     assert "--model.model" not in runs.evaluate_command("base", None, 0)  # the job's own model
 
 
+def test_the_time_left_is_projected_from_the_runs_measured(tmp_path, capsys):
+    now = [0.0]
+    took = {"a": 30.0, "b": 20.0, "c": 22.0, "d": 18.0, "f": 10.0}  # the first run pays the process's warm-up
+
+    def run(key):
+        now[0] += took[key]
+        return {"key": key}
+
+    table = study.RunsCSV(tmp_path / "runs.csv", ("key",))
+    ran = study.run_missing(list("abcde"), {"e"}, run, table, name="study", progress=False, clock=lambda: now[0])
+    assert ran == 4 and [r["key"] for r in table.read()] == list("abcd")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[study]")]
+    assert lines == ["[study] 4 of the 4 runs left to do (1 in the CSV); the time left is projected after the first run",
+                     "[study] 3 runs left: ~90 s at ~30 s per run (measured)",  # the first run alone
+                     "[study] 2 runs left: ~40 s at ~20 s per run (measured)",  # the runs after it
+                     "[study] 1 run left: ~21 s at ~21 s per run (measured)"]  # fmt: skip
+    assert study.projected_per_run([26.0, 18.0]) == 18.0 and study.duration(3 * 3600 + 5 * 60) == "3 h 05 min"
+
+    study.run_missing(list("abcdef"), set("abcde"), run, table, name="study", per_run_seconds=150.0, progress=False)
+    assert "1 of the 1 runs left to do (5 in the CSV); projected 2 min at ~150 s per run" in capsys.readouterr().err
+
+
 FSDP2 = {"class_path": "bnll_lightning.strategies.FSDP2Strategy"}
 
 
@@ -276,6 +324,8 @@ def test_a_study_on_2_cpu_processes_trains_and_scores_in_processes_of_its_own(st
     run = out / "runs" / "seed_0" / "nll"
     assert (run / "predictions" / "step_2.jsonl").is_file() and "x 2 processes" in (run / "study.log").read_text()
     assert not list(out.rglob("hf_model")) and not list(out.rglob("*.ckpt"))  # no export left, no checkpoint
+    answers = out / "answers" / rows[1]["config"] / "nll-seed0.jsonl"
+    assert answers.read_text() == (run / "predictions" / "step_2.jsonl").read_text()
     assert "| nll | 1 |" in capsys.readouterr().out
 
     monkeypatch.setattr(study.subprocess, "run", None)  # a rerun starts no process

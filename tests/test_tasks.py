@@ -2,6 +2,7 @@
 
 import copy
 import random
+import re
 
 import pytest
 
@@ -151,6 +152,12 @@ CASES = {
          "Here it is:\n`GREEN APPLE`"],
         ["green apple", "Green Apple", "GREEN", "GREEN APPLES", ""],
     ),
+    "past_tense": (
+        "went",
+        ["went", "Went.", 'The past tense of "go" is "went".', "The past tense of go is went.", "**went**",
+         "Past tense: went"],
+        ["goed", "gone", "go", "wented", "", 'What is the past tense of "go"?', "The past tense of go is gone."],
+    ),
     "plural": (
         "mice",
         ["mice", "Mice.", "The plural of mouse is mice.", '"mice"', "Plural: mice"],
@@ -226,3 +233,83 @@ def test_noise_without_task_swaps_responses():
         noise([{"prompt": "a", "response": "x"}, {"prompt": "b", "response": "x"}], 0.5, seed=0)
     with pytest.raises(ValueError):
         noise(rows, 1.5, seed=0)
+
+
+# --------------------------------------------------------------------------- past tense
+
+
+def test_past_tense_truth_table_spot_checks():
+    from bnll_lightning.tasks import DOUBLED_PAST, IRREGULAR_PAST, PAST_TENSE, regular_past
+
+    hand_written = {
+        "stop": "stopped", "try": "tried", "play": "played", "bake": "baked", "fix": "fixed", "visit": "visited",
+        "prefer": "preferred", "admit": "admitted", "agree": "agreed", "obey": "obeyed", "cry": "cried",
+        "tie": "tied", "carry": "carried", "open": "opened", "answer": "answered", "plan": "planned",
+        "go": "went", "eat": "ate", "swim": "swam", "teach": "taught", "bring": "brought", "begin": "began",
+        "see": "saw", "find": "found", "lay": "laid", "think": "thought", "fly": "flew", "hang": "hung",
+    }  # fmt: skip
+    for verb, past in hand_written.items():
+        assert PAST_TENSE[verb][0] == past, verb
+    assert PAST_TENSE["dream"] == ("dreamed", "dreamt") and PAST_TENSE["learn"] == ("learned", "learnt")
+    for verb, past in {"bake": "baked", "try": "tried", "play": "played", "fix": "fixed", "obey": "obeyed",
+                       "agree": "agreed", "visit": "visited"}.items():  # fmt: skip
+        assert regular_past(verb) == past
+    # left out: the past spelled like the base ("put"), -c verbs ("panic"), British/American spellings ("travel"),
+    # a base form that is another verb's past or has a homonym with another past ("found", "lie")
+    for verb in ("put", "cut", "read", "panic", "travel", "found", "lie", "wind"):
+        assert verb not in PAST_TENSE
+    assert len(IRREGULAR_PAST) >= 150 and len(DOUBLED_PAST) >= 100
+
+
+def test_past_tense_table_is_consistent():
+    from bnll_lightning.tasks import _REGULAR_VERBS, DOUBLED_PAST, IRREGULAR_PAST, PAST_TENSE
+
+    assert len(PAST_TENSE) == len(_REGULAR_VERBS) + len(DOUBLED_PAST) + len(IRREGULAR_PAST)  # no verb twice
+    canonical = [forms[0] for forms in PAST_TENSE.values()]
+    assert len(set(canonical)) == len(canonical)  # corrupt() finds the verb from its past
+    for verb, forms in PAST_TENSE.items():
+        assert verb.isalpha() and verb.islower() and all(f.isalpha() and f.islower() for f in forms)
+        assert verb not in forms  # an echo of the question never reads as a right answer
+        assert verb not in canonical  # a base form is no verb's past
+    # a one-syllable consonant-vowel-consonant verb doubles its consonant: it must not be spelled by rule
+    one_syllable_cvc = re.compile(r"[^aeiou]*[aeiou][^aeiouwxy]")
+    assert not [v for v in _REGULAR_VERBS if one_syllable_cvc.fullmatch(v)]
+    assert all(one_syllable_cvc.fullmatch(v) for v in ("stop", "plan", "hug", "stir"))
+
+
+def test_past_tense_checker_and_corruption():
+    task = TASKS["past_tense"]
+    dreamed = _row("past_tense", "dreamed")
+    for good in ("dreamed", "dreamt", 'The past tense of "dream" is "dreamt".'):
+        assert task.check(good, dreamed)
+    for bad in ("dream", "dreams", "dreaming"):
+        assert not task.check(bad, dreamed)
+    assert task.spellings("dreamed") == ("dreamed", "dreamt") and task.spellings("went") == ("went",)
+    rng = random.Random(0)
+    assert not task.check("stoped", _row("past_tense", "stopped"))
+    assert {task.corrupt("went", rng) for _ in range(200)} >= {"goed", "go"}
+    assert {task.corrupt("stopped", rng) for _ in range(200)} >= {"stoped", "stop"}
+    assert "tryed" in {task.corrupt("tried", rng) for _ in range(200)}
+    for forms in task.table.values():  # never the answer nor another accepted spelling of it
+        for _ in range(5):
+            wrong = task.corrupt(forms[0], rng)
+            assert wrong not in forms and not task.check(wrong, _row("past_tense", forms[0]))
+
+
+def test_past_tense_has_enough_distinct_prompts():
+    """200 held-out items from the evaluation stream (benchmarks/continuum.py ``_eval_rows``, seed 1_000_003)
+    and a pool of 300 more (benchmarks/noise_study.py ``candidate_rows``, seed 7919 * 999)."""
+    task = TASKS["past_tense"]
+
+    def distinct(rows, n, exclude=()):
+        out, seen = [], set(exclude)
+        for row in rows:
+            if row["prompt"] not in seen:
+                seen.add(row["prompt"])
+                out.append(row["prompt"])
+        return out[:n]
+
+    assert len({task.sample(random.Random(i))[0] for i in range(20000)}) == len(task.table) >= 550
+    held_out = distinct(task.generate(50 * 200, 1_000_003), 200)
+    pool = distinct(task.generate(50 * 300, 7919 * 999), 300, exclude=held_out)
+    assert len(held_out) == 200 and len(pool) == 300
