@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import inspect
 import io
 import sys
@@ -85,8 +86,9 @@ def trace_step(work_dir: str, accumulate: int = 2) -> StepTracer:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[TraceOneStep(tracer, 1, accumulate)],
                         default_root_dir=work_dir)
-    try:
-        trainer.fit(module, DataLoader([batch] * 3 * accumulate, batch_size=None))
+    try:  # the fit's own lines (the export's disk report) are not the table's
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer.fit(module, DataLoader([batch] * 3 * accumulate, batch_size=None))
     finally:
         sys.setprofile(None)
     return tracer

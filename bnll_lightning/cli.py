@@ -32,7 +32,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from bnll_lightning import compare, console, study
+from bnll_lightning import compare, console, disk, study
+from bnll_lightning.study_args import add_study_arguments, study_help
 from bnll_lightning.callbacks import GenerationEval, StepProgressBar
 from bnll_lightning.constraints import ConfigError
 from bnll_lightning.data import SFTDataModule
@@ -472,50 +473,7 @@ class StudyCLI(SFTCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
-        _add_study_arguments(parser)
-
-
-def _add_study_arguments(parser: Any) -> None:
-    """The study's own options (:attr:`StudyCLI.options`), on the full parser and on ``study --help``'s."""
-    parser.add_argument("--objectives", type=str, nargs="+", default=list(study.DEFAULT_OBJECTIVES),
-                        help="Objectives to compare: overlay names of configs/objectives (nll, negprob, dft, "
-                             "adaptive, linear, ...), YAML overlays, or Objective class paths.")
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="Runs per objective, seeds 0..N-1: the training order and RNGs (the rows stay).")
-    parser.add_argument("--max_steps", type=Optional[int], default=None,
-                        help="Optimizer steps per run (None: the job's trainer.max_steps).")
-    parser.add_argument("--val_rows", type=int, default=200,
-                        help="Held-out rows every run is scored on: the first N of data.val, or held out "
-                             "of the job's data when data.val is not set; never trained on (checked).")
-    parser.add_argument("--checker", type=Optional[Literal[tuple(CHECKERS)]], default=None,
-                        help="Answer checker (None: the job's GenerationEval's, else the built-in task's).")
-    parser.add_argument("--max_new_tokens", type=Optional[int], default=None,
-                        help="Generation budget per answer (None: the job's GenerationEval's, else "
-                             f"{GenerationArgs.max_new_tokens}); greedy.")
-    parser.add_argument("--out", type=str, default="runs/study",
-                        help="Output folder: study.csv (one row per run; a rerun skips finished runs), "
-                             "study.md, study.png, recommendation.yaml.")
-    parser.add_argument("--bootstrap", type=int, default=4000, help="Bootstrap resamples per interval.")
-
-
-def study_help() -> str:
-    """``study --help``: the study's own options, then where the job's are. Built without the fit parser, whose
-    help (every Trainer, model and data option: ~780 lines, seconds to build) is ``fit --help``'s."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(
-        prog="python -m bnll_lightning study",
-        description="Fine-tune the job once per objective and seed, score every run on the same held-out rows by "
-                    "generation, and print the comparison (study.md, study.png, recommendation.yaml in --out). "
-                    "File data (rows that are not a built-in task's) needs --checker exact, normalized or math, "
-                    "unless the job's trainer.callbacks has a GenerationEval, whose checker the study then uses.",
-        epilog="The job's own options (model, data, trainer, seed_everything) are fit's and apply here too: "
-               "python -m bnll_lightning fit --help",
-    )  # fmt: skip
-    parser.add_argument("-c", "--config", action=ActionConfigFile,
-                        help="The job: a fit config (repeat to layer overlays), as fit reads it.")
-    _add_study_arguments(parser)
-    return parser.format_help()
+        add_study_arguments(parser)
 
 
 def study_main(argv: list[str] | None = None) -> compare.Comparison | None:
@@ -616,8 +574,12 @@ def compare_main(argv: list[str] | None = None) -> compare.Comparison:
     parser.add_argument("--reference", default="NLL", help="The objective differences are taken against.")
     parser.add_argument("--out", default="runs/compare", help="Where compare.md, compare.png, recommendation.yaml go.")
     parser.add_argument("--bootstrap", type=int, default=4000, help="Bootstrap resamples per interval.")
+    parser.add_argument("--delete_checkpoints", action="store_true",
+                        help="After comparing, remove each run's checkpoints/ (weights and optimizer state: what resumes "
+                             "or extends a run; compare reads only predictions/ and config.yaml).")  # fmt: skip
     args = parser.parse_args(argv or [])
     runs = [compare.read_run(path, args.step) for path in compare.find_runs(args.runs)]
+    found = compare.checkpoints_of(runs)
     result = compare.summarize(compare.match_items(runs), reference=args.reference, resamples=args.bootstrap)
     configs = {run.label: run.config for run in runs if run.config is not None}
     note = f"compare of {len(runs)} runs scored on the same {result.items} validation rows"
@@ -630,6 +592,11 @@ def compare_main(argv: list[str] | None = None) -> compare.Comparison:
     plotted = compare.plot(result, os.path.join(args.out, "compare.png"))
     print("\n".join([table, "", yaml_text, f"files in {args.out}: compare.md, recommendation.yaml"
                      + (", compare.png" if plotted else " (no plot: pip install matplotlib)")]), flush=True)
+    if found and args.delete_checkpoints:
+        print(f"deleted the checkpoints/ of {len(found)} runs: {disk.human(compare.delete_checkpoints(found))} freed")
+    elif found:
+        print(f"the compared runs' checkpoints/ hold {disk.human(sum(found.values()))} (to resume or extend them; compare"
+              " does not read them): --delete_checkpoints removes them")
     return result
 
 

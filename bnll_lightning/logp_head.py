@@ -24,8 +24,7 @@ from torch import Tensor, nn
 from bnll_lightning.constraints import PositiveInt
 from bnll_lightning.objectives import IGNORE_INDEX, StatsRequest, TokenStats, token_logprobs, token_stats
 from bnll_lightning.streaming import (
-    forward_hidden,
-    output_head,
+    hidden_and_head,
     streamed_eval_logprobs,
     streamed_token_stats,
     streaming_head,
@@ -35,7 +34,7 @@ from bnll_lightning.streaming import (
 if TYPE_CHECKING:
     from bnll_lightning.reference import FrozenReference
 
-__all__ = ["LogpHead", "StreamingArgs", "model_inputs", "target_labels"]
+__all__ = ["LogpHead", "StreamingArgs", "model_inputs", "target_labels", "target_weights"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +82,11 @@ def target_labels(batch: dict[str, Tensor]) -> Tensor:
     return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def target_weights(batch: dict[str, Tensor]) -> Tensor | None:
+    """Each target's row weight, aligned with :func:`target_labels` (None when the data has no weights)."""
+    return None if "weights" not in batch else F.pad(batch["weights"][:, 1:], (0, 1))
+
+
 @dataclass
 class LogpHead:
     """How a model's log p is computed: streamed or from full logits, and the streamed head's settings.
@@ -122,21 +126,30 @@ class LogpHead:
         reference: FrozenReference | None = None,
     ) -> TokenStats:
         """:class:`TokenStats` of ``batch``'s targets under ``model``: log p (differentiable) and what
-        ``request`` asks for, the KL to ``reference`` and its log p included, from one pass."""
+        ``request`` asks for, the KL to ``reference`` and its log p included, from one pass, with the
+        batch's row weights (:func:`target_weights`)."""
         if request.reference and reference is None:
             raise ValueError("the request asks for the KL to a reference model, and none was given")
-        labels, inputs = target_labels(batch), model_inputs(batch)
+        # target_labels, target_weights and model_inputs, inline: this runs every micro-batch.
+        labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+        weights = F.pad(batch["weights"][:, 1:], (0, 1)) if "weights" in batch else None
+        if "position_ids" in batch:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": None, "position_ids": batch["position_ids"]}
+        else:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         reference = reference if request.reference else None
         if self.streamed:
-            hidden, (weight, bias) = forward_hidden(model, **inputs), output_head(model)
+            hidden, weight, bias = hidden_and_head(model, **inputs)
             ref_hidden, ref_head = reference.hidden_and_head(**inputs) if reference else (None, None)
-            return streamed_token_stats(
+            stats = streamed_token_stats(
                 hidden, weight, labels, IGNORE_INDEX, self.chunk_size, bias, self.scale, self.softcap, self.dtype,
                 entropy=request.entropy, topk=request.topk, reference_hidden=ref_hidden, reference_head=ref_head,
                 kl=request.kl,
             )
-        logits = _logits(model, inputs)
-        return token_stats(logits, labels, request, ref_logits=reference.logits(**inputs) if reference else None)
+        else:
+            logits = _logits(model, inputs)
+            stats = token_stats(logits, labels, request, ref_logits=reference.logits(**inputs) if reference else None)
+        return stats._replace(weights=weights)
 
     @torch.no_grad()
     def eval(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -144,7 +157,7 @@ class LogpHead:
         the numbers of :meth:`stats`, and whether each target is the argmax (False off the mask)."""
         labels, inputs = target_labels(batch), model_inputs(batch)
         if self.streamed:
-            hidden, (weight, bias) = forward_hidden(model, **inputs), output_head(model)
+            hidden, weight, bias = hidden_and_head(model, **inputs)
             return streamed_eval_logprobs(hidden, weight, labels, IGNORE_INDEX, self.chunk_size, bias, self.scale,
                                           self.softcap, self.dtype)
         logits = _logits(model, inputs)

@@ -15,13 +15,12 @@ averages over ranks; both factors are undone here.) Clipping runs after this hoo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
 import lightning.pytorch as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
@@ -33,7 +32,7 @@ from bnll_lightning.alpha import AdaptiveAlpha, AlphaController, PlateauAlpha, f
 from bnll_lightning.callbacks import ContinuumLayout, ProbabilityHistogram, StepLearningRateMonitor
 from bnll_lightning.constraints import ConfigError
 from bnll_lightning.export import HFExport
-from bnll_lightning.logp_head import LogpHead, StreamingArgs
+from bnll_lightning.logp_head import LogpHead, StreamingArgs, target_weights
 from bnll_lightning.lora import LoraArgs, apply_lora, load_4bit_model
 from bnll_lightning.models import EMBEDDED, load_model, load_tokenizer
 from bnll_lightning.modes import eval_mode
@@ -73,14 +72,24 @@ class StepStats(NamedTuple):
     """Gradients with a NaN/Inf norm (counted at the optimizer step: 0 in a micro-batch's sums)."""
 
 
-def target_weights(batch: dict[str, Tensor]) -> Tensor | None:
-    """Each target's row weight, aligned with ``logp_head.target_labels`` (None when the data has no weights)."""
-    return None if "weights" not in batch else F.pad(batch["weights"][:, 1:], (0, 1))
+_NONFINITE = StepStats._fields.index("nonfinite_grads")
 
 
-def _local(tensor: Tensor) -> Tensor:
-    """A DTensor's local shard (a view: in-place ops reach the DTensor), any other tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+@dataclass(frozen=True)
+class LoadingArgs:
+    """How the model is loaded and run (``model.loading``).
+
+    Args:
+        dtype: dtype to load the weights in (``float32``, ``bfloat16``, ``auto``); None keeps
+            transformers' default. Prefer the trainer's ``precision`` for mixed precision.
+        trust_remote_code: Allow model code from the hub repository to run (off: it is code
+            execution).
+        gradient_checkpointing: Recompute decoder activations in backward to save memory.
+    """
+
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
 
 
 class SFTModule(L.LightningModule):
@@ -93,10 +102,8 @@ class SFTModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup: float = 0.1,
         min_lr_ratio: float = 0.0,
-        dtype: str | None = None,
+        loading: LoadingArgs = LoadingArgs(),
         streaming: StreamingArgs = StreamingArgs(),
-        gradient_checkpointing: bool = False,
-        trust_remote_code: bool = False,
         max_nonfinite_steps: int = 5,
         export_dir: str | None = None,
         histogram_every_n_steps: int = 50,
@@ -118,13 +125,10 @@ class SFTModule(L.LightningModule):
             warmup: Warm-up of the default schedule: a fraction of all optimizer steps if < 1,
                 else a number of steps.
             min_lr_ratio: Final LR of the default cosine schedule, as a fraction of the peak LR.
-            dtype: dtype to load the weights in (``float32``, ``bfloat16``, ``auto``); None keeps
-                transformers' default. Prefer the trainer's ``precision`` for mixed precision.
+            loading: How the model is loaded and run: the weights' dtype, whether hub code may run,
+                gradient checkpointing (``LoadingArgs``).
             streaming: How log p is computed: streamed chunk by chunk (the default) or from full
                 logits, the chunk size, the head matmul's dtype (``StreamingArgs``).
-            gradient_checkpointing: Recompute decoder activations in backward to save memory.
-            trust_remote_code: Allow model code from the hub repository to run (off: it is code
-                execution).
             max_nonfinite_steps: Consecutive optimizer steps with a NaN/Inf loss that are skipped
                 before the run stops.
             export_dir: Where to write the fine-tuned model (``save_pretrained``: model and
@@ -181,13 +185,14 @@ class SFTModule(L.LightningModule):
 
         if self.objective.requires.reference:
             reference_source(self.objective, model)  # a reference path that is no model: said before anything loads
-        self.tokenizer, self.model = self.load_pretrained(model, dtype, trust_remote_code, lora.load_in_4bit)
+        dtype, remote_code, checkpointing = loading.dtype, loading.trust_remote_code, loading.gradient_checkpointing
+        self.tokenizer, self.model = self.load_pretrained(model, dtype, remote_code, lora.load_in_4bit)
         if self.objective.requires.reference:  # ASFT: a frozen copy of the base model, unless it names another
-            self.objective.bind_reference(load_reference(self.objective, model, dtype, trust_remote_code))
-        if gradient_checkpointing:
+            self.objective.bind_reference(load_reference(self.objective, model, dtype, remote_code))
+        if checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if lora.r:
-            self.model = apply_lora(self.model, lora, gradient_checkpointing=gradient_checkpointing)
+            self.model = apply_lora(self.model, lora, gradient_checkpointing=checkpointing)
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False  # no KV cache in training: it only costs memory
         self.head = LogpHead.from_model(self.model, streaming)
@@ -221,7 +226,8 @@ class SFTModule(L.LightningModule):
 
     def target_stats(self, batch: dict[str, Tensor], request: StatsRequest | None = None) -> TokenStats:
         """:meth:`target_logprobs` plus what ``request`` (default: the objective's ``requires``) asks
-        for: entropies, the KL to the objective's frozen reference, from the same streamed pass."""
+        for: entropies, the KL to the objective's frozen reference, from the same streamed pass; with the
+        batch's row weights (what :meth:`training_step` computes the loss from)."""
         request = self.objective.requires if request is None else request
         return self.head.stats(self.model, batch, request, self.objective.reference)
 
@@ -332,82 +338,79 @@ class SFTModule(L.LightningModule):
             logger.log_metrics(metrics, step=0)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        weights = target_weights(batch)
-        stats = self.target_stats(batch)._replace(weights=weights)
-        logp, mask = stats.logp, stats.mask
-        out = self.objective.from_stats(stats)
+        """One micro-batch: its summed loss (``on_before_optimizer_step`` normalises the step's gradient)
+        and its part of the step's :class:`StepStats`, summed on the device (no host sync)."""
+        objective, controller = self.objective, self.alpha_controller
+        stats = self.head.stats(self.model, batch, objective.requires, objective.reference)  # as target_stats
+        logp, mask, weights = stats.logp, stats.mask, stats.weights
+        out = objective.from_stats(stats)
         with torch.no_grad():
-            sums = torch.stack(self._micro_batch_stats(out.loss_sum, out.normalizer, out.selected, logp, mask, weights))
+            w = mask.float() if weights is None else torch.where(mask, weights, 0.0)
+            p_sum, weight = (logp.exp() * w).sum(), w.sum()
+            if controller is None:  # the statistic is then the default mean p, whose sums are p_sum and weight
+                stat_num, stat_den = p_sum, weight
+            else:
+                quantile = getattr(controller, "quantile", 0.1)
+                stat_num, stat_den = step_statistic(logp, mask, controller.statistic, quantile, weights)
+            sums = torch.stack(StepStats(
+                loss_sum=out.loss_sum.detach().float(),
+                normalizer=out.normalizer,
+                nll_sum=-(logp * w).sum(),  # logp is 0 off the mask, where w is 0 too
+                p_sum=p_sum,
+                tokens=mask.sum().float(),
+                selected=out.selected.sum().float(),
+                stat_num=stat_num.float(),
+                stat_den=stat_den.float(),
+                weight=weight,
+                nonfinite_grads=w.new_zeros(()),
+            ))
             self._acc = sums if self._acc is None else self._acc + sums
             self._last_logp = logp.detach(), mask  # indexed only when a callback asks: no host sync per step
         return out.loss_sum
 
-    def _micro_batch_stats(
-        self, loss_sum: Tensor, normalizer: Tensor, selected: Tensor, logp: Tensor, mask: Tensor, weights: Tensor | None
-    ) -> StepStats:
-        """This micro-batch's part of the step's :class:`StepStats`, as float32 0-dim tensors."""
-        statistic = self.alpha_controller.statistic if self.alpha_controller is not None else "mean"
-        quantile = getattr(self.alpha_controller, "quantile", 0.1)
-        stat_num, stat_den = step_statistic(logp, mask, statistic, quantile, weights)
-        w = mask.float() if weights is None else torch.where(mask, weights, 0.0)
-        return StepStats(
-            loss_sum=loss_sum.detach().float(),
-            normalizer=normalizer,
-            nll_sum=-(logp * w).sum(),  # logp is 0 off the mask, where w is 0 too
-            p_sum=(logp.exp() * w).sum(),
-            tokens=mask.sum().float(),
-            selected=selected.sum().float(),
-            stat_num=stat_num.float(),
-            stat_den=stat_den.float(),
-            weight=w.sum(),
-            nonfinite_grads=w.new_zeros(()),
-        )
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The optimizer step, after every micro-batch's backward and before clipping: its statistics,
-        then either the non-finite skip or the gradient scaling, α's advance and the step's metrics."""
+        """The optimizer step, after every micro-batch's backward and before clipping: its sums over the
+        ranks, then either the non-finite skip or the gradient scaling, α's advance and the step's metrics."""
         acc, self._acc = self._acc, None
         if acc is None:
             return
-        # This rank's part of each gradient (a DTensor's local shard under FSDP2), for plain kernels.
+        trainer = self.trainer
         params = [p for p in self.parameters() if p.grad is not None]
-        grads = [_local(p.grad) for p in params]
-        stats = self._step_stats(acc, grads)
+        # This rank's part of each gradient (a DTensor's local shard under FSDP2: a view, so in-place ops reach
+        # the DTensor), for plain kernels.
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
+
+        # The step's sums over every rank: the one host sync of the step. A finite loss can still give an Inf/NaN
+        # gradient (an overflow in backward): this rank's non-finite gradients count in, so every rank skips together.
+        norms = torch.stack(torch._foreach_norm(grads)) if grads else acc.new_zeros(1)
+        acc[_NONFINITE] += (~torch.isfinite(norms)).sum()
+        if trainer.world_size > 1:
+            acc = trainer.strategy.reduce(acc, reduce_op="sum")
+        stats = StepStats(*acc.tolist())
         alpha = self.objective.alpha  # the α this step's loss was computed with (_advance_alpha moves it)
         # Published before the skip and before α moves: callbacks read it after the step, in any hook order.
         self.last_step_stats = stats._asdict() if alpha is None else {**stats._asdict(), "alpha": alpha}
+
         if not math.isfinite(stats.loss_sum) or stats.nonfinite_grads:
             self._skip_step(params, "loss" if not math.isfinite(stats.loss_sum) else "gradient")
             return
         self._nonfinite_in_a_row = 0
-        self._scale_gradients(grads, stats)
-        self._advance_alpha(stats)
-        self._log_step(stats, alpha)
 
-    def _step_stats(self, acc: Tensor, grads: list[Tensor]) -> StepStats:
-        """The step's sums over every rank, with its non-finite gradients counted: the one host sync of the step."""
-        # A finite loss can still give an Inf/NaN gradient (an overflow in backward): count this rank's
-        # non-finite gradients in the step's sums, so every rank skips together.
-        norms = torch.stack(torch._foreach_norm(grads)) if grads else acc.new_zeros(1)
-        acc[StepStats._fields.index("nonfinite_grads")] += (~torch.isfinite(norms)).sum()
-        if self.trainer.world_size > 1:
-            acc = self.trainer.strategy.reduce(acc, reduce_op="sum")
-        return StepStats(*acc.tolist())
-
-    def _scale_gradients(self, grads: list[Tensor], stats: StepStats) -> None:
-        """Scale the gradients to the step's tokens: the gradient of the step's loss sum / normalizer,
-        undoing Lightning's division by ``accumulate_grad_batches`` and DDP's average over ranks."""
-        # Row weights make the normaliser a sum of weights: it may be fractional, and 0 only without gradient.
+        # Scale to the step's tokens: the gradient of the step's loss sum / normalizer, undoing Lightning's division
+        # by accumulate_grad_batches and DDP's average over ranks. Row weights make the normalizer a sum of weights:
+        # it may be fractional, and 0 only without gradient.
         normalizer = stats.normalizer if stats.normalizer > 0 else 1.0
         if grads:
-            torch._foreach_mul_(grads, self.trainer.accumulate_grad_batches * self.trainer.world_size / normalizer)
+            torch._foreach_mul_(grads, trainer.accumulate_grad_batches * trainer.world_size / normalizer)
+
+        if self.alpha_controller is not None:
+            self._advance_alpha(stats)
+        self._log_step(stats, alpha)
 
     def _advance_alpha(self, stats: StepStats | None) -> None:
         """Give the alpha controller the step's statistic (None: a skipped step) and the objective the α
         it returns, which applies from the next step on."""
-        if self.alpha_controller is None:
-            return
-        # Called every step, even one without tokens (None), so schedules keep counting steps.
+        # Called every step with a controller, even one without tokens (None), so schedules keep counting steps.
         statistic = self.alpha_controller.statistic
         value = None if stats is None else finalize_statistic(stats.stat_num, stats.stat_den, statistic)
         self.objective.set_alpha(self.alpha_controller.update(value))
@@ -442,7 +445,8 @@ class SFTModule(L.LightningModule):
         self.nonfinite_steps += 1
         self._nonfinite_in_a_row += 1
         self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False)
-        self._advance_alpha(None)  # a skipped step is still a step of the global count (α keeps its EMA)
+        if self.alpha_controller is not None:
+            self._advance_alpha(None)  # a skipped step is still a step of the global count (α keeps its EMA)
         rank_zero_warn(f"non-finite {what} at step {self.global_step}: step skipped ({self._nonfinite_in_a_row} in a row)")
         if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise FloatingPointError(

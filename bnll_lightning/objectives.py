@@ -212,15 +212,11 @@ class Objective(nn.Module):
         """The alpha of the f_alpha family this objective is a member of (None if it is not)."""
         return None
 
-    @property
-    def requires(self) -> StatsRequest:
-        """Per-token statistics beyond log p this objective needs (none by default)."""
-        return StatsRequest()
-
-    @property
-    def reference(self) -> FrozenReference | None:
-        """The frozen reference model behind ``requires.reference`` (None when not needed)."""
-        return None
+    # Plain class attributes, read every micro-batch; an objective that needs more overrides them with properties.
+    requires: StatsRequest = StatsRequest()
+    """Per-token statistics beyond log p this objective needs (none by default)."""
+    reference: FrozenReference | None = None
+    """The frozen reference model behind ``requires.reference`` (None when not needed)."""
 
     def from_stats(self, stats: TokenStats) -> ObjectiveOutput:
         """The loss from :class:`TokenStats` (what the trainer calls)."""
@@ -307,15 +303,17 @@ class LogpLoss:
 
     def from_logprobs(self, logp: Tensor, mask: Tensor, weights: Tensor | None = None) -> ObjectiveOutput:
         """The loss from float32 ``logp`` ``[B, T]``, the bool target ``mask`` and optional per-token ``weights``."""
-        selected = self.select(logp, mask)
-        # Unselected positions are evaluated at a harmless log p (-1) and dropped with where(),
-        # so neither their value nor a 0 * inf in their backward can reach the gradient.
-        per_token = self.per_token(logp.masked_fill(~selected, -1.0))
-        return Objective._sum(per_token, selected, selected if self.normalize == "selected" else mask, weights)
+        # LogpLoss's own from_stats: a subclass's from_stats may call this one (TokenAlpha does).
+        return LogpLoss.from_stats(self, TokenStats(logp, mask, weights=weights))
 
     def from_stats(self, stats: TokenStats) -> ObjectiveOutput:
         """The loss from :class:`TokenStats`: here from its log p, mask and weights."""
-        return self.from_logprobs(stats.logp, stats.mask, stats.weights)
+        logp, mask = stats.logp, stats.mask
+        selected = self.select(logp, mask) if self.selects else mask
+        # Unselected positions are evaluated at a harmless log p (-1) and dropped with where(),
+        # so neither their value nor a 0 * inf in their backward can reach the gradient.
+        per_token = self.per_token(logp.masked_fill(~selected, -1.0))
+        return Objective._sum(per_token, selected, selected if self.normalize == "selected" else mask, stats.weights)
 
 
 def _check_normalize(normalize: str) -> str:

@@ -63,7 +63,7 @@ class HFFSDPStrategy(FSDPStrategy):
         """
         Args:
             checkpoint_decoder_layers: Recompute each decoder layer in backward (FSDP-aware
-                activation checkpointing; use it instead of ``model.gradient_checkpointing``).
+                activation checkpointing; use it instead of ``model.loading.gradient_checkpointing``).
             sharding_strategy: ``FULL_SHARD`` (ZeRO-3: parameters, gradients and optimizer state
                 sharded), ``SHARD_GRAD_OP`` (ZeRO-2), ``NO_SHARD`` (DDP), ``HYBRID_SHARD``
                 (full shard within a node, replicate across nodes).

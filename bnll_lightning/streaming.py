@@ -37,7 +37,7 @@ from bnll_lightning.modes import eval_mode
 from bnll_lightning.objectives import IGNORE_INDEX, TokenStats
 
 __all__ = [
-    "StreamingHead", "forward_hidden", "head_logits", "output_head", "streamed_eval_logprobs",
+    "StreamingHead", "forward_hidden", "head_logits", "hidden_and_head", "output_head", "streamed_eval_logprobs",
     "streamed_token_logprobs", "streamed_token_stats", "streaming_head", "streaming_unsupported_reason",
 ]
 
@@ -76,18 +76,6 @@ def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return torch.promote_types(hidden.dtype, weight.dtype)
-
-
-def _rows_with_gradient(nonzero: Tensor, n: int) -> Tensor | None:
-    """Indices of the rows whose upstream gradient is not all 0; None when that is every row."""
-    rows = nonzero.nonzero()[:, 0]  # one host sync per backward
-    return None if rows.numel() == n else rows
-
-
-def _scatter_rows(grad_h: Tensor | None, rows: Tensor | None, h_all: Tensor) -> Tensor | None:
-    if rows is None or grad_h is None:
-        return grad_h
-    return torch.zeros_like(h_all).index_copy_(0, rows, grad_h)
 
 
 def _head_backward(h, weight, bias, needs, chunk_size, scale, softcap, dtype, logit_grad):
@@ -152,13 +140,12 @@ class _StreamedTokenStats(torch.autograd.Function):
         scale, softcap, dtype = head
         lse = torch.empty(n, dtype=torch.float32, device=device)
         logp = torch.empty_like(lse)
-
-        def out(wanted: bool, kind: torch.dtype = torch.float32) -> Tensor:
-            return torch.empty(n if wanted else 0, dtype=kind, device=device)
-
         has_ref = h_ref is not None
-        ent, ent_k, kl_out, ref_logp, lse_r = out(entropy), out(topk > 0), out(has_ref), out(has_ref), out(has_ref)
-        hit = out(correct, torch.bool)
+        # Each output is [N] when asked for, else empty.
+        f32, n_ref = {"dtype": torch.float32, "device": device}, n if has_ref else 0
+        ent, ent_k = torch.empty(n if entropy else 0, **f32), torch.empty(n if topk > 0 else 0, **f32)
+        kl_out, ref_logp, lse_r = torch.empty(n_ref, **f32), torch.empty(n_ref, **f32), torch.empty(n_ref, **f32)
+        hit = torch.empty(n if correct else 0, dtype=torch.bool, device=device)
         with torch.autocast(h.device.type, enabled=False):
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
             if has_ref:
@@ -206,7 +193,8 @@ class _StreamedTokenStats(torch.autograd.Function):
         nonzero = grad_logp != 0
         if has_ref:
             nonzero |= grad_kl != 0
-        rows = _rows_with_gradient(nonzero, h_all.shape[0])
+        rows = nonzero.nonzero()[:, 0]  # one host sync per backward
+        rows = None if rows.numel() == h_all.shape[0] else rows  # None: every row
         h = h_all if rows is None else h_all[rows]
         if rows is not None:
             targets, lse, grad_logp = targets[rows], lse[rows], grad_logp[rows]
@@ -236,7 +224,9 @@ class _StreamedTokenStats(torch.autograd.Function):
         grad_h, grad_w, grad_b = _head_backward(
             h, weight, bias, ctx.needs_input_grad[:3], chunk_size, *head, logit_grad
         )
-        return (_scatter_rows(grad_h, rows, h_all), grad_w, grad_b) + (None,) * 11
+        if rows is not None and grad_h is not None:
+            grad_h = torch.zeros_like(h_all).index_copy_(0, rows, grad_h)
+        return (grad_h, grad_w, grad_b) + (None,) * 11
 
 
 def _entropy_of(logq: Tensor) -> Tensor:
@@ -255,12 +245,6 @@ def _check_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: floa
     if softcap is not None and not (math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"{what}softcap must be finite and positive, got {softcap}")
     return (None if scale is None or scale == 1 else float(scale)), (None if softcap is None else float(softcap))
-
-
-def _scatter_targets(values: Tensor, idx: Tensor, mask: Tensor) -> Tensor:
-    """``[N]`` values of the target rows back to ``[B, T]`` (same dtype), 0 elsewhere."""
-    out = torch.zeros(mask.numel(), dtype=values.dtype, device=mask.device)
-    return out.index_copy(0, idx, values).view(mask.shape)
 
 
 def _streamed(hidden, weight, labels, ignore_index, chunk_size, bias, scale, softcap, head_dtype, entropy, topk,
@@ -300,7 +284,9 @@ def _streamed(hidden, weight, labels, ignore_index, chunk_size, bias, scale, sof
         bool(correct),
     )
     wanted = (True, entropy, topk > 0, h_ref is not None, h_ref is not None, correct)
-    return mask, [_scatter_targets(o, idx, mask) if w else None for o, w in zip(outs, wanted)]
+    # Each requested [N] output back to [B, T], 0 off the targets.
+    return mask, [o.new_zeros(mask.numel()).index_copy_(0, idx, o).view(mask.shape) if w else None
+                  for o, w in zip(outs, wanted)]
 
 
 def streamed_token_stats(
@@ -410,42 +396,45 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _prompt_learning_reason(model: nn.Module) -> str | None:
-    """peft prompt/prefix tuning adds virtual tokens: the decoder body alone is not the model."""
-    cfg = getattr(getattr(model, "_orig_mod", model), "active_peft_config", None)
+def _base(model: nn.Module) -> tuple[nn.Module | None, str | None]:
+    """``(the model _unwrap gives, None)``, or ``(None, reason)`` under peft prompt/prefix tuning, whose
+    virtual tokens make the decoder body alone not the model."""
+    model = getattr(model, "_orig_mod", model)
+    cfg = getattr(model, "active_peft_config", None)
     if getattr(cfg, "is_prompt_learning", False):
-        return f"peft prompt-learning adapter ({type(cfg).__name__}) adds virtual tokens"
-    return None
+        return None, f"peft prompt-learning adapter ({type(cfg).__name__}) adds virtual tokens"
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model), None
 
 
-def _head(model: nn.Module) -> tuple[nn.Linear | None, str | None]:
-    """``(head, None)`` or ``(None, reason)``: the plain ``nn.Linear`` the model's head runs."""
-    reason = _prompt_learning_reason(model)
-    if reason is not None:
-        return None, reason
-    base = _unwrap(model)
+def _head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None, str | None]:
+    """``(base, head, None)``: the model ``_base`` gives and the plain ``nn.Linear`` its head runs; else
+    ``(base, None, reason)``."""
+    base, reason = _base(model)
+    if base is None:
+        return None, None, reason
     wrapper = head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head).__name__ == "ModulesToSaveWrapper":  # peft: the trainable copy, when active
         active = head.active_adapters
         use_copy = not head.disable_adapters and active and all(a in head.modules_to_save for a in active)
         head = head.modules_to_save[active[0]] if use_copy else head.original_module
     if head is None:
-        return None, f"{type(base).__name__} has no output embeddings"
+        return base, None, f"{type(base).__name__} has no output embeddings"
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
-        return None, f"output head is {type(head).__name__}, not a plain nn.Linear (adapter, quantised or custom)"
+        reason = f"output head is {type(head).__name__}, not a plain nn.Linear (adapter, quantised or custom)"
+        return base, None, reason
     if type(head.weight) not in (Tensor, nn.Parameter) or head.weight.is_meta:
-        return None, "output head weight is on the meta device or sharded/subclassed"
+        return base, None, "output head weight is on the meta device or sharded/subclassed"
     # FSDP2's own hooks gather the root's weights; its steps run inside the root's forward (strategies.py).
     hooked = [m for m in (model, base, wrapper, head) if not isinstance(m, FSDPModule)]
     if any(m._forward_hooks or m._forward_pre_hooks for m in hooked):
-        return None, "the model or its head has forward hooks, which streaming would bypass"
-    return head, None
+        return base, None, "the model or its head has forward hooks, which streaming would bypass"
+    return base, head, None
 
 
 def output_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """``(weight [V, H], bias [V] | None)``: the live head parameters (peft-aware). Without the
     logit post-processing: use ``streaming_head`` for that. ``ValueError`` if not a plain Linear."""
-    head, reason = _head(model)
+    _, head, reason = _head(model)
     if head is None:
         raise ValueError(f"streaming unsupported: {reason}")
     return head.weight, head.bias
@@ -476,10 +465,25 @@ def forward_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor |
     """Final hidden states ``[B, T, H]``: the decoder body without the head (``get_decoder()``:
     ``model.model`` for Llama, ``model.model.decoder`` for OPT). LoRA layers of a peft model and
     gradient checkpointing live inside the body, so both apply. Extra ``kwargs`` go to the body."""
-    reason = _prompt_learning_reason(model)
-    if reason is not None:
+    base, reason = _base(model)
+    if base is None:
         raise NotImplementedError(f"forward_hidden: {reason}")
-    base = _unwrap(model)
+    return _body_hidden(base, input_ids, attention_mask, **kwargs)
+
+
+def hidden_and_head(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(hidden [B, T, H], weight [V, H], bias [V] | None)``: :func:`forward_hidden` and :func:`output_head`
+    from one look-up of the model's parts (what a training step needs)."""
+    base, head, reason = _head(model)
+    if head is None:
+        raise ValueError(f"streaming unsupported: {reason}")
+    return _body_hidden(base, input_ids, attention_mask, **kwargs), head.weight, head.bias
+
+
+def _body_hidden(base: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, **kwargs: Any) -> Tensor:
+    """The final hidden states of ``base``'s decoder body, without KV cache unless asked."""
     body = base.get_decoder() if hasattr(base, "get_decoder") else None
     if not isinstance(body, nn.Module) or body is base:
         raise ValueError(f"cannot locate the decoder body of {type(base).__name__}")
@@ -521,7 +525,7 @@ def streaming_unsupported_reason(model: nn.Module, check: bool = True) -> str | 
     vocabulary entry: unknown logit post-processing, hooks or heads show up as a difference.
     Run it once when the model is set up (one tiny forward), not per step.
     """
-    linear, reason = _head(model)
+    _, linear, reason = _head(model)
     if linear is None or not check:
         return reason
     head = StreamingHead(linear.weight, linear.bias, *_logit_transform(model))

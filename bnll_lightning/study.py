@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from bnll_lightning import compare, disk
+from bnll_lightning.study_args import DEFAULT_OBJECTIVES
 from bnll_lightning.callbacks import GenerationEval
 from bnll_lightning.compare import BASE, StudyError
 from bnll_lightning.data import SFTDataModule
@@ -82,7 +83,6 @@ __all__ = [
 
 # NLL, −p, DFT, the adaptive controller and the ramp: what the continuum study found worth telling apart
 # (α = 10 and thresholded NLL collapsed at short budgets; README "Which objective when").
-DEFAULT_OBJECTIVES = ("nll", "negprob", "dft", "adaptive", "linear")
 OVERLAYS = Path("configs") / "objectives"
 # The settings of the job's trainer a study run keeps; the rest (callbacks, logger, checkpoints, validation,
 # the budget) is the study's.

@@ -34,7 +34,7 @@ def test_every_config_parses(config, capsys):
     assert printed["model"]["model"]
     assert printed["data"]["train"]
     written = yaml.safe_load(config.read_text()).get("model") or {}
-    for group in ("streaming", "lora"):  # the argument groups (dataclasses) take what the config sets
+    for group in ("loading", "streaming", "lora"):  # the argument groups (dataclasses) take what the config sets
         for key, value in (written.get(group) or {}).items():
             assert printed["model"][group][key] == value, (group, key)
 
@@ -44,8 +44,12 @@ def test_help_lists_the_argument_groups(capsys):
         main(["fit", "--help"])
     text = capsys.readouterr().out
     for option in ("--model.streaming.chunk_size", "--model.streaming.head_float32", "--model.lora.r",
-                   "--model.lora.load_in_4bit"):
+                   "--model.lora.load_in_4bit", "--model.loading.dtype", "--model.loading.trust_remote_code",
+                   "--model.loading.gradient_checkpointing"):
         assert option in text, option
+    # The group's docstring is its help: a user finds what moved into it.
+    assert "How the model is loaded and run" in text
+    assert "--model.dtype" not in text and "--model.gradient_checkpointing" not in text
 
 
 def test_run_name_tells_objectives_apart():
@@ -117,6 +121,25 @@ def test_study_help_shows_the_studys_own_options_first(capsys):
     for option in ("--config", "--objectives", "--seeds", "--max_steps", "--val_rows", "--checker", "--out"):
         assert option in text, option
     assert "needs --checker" in text and "python -m bnll_lightning fit --help" in text
+
+
+def test_study_help_imports_neither_torch_nor_lightning():
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys; sys.argv = ['bnll_lightning', 'study', '--help']; "
+            "runpy.run_module('bnll_lightning', run_name='__main__'); "
+            "print('heavy:', sorted(m for m in ('torch', 'lightning', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("usage: python -m bnll_lightning study ") and out.rstrip().endswith("heavy: []")
+
+
+def test_the_study_options_written_out_match_the_package():
+    from bnll_lightning import study_args
+    from bnll_lightning.evaluate import CHECKERS, GenerationArgs
+
+    assert study_args.CHECKER_NAMES == tuple(CHECKERS)
+    assert study_args.DEFAULT_MAX_NEW_TOKENS == GenerationArgs.max_new_tokens
 
 
 def test_a_study_of_own_data_warns_of_no_seed_nor_leafspec(tmp_path, tiny_model_dir, capsys):

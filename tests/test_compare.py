@@ -142,3 +142,15 @@ def test_the_checkpoints_of_compared_runs_are_found_and_deleted_only_when_asked(
     assert compare.delete_checkpoints(found) == 3000
     assert not (runs[0] / "checkpoints").exists() and (runs[0] / "hf_model").is_dir()
     assert [compare.read_run(run).scores.tolist() for run in runs] == [[1.0, 0.0], [1.0, 0.0]]  # still compared
+
+
+def test_the_compare_command_says_what_checkpoints_hold_and_deletes_them_when_asked(tmp_path, capsys):
+    runs = [write_run(tmp_path / "runs", "NLL", seed, [True, False], objective=NLL) for seed in (0, 1)]
+    (runs[1] / "checkpoints").mkdir()
+    (runs[1] / "checkpoints" / "last.ckpt").write_bytes(b"x" * 2048)
+    command = ["compare", str(tmp_path / "runs" / "NLL"), "--out", str(tmp_path / "out"), "--bootstrap", "100"]
+    main(command)
+    assert "checkpoints/ hold 2.0 kB" in capsys.readouterr().out and (runs[1] / "checkpoints").is_dir()
+    main([*command, "--delete_checkpoints"])
+    assert "deleted the checkpoints/ of 1 runs: 2.0 kB freed" in capsys.readouterr().out
+    assert not (runs[1] / "checkpoints").exists()

@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bnll_lightning"
 
 # Every module's layer: a module imports from its own layer or below, never above.
 LAYERS = {
-    **dict.fromkeys(["constraints", "modes", "objectives", "streaming", "alpha", "optim", "sampling", "disk"], 0),  # pure torch (disk: plain Python)
+    **dict.fromkeys(["constraints", "modes", "objectives", "streaming", "alpha", "optim", "sampling", "disk", "study_args"], 0),  # pure torch (disk, study_args: plain Python)
     # models, tasks, and the data's Lightning-free parts: rows from sources, formatting, packing
     **dict.fromkeys(["models", "tasks", "reference", "lora", "logp_head", "sources", "formatting", "packing"], 1),
     **dict.fromkeys(["evaluate", "probe", "compare", "self_targets"], 2),  # generation, answer checking, diagnosis, comparison

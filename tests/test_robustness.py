@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bnll_lightning import module as module_lib
 from bnll_lightning.cli import main
 from bnll_lightning.data import SFTDataModule
-from bnll_lightning.module import SFTModule
+from bnll_lightning.module import LoadingArgs, SFTModule
 from bnll_lightning.objectives import NLL
 
 
@@ -192,7 +192,7 @@ def test_trust_remote_code_is_off_by_default(monkeypatch):
 
     monkeypatch.setattr(module_lib, "load_tokenizer", fake_tokenizer)
     monkeypatch.setattr(module_lib, "load_model", fake_model)
-    for given, expected in (({}, False), ({"trust_remote_code": True}, True)):
+    for given, expected in (({}, False), ({"loading": LoadingArgs(trust_remote_code=True)}, True)):
         seen.clear()
         with pytest.raises(RuntimeError, match="stop"):
             SFTModule(model="org/model-with-remote-code", **given)
