@@ -361,7 +361,7 @@ def run_one(task: NoiseTask, key: str, seed: int, noise: float, args: argparse.N
     eval_at = {e * steps_per_epoch: e for e in args.eval_epochs if e <= args.epochs}
     curve = Curve(eval_at, lambda m: evaluate(m, task, probe_data, args))
     callbacks: list[L.Callback] = [curve]
-    with tempfile.TemporaryDirectory(prefix="bnll_best_", dir=out) as ckpt_dir:
+    with tempfile.TemporaryDirectory(prefix="bnll_best_") as ckpt_dir:  # weights only, gone once the run is scored
         if args.validate:  # what a Lightning user does: keep the best checkpoint by the validation metric
             best = best_checkpoint(ckpt_dir, args.monitor)
             callbacks.append(best)
