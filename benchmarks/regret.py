@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from bnll_lightning.compare import format_ci
+from bnll_lightning.compare import bootstrap, format_ci
 from bnll_lightning.study import RunsCSV, items_array
 
 ES = "+ES"  # an option's suffix: its best checkpoint by validation instead of its last
@@ -200,9 +200,7 @@ def early_stop_table(es_rows: Sequence[dict[str, Any]], resamples: int = 2000) -
         ref = "nll" + ES
         for k in [k for k in _entries() if k in cell]:
             runs = cell[k]
-            acc = lambda o: _ci(float(np.mean([v.mean() for v in cell[o].values()])), draws(  # noqa: E731
-                np.stack(list(cell[o].values())), np.zeros((len(cell[o]), len(next(iter(cell[o].values()))))),
-                resamples)) if o in cell else None
+            acc = lambda o: bootstrap(np.stack(list(cell[o].values())), resamples=resamples) if o in cell else None  # noqa: E731
             diff = lambda a, b: (paired(cell, a, b, resamples) or (None,))[0]  # noqa: E731
             lines.append(
                 f"| `{task}` ({roles[task]}), {noise:.0%} | {label(k)} | {len(runs)} | {format_ci(acc(k))} | "
@@ -213,17 +211,18 @@ def early_stop_table(es_rows: Sequence[dict[str, Any]], resamples: int = 2000) -
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> str:
+def main(argv: list[str] | None = None, sources: Mapping[str, Path] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "early_stop" / "early_stop.md"))
     parser.add_argument("--bootstrap", type=int, default=2000, help="resamples per interval")
     args = parser.parse_args(argv)
-    all_cells, check = cells()
-    es_rows = read(SOURCES["early_stop"])
+    sources = SOURCES if sources is None else sources
+    all_cells, check = cells(sources)
+    es_rows = read(sources["early_stop"])
     text = "\n\n".join([
         "### Early stopping against the objectives, and regret across the studies",
         f"- command: `python benchmarks/regret.py`; sources: " + ", ".join(
-            f"{k} `{os.path.relpath(v, ROOT)}` ({len(read(v))} runs)" for k, v in SOURCES.items()),
+            f"{k} `{os.path.relpath(v, ROOT)}` ({len(read(v))} runs)" for k, v in sources.items()),
         f"- the early-stopping grid reruns noise-grid runs (same rows, order, noise and items, with a validation"
         f" added): {check['reproduced']} of {check['compared']} reproduce the earlier last checkpoint item by item; the"
         f" others differ in {check['differing_items']} answers in all (float rounding of code changed since), and the"

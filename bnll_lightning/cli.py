@@ -29,12 +29,14 @@ from typing import Any, Literal, Optional, Union
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from bnll_lightning import compare, console, disk, study
 from bnll_lightning.study_args import add_study_arguments, study_help
 from bnll_lightning.callbacks import GenerationEval, StepProgressBar
+from bnll_lightning.checkpoint_io import DirectCheckpointIO
 from bnll_lightning.constraints import ConfigError
 from bnll_lightning.data import SFTDataModule
 from bnll_lightning.evaluate import CHECKERS, GenerationArgs, evaluate_generation, write_jsonl
@@ -128,8 +130,9 @@ class SFTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, with :class:`StepProgressBar` as its progress bar unless the config names one
         or turns the bar off (stdout not a terminal, unless ``--verbosity all``: the bar disabled and
-        :class:`~bnll_lightning.console.StepLines` printing its values as plain lines), and for fit the console's
-        header, validation lines and summary."""
+        :class:`~bnll_lightning.console.StepLines` printing its values as plain lines), checkpoints written by
+        :class:`~bnll_lightning.checkpoint_io.DirectCheckpointIO` unless the config's plugins name a checkpoint IO,
+        and for fit the console's header, validation lines and summary."""
         config = self._get(self.config_init, "trainer", default={})
         callbacks = config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
@@ -142,6 +145,10 @@ class SFTCLI(LightningCLI):
             kwargs.setdefault("callbacks", [*callbacks, bar, *lines])
         if not self._verbose and config.get("enable_model_summary") is None:
             kwargs.setdefault("enable_model_summary", False)  # a table (rich's when installed), not a log line
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # a config's own checkpoint IO is kept
+            kwargs.setdefault("plugins", [*plugins, DirectCheckpointIO()])
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "fit":
             trainer.callbacks.append(console.ConsoleReport())

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts, not an installed package
 
 from benchmarks import _common as C  # noqa: E402
-from benchmarks import gpu_mfu, memory, objective_overhead, throughput, whole_job  # noqa: E402
+from benchmarks import checkpoint_write, gpu_mfu, memory, objective_overhead, throughput, whole_job  # noqa: E402
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
@@ -292,3 +292,15 @@ def test_whole_job_accounting_gives_each_instant_one_phase():
     })
     assert sum(out["phases"].values()) == pytest.approx(out["wall"]) and out["wall"] == 11.5
     assert out["startup"] == 4.5 and out["generation"] == [(1.0, 4)] and out["checkpoints"] == 1
+
+
+def test_checkpoint_write_table_has_every_path_and_only_lightnings_copies(capsys, tmp_path):
+    rows = checkpoint_write.main(["--params", "4000000", "--tensors", "8", "--repeats", "2", "--dir", str(tmp_path)])
+    assert [r["side"] for r in rows] == ["Lightning TorchCheckpointIO", "ours, DirectCheckpointIO", "plain torch.save"]
+    assert all(0 < r["min"] <= r["median"] <= r["max"] for r in rows)
+    peaks = {r["side"]: r["peak_gb"] for r in rows}
+    assert peaks["Lightning TorchCheckpointIO"] >= 0.048  # 3 x 16 MB in a buffer
+    assert peaks["ours, DirectCheckpointIO"] < 0.005 and peaks["plain torch.save"] < 0.005
+    assert "| ours, DirectCheckpointIO |" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # its folder removed
+

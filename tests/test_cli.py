@@ -77,9 +77,16 @@ def fit(tmp_path, tiny_model_dir, *extra):
     return log_dir
 
 
-def test_fit_writes_tensorboard_tags_and_loadable_model(tmp_path, tiny_model_dir):
+def test_fit_writes_tensorboard_tags_and_loadable_model(tmp_path, tiny_model_dir, monkeypatch):
+    from bnll_lightning.checkpoint_io import DirectCheckpointIO
+
+    saved, save = [], DirectCheckpointIO.save_checkpoint
+    monkeypatch.setattr(DirectCheckpointIO, "save_checkpoint",
+                        lambda self, state, path, **kw: (saved.append(str(path)), save(self, state, path, **kw)))
     log_dir = fit(tmp_path, tiny_model_dir, "--model.objective", "bnll_lightning.objectives.AlphaFamily",
                   "--model.objective.alpha", "1.0")
+    # Its checkpoints went through DirectCheckpointIO (no in-memory copy: tests/test_checkpoint_io.py).
+    assert saved and all(p.startswith(str(log_dir)) for p in saved) and (log_dir / "checkpoints" / "last.ckpt").exists()
     assert log_dir.parent.name == "AlphaFamily-alpha1.0"  # the directory says which objective ran
     values = scalars(log_dir)
     for tag in ["train/loss", "train/nll", "train/mean_p", "train/alpha", "val/nll", "val/mean_p", "val/token_accuracy"]:

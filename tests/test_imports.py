@@ -12,7 +12,8 @@ LAYERS = {
     **dict.fromkeys(["models", "tasks", "reference", "lora", "logp_head", "sources", "formatting", "packing"], 1),
     **dict.fromkeys(["evaluate", "probe", "compare", "self_targets"], 2),  # generation, answer checking, diagnosis, comparison
     # Lightning: the module, callbacks, the data module, the study loop
-    **dict.fromkeys(["module", "callbacks", "console", "signals", "strategies", "export", "data", "study", "plateau"], 3),
+    **dict.fromkeys(["module", "callbacks", "console", "signals", "strategies", "export", "data", "study", "plateau",
+                      "checkpoint_io"], 3),
     **dict.fromkeys(["cli", "__main__", "__init__"], 4),  # command line, package entry points
 }
 # (module, imported module, name) -> why it may import upwards (function-local: nothing runs at import time).

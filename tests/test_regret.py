@@ -1,0 +1,97 @@
+"""benchmarks/regret.py: cells joined across the studies, the best static objective, regret and its intervals."""
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import regret as R  # noqa: E402
+from bnll_lightning.compare import bootstrap  # noqa: E402
+
+FIELDS = ("config", "task", "role", "objective", "seed", "noise", "items", "best_items", "best_epoch")
+
+
+def _items(n_right: int, n: int = 40) -> str:
+    return "1" * n_right + "0" * (n - n_right)
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({"config": "c1", "role": "report", "best_items": "", "best_epoch": "", **r})
+    return path
+
+
+def _run(task, objective, seed, right, noise=0.4, **extra):
+    return {"task": task, "objective": objective, "seed": seed, "noise": noise, "items": _items(right), **extra}
+
+
+@pytest.fixture
+def sources(tmp_path):
+    noise = [_run("t", o, s, right) for s in (0, 1, 2) for o, right in (("nll", 20), ("negprob", 30), ("adaptive", 28))]
+    noise += [_run("t", "base", "", 10)]  # the base model: never an option
+    noise += [_run("t", "alpha05", 0, 39)]  # one seed of three: not the best static, not judged yet
+    es = [_run("t", "nll", s, 21, best_items=_items(25), best_epoch=1) for s in (0, 1, 2)]
+    es += [_run("t", "plateau", s, 29 + s, best_items=_items(26), best_epoch=2) for s in (0, 1, 2)]
+    es += [_run("u", "nll", s, 10, noise=0.2, best_items=_items(12), best_epoch=1) for s in (0, 1)]
+    es += [{**_run("t", "negprob", 0, 5), "config": "c0"}]  # a pilot of another configuration: ignored
+    return {"continuum": tmp_path / "absent.csv", "noise": _write(tmp_path / "noise.csv", noise),
+            "early_stop": _write(tmp_path / "es.csv", es)}  # fmt: skip
+
+
+def test_read_keeps_the_most_run_configuration_and_drops_the_base_row(sources):
+    rows = R.read(sources["early_stop"])
+    assert len(rows) == 8 and {r["config"] for r in rows} == {"c1"}
+    assert all(r["objective"] != "base" for r in R.read(sources["noise"]))
+    assert R.read(sources["continuum"]) == []
+
+
+def test_early_stop_runs_join_the_noise_cell_and_replace_its_reruns(sources):
+    cells, check = R.cells(sources)
+    cell = cells[("noise", "t", 0.4)]
+    assert cell["nll"][1].sum() == 21  # the rerun replaced the noise grid's 20
+    assert cell["nll" + R.ES][2].sum() == 25 and cell["plateau"][2].sum() == 31
+    assert cell["negprob"][0].sum() == 30  # not rerun: kept
+    assert check == {"reproduced": 0, "compared": 3, "differing_items": 3}
+    assert ("early_stop", "u", 0.2) in cells  # a cell only the early-stopping grid has stays its own
+    assert R.best_static(cell) == "negprob"  # alpha05 has 1 seed of the cell's 3
+    assert R.best_static({"adaptive": cell["adaptive"]}) is None
+
+
+def test_draws_are_compare_bootstraps_draws():
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 2, (3, 50)), rng.integers(0, 2, (3, 50))
+    lo, hi = np.percentile(R.draws(a, b, 400, seed=7), [2.5, 97.5])
+    assert (float((a - b).mean()), float(lo), float(hi)) == pytest.approx(bootstrap(a, b, resamples=400, seed=7))
+
+
+def test_regret_is_the_paired_shortfall_to_the_best_static_objective(sources):
+    cells, _ = R.cells(sources)
+    rows = {r["option"]: r for r in R.regret(cells, resamples=300)}
+    assert rows["negprob"]["worst"] == (0.0, 0.0, 0.0) and rows["negprob"]["behind"] == 0
+    nll = rows["nll"]
+    assert nll["worst"][0] == pytest.approx((21 - 30) / 40) and nll["behind"] == 1
+    assert nll["worst_cell"] == ("noise", "t", 0.4)
+    assert rows["nll" + R.ES]["worst"][0] == pytest.approx((25 - 30) / 40)
+    assert rows["plateau"]["worst"][0] == pytest.approx((30 - 30) / 40)  # 29, 30, 31 against 30
+    assert "alpha05" not in rows  # one seed of three waits
+    assert nll["mean"][1] <= nll["mean"][0] <= nll["mean"][2]
+    # Sorted by worst shortfall: the best static objective first, NLL last.
+    assert list(rows)[0] in ("negprob", "plateau") and list(rows)[-1] == "nll"
+
+
+def test_the_report_names_every_option_with_intervals(sources, tmp_path):
+    out = tmp_path / "es.md"
+    text = R.main(["--out", str(out), "--bootstrap", "200"], sources=sources)
+    assert out.read_text(encoding="utf-8") == text
+    table = text.split("Early stopping (validation")[1]
+    assert "| `t` (report), 40% | NLL | 3 | 0.525 [" in table  # 21/40 at every seed
+    assert "best by val/nll" in text and "PlateauAlpha" in text
+    assert "0 of 3 reproduce" in text
