@@ -143,7 +143,12 @@ CSV_FIELDS = (
     "alpha_mean", "alpha_end", "alphas", "trace", "base_mean_p", "base_geometric_mean_p", "pool", "noisy_rows",
     "num_train", "steps", "epochs", "batch_size", "lr", "model", "train_seconds", "eval_seconds", "finished",
     "val_curve", "best_step", "best_epoch", "best_accuracy", "best_correct", "best_items", "alpha_rises",
+    "best_p_step", "best_p_epoch", "best_p_accuracy", "best_p_correct", "best_p_items",
 )  # fmt: skip
+# --validate: besides --monitor, every run also keeps its best checkpoint by val/mean_p (higher is better). On a split
+# as noisy as training, val/nll charges a model for not believing the noisy labels; mean p of the labels moves with
+# the clean ones (a held-out noisy label is not learnable). Its columns: best_p_*; rows finished before it have none.
+SECOND_MONITOR = ("val/mean_p", "max")
 # --validate: the early-stopping grid, most important first (issue 27): early-stopped NLL against −p and the v3
 # default on the strong tasks at the noisiest rate, with the validation-aware controller; then the other rates;
 # then the rest of the list.
@@ -245,10 +250,10 @@ def validation_loader(split: SFTDataModule, args: argparse.Namespace) -> DataLoa
                       generator=torch.Generator().manual_seed(0))  # fmt: skip
 
 
-def best_checkpoint(dirpath: str, monitor: str) -> ModelCheckpoint:
-    """What a Lightning user does to keep the best model: the top-1 checkpoint by ``monitor`` (lower is better),
-    weights only (a finished run resumes nothing)."""
-    return ModelCheckpoint(dirpath=dirpath, filename="best-{step}", monitor=monitor, mode="min", save_top_k=1,
+def best_checkpoint(dirpath: str, monitor: str, mode: str = "min", prefix: str = "best") -> ModelCheckpoint:
+    """What a Lightning user does to keep the best model: the top-1 checkpoint by ``monitor`` (``mode`` min: lower
+    is better), weights only (a finished run resumes nothing), named ``<prefix>-step=N.ckpt``."""
+    return ModelCheckpoint(dirpath=dirpath, filename=prefix + "-{step}", monitor=monitor, mode=mode, save_top_k=1,
                            save_weights_only=True, save_last=False)  # fmt: skip
 
 
@@ -364,7 +369,8 @@ def run_one(task: NoiseTask, key: str, seed: int, noise: float, args: argparse.N
     with tempfile.TemporaryDirectory(prefix="bnll_best_") as ckpt_dir:  # weights only, gone once the run is scored
         if args.validate:  # what a Lightning user does: keep the best checkpoint by the validation metric
             best = best_checkpoint(ckpt_dir, args.monitor)
-            callbacks.append(best)
+            best_p = best_checkpoint(ckpt_dir, *SECOND_MONITOR, prefix="best_p")
+            callbacks += [best, best_p]
         trainer = L.Trainer(
             accelerator=args.accelerator, devices=1, precision=args.precision, max_steps=steps,
             max_epochs=args.epochs, gradient_clip_val=1.0, logger=False, callbacks=callbacks,
@@ -379,7 +385,11 @@ def run_one(task: NoiseTask, key: str, seed: int, noise: float, args: argparse.N
         else:
             trainer.fit(module, data)
         seconds = time.perf_counter() - start
-        selected = _selected(best, curve, module, task, probe_data, args) if args.validate else {}
+        selected = {}
+        if args.validate:
+            evaluated = {p["step"]: p for p in curve.points}  # steps scored so far: each is scored once
+            selected = {**_selected(best, "best", evaluated, curve, module, task, probe_data, args),
+                        **_selected(best_p, "best_p", evaluated, curve, module, task, probe_data, args)}
     last = curve.points[-1]
     alphas = curve.alphas
     return {**selected,
@@ -395,20 +405,21 @@ def run_one(task: NoiseTask, key: str, seed: int, noise: float, args: argparse.N
     }  # fmt: skip
 
 
-def _selected(best: ModelCheckpoint, curve: Curve, module: Any, task: NoiseTask, probe_data: SFTDataModule,
-              args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
-    """The best checkpoint by validation: its step and its held-out accuracy (the curve's, where the curve was
-    evaluated at that step; else its weights are loaded and evaluated now)."""
+def _selected(best: ModelCheckpoint, prefix: str, evaluated: dict[int, dict[str, Any]], curve: Curve, module: Any,
+              task: NoiseTask, probe_data: SFTDataModule, args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """The best checkpoint by validation: its step and its held-out accuracy, as ``<prefix>_*`` columns (the
+    score of that step in ``evaluated``, where it was scored; else its weights are loaded, scored and added)."""
     step, path = best_by_validation(best)
-    point = next((p for p in curve.points if p["step"] == step), None)
+    point = evaluated.get(step)
     if point is None:
         start = time.perf_counter()
         module.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
-        point = evaluate(module, task, probe_data, args)
+        point = evaluated[step] = evaluate(module, task, probe_data, args)
         curve.eval_seconds += time.perf_counter() - start
     epoch = next(v["epoch"] for v in curve.validations if v["step"] == step)
-    return {"val_curve": json.dumps(curve.validations), "best_step": step, "best_epoch": epoch,
-            "best_accuracy": point["accuracy"], "best_correct": point["items"].count("1"), "best_items": point["items"]}
+    return {"val_curve": json.dumps(curve.validations), f"{prefix}_step": step, f"{prefix}_epoch": epoch,
+            f"{prefix}_accuracy": point["accuracy"], f"{prefix}_correct": point["items"].count("1"),
+            f"{prefix}_items": point["items"]}
 
 
 # ----------------------------------------------------------------------------- the CSV and the plan
@@ -434,9 +445,9 @@ def append_row(path: str, row: dict[str, Any]) -> None:
 
 
 _FLOAT = {"accuracy", "alpha_mean", "alpha_end", "base_mean_p", "base_geometric_mean_p", "noise", "lr",
-          "train_seconds", "eval_seconds", "best_accuracy"}  # fmt: skip
+          "train_seconds", "eval_seconds", "best_accuracy", "best_p_accuracy"}  # fmt: skip
 _INT = {"seed", "correct", "n", "noisy_rows", "num_train", "steps", "epochs", "batch_size", "best_step", "best_epoch",
-        "best_correct"}  # fmt: skip
+        "best_correct", "best_p_step", "best_p_epoch", "best_p_correct"}  # fmt: skip
 
 
 def read_csv(path: str, config: str | None = None) -> list[dict[str, Any]]:

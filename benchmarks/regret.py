@@ -31,7 +31,9 @@ import numpy as np
 from bnll_lightning.compare import bootstrap, format_ci
 from bnll_lightning.study import RunsCSV, items_array
 
-ES = "+ES"  # an option's suffix: its best checkpoint by validation instead of its last
+ES = "+ES"  # an option's suffix: its best checkpoint by validation (val/nll) instead of its last
+ESP = "+ESp"  # the same by val/mean_p (noise_study.py's second monitor; runs finished before it have none)
+SELECTIONS = ((ES, "best", "val/nll"), (ESP, "best_p", "val/mean_p"))  # suffix, CSV prefix, monitor
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {  # study -> its CSV (the configuration its report uses: the one with the most runs)
     "continuum": ROOT / "docs" / "continuum" / "continuum.csv",
@@ -47,11 +49,19 @@ def _entries() -> Mapping[str, Any]:
     return ENTRIES
 
 
+def split(option: str) -> tuple[str, str | None]:
+    """(objective key, monitor of its best checkpoint or None: the last checkpoint)."""
+    for suffix, _, monitor in SELECTIONS:
+        if option.endswith(suffix):
+            return option[: -len(suffix)], monitor
+    return option, None
+
+
 def label(option: str) -> str:
-    key, es = (option[: -len(ES)], True) if option.endswith(ES) else (option, False)
+    key, monitor = split(option)
     entry = _entries().get(key)
     name = entry.label if entry is not None else key
-    return f"{name}, best by val/nll" if es else name
+    return f"{name}, best by {monitor}" if monitor else name
 
 
 def is_static(option: str) -> bool:
@@ -104,8 +114,9 @@ def cells(sources: Mapping[str, Path] = SOURCES) -> tuple[dict[tuple[str, str, f
             differing += int((earlier != last).sum())
         # The rerun replaces the earlier run: its best checkpoint and its last come from the same training.
         cell.setdefault(r["objective"], {})[seed] = last
-        if r.get("best_items"):
-            cell.setdefault(r["objective"] + ES, {})[seed] = _items(r["best_items"])
+        for suffix, prefix, _ in SELECTIONS:
+            if r.get(f"{prefix}_items"):
+                cell.setdefault(r["objective"] + suffix, {})[seed] = _items(r[f"{prefix}_items"])
     return out, {"reproduced": same, "compared": compared, "differing_items": differing}
 
 
@@ -189,25 +200,30 @@ def early_stop_table(es_rows: Sequence[dict[str, Any]], resamples: int = 2000) -
     for r in es_rows:
         cell = by.setdefault((r["task"], _noise(r)), {})
         cell.setdefault(r["objective"], {})[int(r["seed"])] = _items(r["items"])
-        if r.get("best_items"):
-            cell.setdefault(r["objective"] + ES, {})[int(r["seed"])] = _items(r["best_items"])
-            epochs.setdefault((r["task"], _noise(r), r["objective"]), []).append(int(r["best_epoch"]))
+        for suffix, prefix, _ in SELECTIONS:
+            if r.get(f"{prefix}_items"):
+                cell.setdefault(r["objective"] + suffix, {})[int(r["seed"])] = _items(r[f"{prefix}_items"])
+                epochs.setdefault((r["task"], _noise(r), r["objective"] + suffix), []).append(int(r[f"{prefix}_epoch"]))
         roles[r["task"]] = r["role"]
     lines = ["| task (role), noise | objective | seeds | last checkpoint | best by val/nll | best epochs |"
-             " best − last | last − early-stopped NLL | best − early-stopped NLL |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             " best − last | last − early-stopped NLL | best − early-stopped NLL | best by val/mean_p (seeds) |"
+             " its epochs | best by val/mean_p − NLL's best by it |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (task, noise), cell in sorted(by.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
-        ref = "nll" + ES
+        ref, ref_p = "nll" + ES, "nll" + ESP
         for k in [k for k in _entries() if k in cell]:
             runs = cell[k]
             acc = lambda o: bootstrap(np.stack(list(cell[o].values())), resamples=resamples) if o in cell else None  # noqa: E731
             diff = lambda a, b: (paired(cell, a, b, resamples) or (None,))[0]  # noqa: E731
             lines.append(
                 f"| `{task}` ({roles[task]}), {noise:.0%} | {label(k)} | {len(runs)} | {format_ci(acc(k))} | "
-                f"{format_ci(acc(k + ES))} | {','.join(map(str, epochs.get((task, noise, k), [])))} | "
+                f"{format_ci(acc(k + ES))} | {','.join(map(str, epochs.get((task, noise, k + ES), [])))} | "
                 f"{format_ci(diff(k + ES, k), signed=True)} | "
                 f"{format_ci(diff(k, ref) if ref in cell else None, signed=True)} | "
-                f"{format_ci(diff(k + ES, ref) if k != 'nll' and ref in cell else None, signed=True)} |")
+                f"{format_ci(diff(k + ES, ref) if k != 'nll' and ref in cell else None, signed=True)} | "
+                f"{format_ci(acc(k + ESP))} ({len(cell.get(k + ESP, ()))}) | "
+                f"{','.join(map(str, epochs.get((task, noise, k + ESP), [])))} | "
+                f"{format_ci(diff(k + ESP, ref_p) if k != 'nll' and ref_p in cell else None, signed=True)} |")
     return "\n".join(lines)
 
 
@@ -228,8 +244,9 @@ def main(argv: list[str] | None = None, sources: Mapping[str, Path] | None = Non
         f" others differ in {check['differing_items']} answers in all (float rounding of code changed since), and the"
         " rerun replaces the earlier run in its cell",
         "Early stopping (validation after every epoch on the seed's held-out rows, noised at the training rate; "
-        "`ModelCheckpoint(monitor='val/nll', save_top_k=1)`; held-out accuracy on the clean evaluation items, "
-        "paired two-way bootstrap):",
+        "`ModelCheckpoint(monitor='val/nll', save_top_k=1)`, and from 2026-12-07 also `monitor='val/mean_p', "
+        "mode='max'` in the same runs (earlier runs have no such column: its seed count is given); held-out accuracy "
+        "on the clean evaluation items, paired two-way bootstrap over the seeds both sides have):",
         early_stop_table(es_rows, args.bootstrap),
         "Regret: each option against its cell's best static objective (last checkpoint), paired; options run in "
         "fewer cells are judged on fewer:",

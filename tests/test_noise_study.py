@@ -149,6 +149,30 @@ def test_a_mid_training_evaluation_gives_the_model_back_in_training_mode(tmp_pat
     assert module.model.training and len(point["items"]) == 4 and point["probe_nll"] > 0
 
 
+
+def test_a_validated_run_scores_its_best_checkpoint_by_each_monitor(tmp_path, tiny_model_dir):
+    from benchmarks import continuum as CT
+    from bnll_lightning.models import load_model, load_tokenizer
+
+    args = _args(tmp_path, validate=True, num_eval=4, max_new_tokens=2, eval_batch_size=4, probe_rows=4, num_train=4,
+                 batch_size=2, epochs=4, eval_epochs=[4], probe_batches=1, lr=3.0)  # fmt: skip
+    args.model_path = tiny_model_dir
+    CT.StudyModule.base[tiny_model_dir] = (load_tokenizer(tiny_model_dir), load_model(tiny_model_dir).eval())
+    row = NS.run_one(NS.NOISE_TASKS["successor_self"], "negprob", 0, 0.5, args, str(tmp_path))
+    val = json.loads(row["val_curve"])
+    assert [v["epoch"] for v in val] == [1, 2, 3, 4] and [v["step"] for v in val] == [2, 4, 6, 8]
+    by_nll = min(val, key=lambda v: v["val_nll"])  # the first of equals, as ModelCheckpoint keeps it
+    by_p = max(val, key=lambda v: v["val_mean_p"])
+    assert (row["best_step"], row["best_epoch"]) == (by_nll["step"], by_nll["epoch"])
+    assert (row["best_p_step"], row["best_p_epoch"]) == (by_p["step"], by_p["epoch"])
+    assert {row["best_step"], row["best_p_step"]} - {8}  # lr 3 spoils the model: a best the curve never scored
+    for prefix in ("best", "best_p"):  # scored on the evaluation items, whether or not the curve had that step
+        items = row[f"{prefix}_items"]
+        assert len(items) == 4 and row[f"{prefix}_correct"] == items.count("1")
+        assert row[f"{prefix}_accuracy"] == items.count("1") / 4
+        if row[f"{prefix}_step"] == 8:
+            assert items == row["items"]  # the last step: the curve's own score
+
 def test_the_curves_give_an_objective_one_colour_in_every_panel_and_name_a_panel_not_run():
     from benchmarks import noise_report as NR
 

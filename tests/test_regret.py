@@ -13,7 +13,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import regret as R  # noqa: E402
 from bnll_lightning.compare import bootstrap  # noqa: E402
 
-FIELDS = ("config", "task", "role", "objective", "seed", "noise", "items", "best_items", "best_epoch")
+FIELDS = ("config", "task", "role", "objective", "seed", "noise", "items", "best_items", "best_epoch", "best_p_items",
+          "best_p_epoch")
 
 
 def _items(n_right: int, n: int = 40) -> str:
@@ -25,7 +26,8 @@ def _write(path: Path, rows: list[dict]) -> Path:
         w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({"config": "c1", "role": "report", "best_items": "", "best_epoch": "", **r})
+            w.writerow({"config": "c1", "role": "report", "best_items": "", "best_epoch": "", "best_p_items": "",
+                        "best_p_epoch": "", **r})
     return path
 
 
@@ -40,6 +42,7 @@ def sources(tmp_path):
     noise += [_run("t", "alpha05", 0, 39)]  # one seed of three: not the best static, not judged yet
     es = [_run("t", "nll", s, 21, best_items=_items(25), best_epoch=1) for s in (0, 1, 2)]
     es += [_run("t", "plateau", s, 29 + s, best_items=_items(26), best_epoch=2) for s in (0, 1, 2)]
+    es[2].update(best_p_items=_items(33), best_p_epoch=4)  # NLL's seed 2 only: runs before the second monitor lack it
     es += [_run("u", "nll", s, 10, noise=0.2, best_items=_items(12), best_epoch=1) for s in (0, 1)]
     es += [{**_run("t", "negprob", 0, 5), "config": "c0"}]  # a pilot of another configuration: ignored
     return {"continuum": tmp_path / "absent.csv", "noise": _write(tmp_path / "noise.csv", noise),
@@ -81,6 +84,8 @@ def test_regret_is_the_paired_shortfall_to_the_best_static_objective(sources):
     assert nll["worst_cell"] == ("noise", "t", 0.4)
     assert rows["nll" + R.ES]["worst"][0] == pytest.approx((25 - 30) / 40)
     assert rows["plateau"]["worst"][0] == pytest.approx((30 - 30) / 40)  # 29, 30, 31 against 30
+    assert "nll" + R.ESP not in rows  # one seed of three by val/mean_p: waits
+    assert R.label("nll" + R.ESP) == "NLL, best by val/mean_p" and R.split("plateau" + R.ES) == ("plateau", "val/nll")
     assert "alpha05" not in rows  # one seed of three waits
     assert nll["mean"][1] <= nll["mean"][0] <= nll["mean"][2]
     # Sorted by worst shortfall: the best static objective first, NLL last.
@@ -95,3 +100,5 @@ def test_the_report_names_every_option_with_intervals(sources, tmp_path):
     assert "| `t` (report), 40% | NLL | 3 | 0.525 [" in table  # 21/40 at every seed
     assert "best by val/nll" in text and "PlateauAlpha" in text
     assert "0 of 3 reproduce" in text
+    (nll,) = [line for line in table.splitlines() if line.startswith("| `t` (report), 40% | NLL |")]
+    assert nll.split(" | ")[9].startswith("0.825 [") and nll.endswith("(1) | 4 | – |")  # 33/40 at its one seed, epoch 4
