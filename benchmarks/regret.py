@@ -70,7 +70,7 @@ def is_static(option: str) -> bool:
 
 
 def read(path: Path) -> list[dict[str, Any]]:
-    """The rows of the CSV's most-run configuration (a CSV may hold pilots of other ones)."""
+    """The rows of the CSV's most-run configuration (a CSV may hold pilots of other ones), a run's latest row."""
     if not path.exists():
         return []
     rows = RunsCSV(path, ()).read()
@@ -80,7 +80,9 @@ def read(path: Path) -> list[dict[str, Any]]:
     for r in rows:
         configs[r["config"]] = configs.get(r["config"], 0) + 1
     config = max(configs, key=configs.get)
-    return [r for r in rows if r["config"] == config and r["objective"] != "base"]
+    # A run rerun (noise_study.py's second monitor) counts once: its latest row.
+    latest = {(r["task"], r["objective"], r["seed"], r["noise"]): r for r in rows if r["config"] == config}
+    return [r for r in latest.values() if r["objective"] != "base"]
 
 
 def _items(items: str) -> np.ndarray:

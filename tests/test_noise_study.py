@@ -79,6 +79,36 @@ def test_the_plan_puts_the_core_grid_first_and_every_run_once():
     assert max(chosen) < min(late)  # the candidates the dev task did not choose come last on the grid
 
 
+
+def test_the_validated_plan_puts_early_stopped_nll_against_the_objectives_at_the_noisiest_rate_first():
+    args = NS.build_parser().parse_args(["--validate", "--objectives", *NS.VALIDATE_FIRST, *NS.VALIDATE_THEN])
+    runs = NS.plan(args)
+    assert len(runs) == len(set(runs))
+    strong = [t for t in args.tasks if NS.NOISE_TASKS[t].self_phrased]
+    first = [r for r in runs if r[1] != NS.BASE][: 3 * len(strong) * len(NS.VALIDATE_FIRST)]
+    assert {(t, k, s, n) for t, k, s, n in first} == {
+        (t, k, s, 0.4) for t in strong for k in NS.VALIDATE_FIRST for s in range(3)}
+    assert NS.NOISE_TASKS[first[0][0]].role == "dev" and [r[2] for r in first] == sorted(r[2] for r in first)
+    i = runs.index(first[-1]) + 1  # then the same block again, as reruns of what lacks the second monitor
+    assert runs[i: i + len(first)] == [(*r, NS.RERUN) for r in first]
+    later = runs[i + len(first):]
+    assert all(len(r) == 4 for r in later) and {r[3] for r in later} == {0.0, 0.2, 0.4}
+
+
+def test_a_rerun_is_claimed_only_for_a_finished_run_without_the_second_monitor(tmp_path):
+    csv_path = str(tmp_path / "noise_study.csv")
+    old, new, running = ("t", "nll", 0, 0.4), ("t", "nll", 1, 0.4), ("t", "nll", 2, 0.4)
+    runs = [old, new, running] + [(*r, NS.RERUN) for r in (old, new, running)]
+    row = {"config": "c", "task": "t", "objective": "nll", "noise": 0.4, "items": "10"}
+    NS.append_row(csv_path, {**row, "seed": 0})  # finished before the second monitor
+    NS.append_row(csv_path, {**row, "seed": 1, "best_p_items": "11"})
+    assert NS.claim_next("c", csv_path, runs) == running  # claimed by this process: running
+    assert NS.claim_next("c", csv_path, runs) == (*old, NS.RERUN)  # neither new's nor running's
+    assert NS.claim_next("c", csv_path, runs) is None
+    NS.append_row(csv_path, {**row, "seed": 0, "items": "01", "best_p_items": "01"})  # the rerun's row
+    rows = NS.read_csv(csv_path, "c")
+    assert len(rows) == 2 and {r["seed"]: r["items"] for r in rows}[0] == "01"  # the latest row of a run
+
 def _study(out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "noise_study.py"), "--quick", "--out", str(out), *extra],

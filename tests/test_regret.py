@@ -45,6 +45,7 @@ def sources(tmp_path):
     es[2].update(best_p_items=_items(33), best_p_epoch=4)  # NLL's seed 2 only: runs before the second monitor lack it
     es += [_run("u", "nll", s, 10, noise=0.2, best_items=_items(12), best_epoch=1) for s in (0, 1)]
     es += [{**_run("t", "negprob", 0, 5), "config": "c0"}]  # a pilot of another configuration: ignored
+    es += [_run("u", "nll", 1, 11, noise=0.2, best_items=_items(12), best_epoch=1)]  # a rerun: its latest row counts
     return {"continuum": tmp_path / "absent.csv", "noise": _write(tmp_path / "noise.csv", noise),
             "early_stop": _write(tmp_path / "es.csv", es)}  # fmt: skip
 
@@ -52,6 +53,7 @@ def sources(tmp_path):
 def test_read_keeps_the_most_run_configuration_and_drops_the_base_row(sources):
     rows = R.read(sources["early_stop"])
     assert len(rows) == 8 and {r["config"] for r in rows} == {"c1"}
+    assert [r["items"].count("1") for r in rows if r["task"] == "u"] == [10, 11]
     assert all(r["objective"] != "base" for r in R.read(sources["noise"]))
     assert R.read(sources["continuum"]) == []
 
