@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -117,7 +118,6 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     dry = args.dry_run or not torch.cuda.is_available()
     threads = C.set_threads(args.threads)
-    rows = []
     with tempfile.TemporaryDirectory(prefix="bnll_gpu_check_") as work:
         out = args.out or work
         model = None
@@ -125,31 +125,38 @@ def main(argv: list[str] | None = None) -> str:
 
             model = C.make_tiny_model(f"{work}/tiny", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-        for name, command, limit in checks(out, dry, model):
-            start = time.perf_counter()
-            if command is None:
-                vocab, tokens = (151_936, 8_192) if not dry else (4_096, 256)
-                try:
-                    status, detail = "ok", logits_memory("cuda" if not dry else "cpu", vocab, tokens, 896)
-                except torch.OutOfMemoryError as err:
-                    status, detail = "failed", f"out of memory: {str(err).splitlines()[0]}"
-            else:
-                try:
-                    proc = subprocess.run(command, capture_output=True, text=True, timeout=limit, cwd=ROOT, env=env)
-                    status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-                    tail = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-                    detail = _detail(tail, proc.returncode)
-                except subprocess.TimeoutExpired:
-                    status, detail = "failed", f"over its {limit} s limit"
-            seconds = time.perf_counter() - start
-            rows.append([name, status, detail.replace("|", "/"), f"{seconds:.0f}"])
-            print(f"[gpu_check] {name}: {status} ({seconds:.0f} s) {detail}", file=sys.stderr, flush=True)
+        # A dry run's checks are tiny-model processes, mostly imports: two at a time. On a GPU one at a time,
+        # so that no check shares the device with another (their seconds are read as costs).
+        with ThreadPoolExecutor(max_workers=2 if dry else 1) as pool:
+            rows = list(pool.map(lambda check: run_check(*check, dry=dry, env=env), checks(out, dry, model)))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
     table = C.markdown_table(["check", "status", "result", "seconds"], rows)
     conditions = [f"device: {device}; {'dry run: tiny model on CPU, CUDA-only steps parse their config' if dry else 'full run'}",
-                  "each check in its own process; configs/demo.yaml is the job config the overlays apply to"]  # fmt: skip
+                  "each check in its own process (a dry run: two at a time); configs/demo.yaml is the job config the overlays apply to"]  # fmt: skip
     args.quick = dry  # C.report marks a dry run as a harness check
     return C.report("GPU check: every GPU-only path once", "gpu_check.py", args, argv, threads, table, conditions)
+
+
+def run_check(name: str, command: list[str] | None, limit: int, dry: bool, env: dict[str, str]) -> list[str]:
+    """One check: its command in a process of its own (None: the in-process memory check); its table row."""
+    start = time.perf_counter()
+    if command is None:
+        vocab, tokens = (151_936, 8_192) if not dry else (4_096, 256)
+        try:
+            status, detail = "ok", logits_memory("cuda" if not dry else "cpu", vocab, tokens, 896)
+        except torch.OutOfMemoryError as err:
+            status, detail = "failed", f"out of memory: {str(err).splitlines()[0]}"
+    else:
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=limit, cwd=ROOT, env=env)
+            status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+            tail = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+            detail = _detail(tail, proc.returncode)
+        except subprocess.TimeoutExpired:
+            status, detail = "failed", f"over its {limit} s limit"
+    seconds = time.perf_counter() - start
+    print(f"[gpu_check] {name}: {status} ({seconds:.0f} s) {detail}", file=sys.stderr, flush=True)
+    return [name, status, detail.replace("|", "/"), f"{seconds:.0f}"]
 
 
 def _detail(lines: list[str], returncode: int) -> str:
