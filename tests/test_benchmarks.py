@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts, not an installed package
 
 from benchmarks import _common as C  # noqa: E402
-from benchmarks import checkpoint_write, gpu_mfu, memory, objective_overhead, throughput, whole_job  # noqa: E402
+from benchmarks import checkpoint_write, generation, gpu_mfu, memory, objective_overhead, throughput, whole_job  # noqa: E402
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
@@ -303,4 +303,14 @@ def test_checkpoint_write_table_has_every_path_and_only_lightnings_copies(capsys
     assert peaks["ours, DirectCheckpointIO"] < 0.005 and peaks["plain torch.save"] < 0.005
     assert "| ours, DirectCheckpointIO |" in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []  # its folder removed
+
+
+def test_generation_table_times_each_side_and_ours_answers_as_one_at_a_time():
+    text = generation.main(["--quick"])
+    headers, rows = C.parse_markdown_table(text)
+    assert headers == ["side", "seconds per answer", "new tokens per answer", "speed-up over plain"]
+    assert [r[0].split(":")[0] for r in rows] == ["plain", "one at a time, KV cache, stop at end of turn", "ours"]
+    assert all(number(r[1].split(" ")[0]) > 0 for r in rows) and rows[0][3] == "1.0x"
+    assert float(rows[0][2]) == 4.0  # plain runs every token of the budget
+    assert "ours' answers equal to the one-at-a-time answers: 4 of 4" in text
 
