@@ -52,6 +52,17 @@ def test_summarize_figures_and_advice():
     assert yaml.safe_load(weak["recommended_yaml"])["model"]["objective"]["class_path"].endswith(".NLL")
 
 
+def test_the_report_gives_the_noisy_label_recipe_at_the_strong_end_only():
+    def report(p):
+        figures = probe.summarize(torch.full((8,), p).log())
+        return probe.format_report({"model": "m", "data": "d", "split": "train", "rows": 8, "batches": 1, "tokens": 8,
+                                    **figures, **probe.recommend(figures)})  # fmt: skip
+
+    strong, weak = report(0.8), report(0.05)
+    assert "keep -p's best checkpoint by validation" in strong and "monitor:\n      val/nll" in strong
+    assert "best checkpoint" not in weak and "recommended objective: NLL" in weak
+
+
 def test_sample_is_seeded_disjoint_across_ranks_and_leaves_the_training_order_alone():
     generator = torch.Generator().manual_seed(0)
     loader = DataLoader(TensorDataset(torch.arange(20)), batch_size=3, shuffle=True, generator=generator)
