@@ -82,14 +82,14 @@ def main(argv: list[str] | None = None) -> str:
     }  # fmt: skip
     seconds: dict[str, list[float]] = {k: [] for k in sides}
     answers: dict[str, list[list[int]]] = {}
-    load = (C.load_average(), 0.0)
+    load_start = C.load_average()
     with torch.no_grad():
         for r in range(args.repeats):
             for name in sides if r % 2 == 0 else reversed(list(sides)):
                 start = time.perf_counter()
                 answers[name] = sides[name]()
                 seconds[name].append((time.perf_counter() - start) / len(answers[name]))
-    load = (load[0], C.load_average())
+    load = (load_start, C.load_average())
     names = list(sides)
     alone, ours = answers[names[1]], answers[names[2]]
     same = sum(a == b for a, b in zip(alone, ours))
