@@ -122,6 +122,17 @@ for _e in (
     # The validation-aware controller (its defaults: NLL until val/nll stops improving, then −p); needs --validate.
     CT.Entry("plateau", "PlateauAlpha (val/nll, patience 0)", lambda a: (AlphaFamily(0.0), PlateauAlpha()), None,
              False),
+    # Its second design (issue 27): a rise also takes the weights back to the best validation's, which the first
+    # design's late rise could not undo. Three candidates on the dev task: the signal (val/nll or val/mean_p) and
+    # what α does before a rise (NLL, or v3's target).
+    CT.Entry("plateau_best", "PlateauAlpha (val/nll, restore best)",
+             lambda a: (AlphaFamily(0.0), PlateauAlpha(restore_best=True)), None, False),
+    CT.Entry("plateau_p_best", "PlateauAlpha (val/mean_p, restore best)",
+             lambda a: (AlphaFamily(0.0), PlateauAlpha(monitor="val/mean_p", mode="max", restore_best=True)), None,
+             False),
+    CT.Entry("plateau_v3_best", "PlateauAlpha (v3 before, val/mean_p, restore best)",
+             lambda a: (AlphaFamily(0.0), PlateauAlpha(monitor="val/mean_p", mode="max", restore_best=True,
+                                                       before_rise="adaptive")), None, False),
 ):
     ENTRIES[_e.key] = _e
 # The noise grid's objectives. adaptive_median and adaptive_learn joined after the first dev runs had shown
@@ -154,6 +165,10 @@ SECOND_MONITOR = ("val/mean_p", "max")
 # then the rest of the list.
 VALIDATE_FIRST = ("nll", "negprob", "adaptive_learn", "plateau")
 VALIDATE_THEN = ("alpha05", "asft", "linear")
+# The controller's second design, ahead of everything else still queued: its candidates on the dev task at the
+# noisiest rate, then the one the dev task chose (CHOSEN) on the report tasks.
+VALIDATE_SECOND = ("plateau_best", "plateau_p_best", "plateau_v3_best")
+CHOSEN: tuple[str, ...] = VALIDATE_SECOND  # until the dev runs are in: then the chosen one alone
 
 
 # ----------------------------------------------------------------------------- data
@@ -498,16 +513,20 @@ def _validate_plan(args: argparse.Namespace, runs: list[tuple], strong: list[str
     objectives (the dev task first: it chooses the controller's settings); then the rest of the list at each
     rate; then the weak + long regime."""
     first = [k for k in VALIDATE_FIRST if k in args.objectives]
-    then = [k for k in args.objectives if k not in first]
+    second = [k for k in VALIDATE_SECOND if k in args.objectives]
+    then = [k for k in args.objectives if k not in (*first, *second)]
     noises = sorted(args.noises, reverse=True)
     dev = [t for t in strong if NOISE_TASKS[t].role == "dev"] + [t for t in strong if NOISE_TASKS[t].role != "dev"]
     runs += [(t, k, s, noises[0]) for s in range(args.seeds) for t in dev for k in first]
+    runs += [(t, k, s, noises[0]) for t in dev[:1] for s in range(args.seeds) for k in second]
+    runs += [(t, k, s, noises[0]) for s in range(args.seeds) for t in dev[1:] for k in second if k in CHOSEN]
     # Then the runs of that block finished before the val/mean_p monitor, again (same seed, same run) to score it.
     runs += [(t, k, s, noises[0], RERUN) for s in range(args.seeds) for t in dev for k in first]
-    for group in (first, then):
+    chosen = [k for k in second if k in CHOSEN]
+    for group in (first + chosen, then):
         runs += [(t, k, s, n) for n in noises for s in range(args.seeds) for t in dev for k in group]
     runs += [(t, k, s, 0.0) for s in range(args.seeds) for t in weak for k in args.objectives
-             if k in (*WEAK, "plateau", "asft")]  # fmt: skip
+             if k in (*WEAK, "plateau", "asft", *chosen)]  # fmt: skip
     return list(dict.fromkeys(runs))
 
 
@@ -624,7 +643,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = build_parser()
     known = parser.parse_known_args(argv)[0]
     if known.validate:
-        parser.set_defaults(objectives=[*VALIDATE_FIRST, *VALIDATE_THEN])
+        parser.set_defaults(objectives=[*VALIDATE_FIRST, *VALIDATE_SECOND, *VALIDATE_THEN])
     if known.quick:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)

@@ -514,6 +514,12 @@ class PlateauAlpha(AdaptiveAlpha):
     **It never moves back.** A rise follows memorising, which does not undo itself; a return to NLL
     would resume it, and a validation loss that improves after the rise is evidence for the new α.
 
+    **A rise comes late; ``restore_best`` takes it back.** The validation that misses comes after the
+    steps that memorised, and a higher α from then on cannot unlearn them. With ``restore_best`` each
+    rise also puts the weights back to the best validation's (the checkpoint that a ``ModelCheckpoint``
+    with the same ``monitor`` and ``mode`` kept), and training goes on from there with the new α: early
+    stopping's checkpoint, then more learning from the clean majority instead of a stop.
+
     **Too few validations.** At the start of fit the trainer says how many validations the run will
     have (:meth:`plan`); with fewer than ``patience + 2`` (a best to beat, then ``patience + 1``
     misses) the signal cannot act, and the controller runs as :class:`AdaptiveAlpha` with its own
@@ -539,6 +545,8 @@ class PlateauAlpha(AdaptiveAlpha):
         ema_decay: UnitIntervalClosedOpen = 0.7,
         statistic: Literal["mean", "geometric", "quantile"] = "quantile",
         quantile: OpenUnitInterval = 0.5,
+        restore_best: bool = False,
+        before_rise: Literal["nll", "adaptive"] = "nll",
     ) -> None:
         """
         Args:
@@ -555,6 +563,12 @@ class PlateauAlpha(AdaptiveAlpha):
             max_delta: largest change of α per optimizer step, > 0 (a rise ramps over a few steps).
             low, high, ema_decay, statistic, quantile: the :class:`AdaptiveAlpha` knobs, used when the run
                 has too few validations (defaults: v3).
+            restore_best: at each rise, also load the weights of the best validation so far from the
+                ``ModelCheckpoint`` that monitors ``monitor`` in ``mode`` (the run must have one; single
+                device or DDP). Optimizer state and the step count go on.
+            before_rise: α between rises. ``"nll"``: the validation level only (0 until the first rise).
+                ``"adaptive"``: the higher of that level and the :class:`AdaptiveAlpha` target (the v3 knobs),
+                so a model that is strong from the start leans on the prior before any validation says so.
         """
         super().__init__(alpha_max=alpha_max, low=low, high=high, ema_decay=ema_decay, max_delta=max_delta,
                          statistic=statistic, quantile=quantile)  # fmt: skip
@@ -571,12 +585,17 @@ class PlateauAlpha(AdaptiveAlpha):
         self.alpha_step, self.patience = step, int(patience)
         self.min_delta = _check_finite_nonneg(owner, "min_delta", min_delta)
         self.monitor, self.mode = monitor, mode
+        self.restore_best = bool(restore_best)
+        if before_rise not in ("nll", "adaptive"):
+            raise ValueError(f"{owner}: before_rise must be 'nll' or 'adaptive', got before_rise={before_rise!r}")
+        self.before_rise = before_rise
         self.run_mode: Optional[str] = None  # "validation" or "fallback", decided by plan()
         self.best: Optional[float] = None
         self.misses = 0  # validations since the best
         self.level = 0.0  # α the validations have set
         self.validations = 0
         self.rises: list[int] = []  # the optimizer step of each rise
+        self.restored: list[int] = []  # restore_best: the optimizer step at which each restore happened
 
     @property
     def min_validations(self) -> int:
@@ -618,25 +637,29 @@ class PlateauAlpha(AdaptiveAlpha):
         raise RuntimeError("PlateauAlpha starts at NLL and moves on validation: warm_start_batches is for AdaptiveAlpha")
 
     def _goal(self) -> float:
-        return super()._goal() if self.run_mode == "fallback" else self.level
+        if self.run_mode == "fallback":
+            return super()._goal()
+        return max(self.level, super()._goal()) if self.before_rise == "adaptive" else self.level
 
     def _config(self) -> dict[str, Any]:
         return {
             "alpha_max": self.alpha_max, "alpha_step": self.alpha_step, "patience": self.patience,
             "min_delta": self.min_delta, "monitor": self.monitor, "mode": self.mode, "max_delta": self.max_delta,
             "low": self.low, "high": self.high, "ema_decay": self.ema_decay, "statistic": self.statistic,
-            "quantile": self.quantile,
+            "quantile": self.quantile, "restore_best": self.restore_best, "before_rise": self.before_rise,
         }  # fmt: skip
 
     def _extra_state(self) -> dict[str, Any]:
         return {**super()._extra_state(), "run_mode": self.run_mode, "best": self.best, "misses": self.misses,
-                "level": self.level, "validations": self.validations, "rises": list(self.rises)}  # fmt: skip
+                "level": self.level, "validations": self.validations, "rises": list(self.rises),
+                "restored": list(self.restored)}  # fmt: skip
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         super()._load_extra_state(state)
         self.run_mode, self.best = state["run_mode"], state["best"]
         self.misses, self.level = int(state["misses"]), float(state["level"])
         self.validations, self.rises = int(state["validations"]), [int(s) for s in state["rises"]]
+        self.restored = [int(s) for s in state.get("restored", [])]
 
 
 # ----------------------------------------------------------------------------- statistics

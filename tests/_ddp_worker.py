@@ -44,6 +44,27 @@ def cli_args(out: str, model_dir: str, name: str, objective: dict, controller: d
     return args
 
 
+def plateau(out: str, model_dir: str) -> None:
+    """PlateauAlpha(restore_best) over 3 steps, validated after each: a rise at the second validation (min_delta
+    100: nothing after the first is an improvement) restores step 1's checkpoint on both ranks. Rank 0 writes
+    ``<out>/plateau.pt``: every rank's controller state and a fingerprint of its weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    controller = {"class_path": "bnll_lightning.alpha.PlateauAlpha", "init_args": {"restore_best": True, "min_delta": 100}}
+    objective = {"class_path": "bnll_lightning.objectives.AlphaFamily", "init_args": {"alpha": 0.0}}
+    cli = load_from_config(cli_args(out, model_dir, "plateau", objective, controller) + [
+        "--trainer.max_steps", "3", "--trainer.val_check_interval", "2", "--data.num_val", "4"])
+    module, trainer = cli.model, cli.trainer
+    best = ModelCheckpoint(dirpath=os.path.join(out, "plateau_best"), filename="{step}", monitor="val/nll", save_top_k=1)
+    trainer.callbacks.append(best)
+    trainer.fit(module, datamodule=cli.datamodule)
+    fingerprint = [float(p.double().sum()) for p in module.parameters()]
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, {"controller": module.alpha_controller.state_dict(), "weights": fingerprint})
+    if trainer.is_global_zero:
+        torch.save({"ranks": ranks, "best": best.best_model_path}, os.path.join(out, "plateau.pt"))
+
+
 def main(out: str, model_dir: str, tau: float) -> None:
     runs = {
         "alpha": ({"class_path": "bnll_lightning.objectives.AlphaFamily", "init_args": {"alpha": 0.0}},
@@ -69,6 +90,7 @@ def main(out: str, model_dir: str, tau: float) -> None:
                 "counts": all_counts,
                 "world_size": trainer.world_size,
             }, os.path.join(out, f"{name}.pt"))
+    plateau(out, model_dir)
 
 
 if __name__ == "__main__":

@@ -474,6 +474,19 @@ def test_plateau_alpha_moves_to_its_level_at_max_delta_per_step():
     assert [controller.update(0.5) for _ in range(4)] == pytest.approx([0.4, 0.8, 1.0, 1.0])
 
 
+def test_plateau_alpha_before_rise_adaptive_follows_v3_until_a_rise_lifts_it():
+    from bnll_lightning.alpha import AdaptiveAlpha
+
+    controller, reference = _plateau(before_rise="adaptive"), AdaptiveAlpha()
+    values = [0.5, 0.95, 0.995, 0.995, 0.995]  # v3's median target: 0 below 0.9, alpha_max above 0.99
+    assert [controller.update(v) for v in values] == pytest.approx([reference.update(v) for v in values])
+    assert 0.0 < controller.alpha < 1.0
+    controller.validate(2.0)
+    controller.validate(2.5)  # a miss: the level goes to 1 and holds α there whatever the training p says
+    assert [controller.update(0.1) for _ in range(6)][-1] == pytest.approx(1.0)
+    assert _plateau().update(0.995) == 0.0  # "nll": the training statistic alone never moves α
+
+
 def test_plateau_alpha_falls_back_to_adaptive_alpha_with_too_few_validations():
     from bnll_lightning.alpha import AdaptiveAlpha, PlateauAlpha
 
@@ -505,7 +518,7 @@ def test_plateau_alpha_rejects_bad_settings_and_a_warm_start():
     from bnll_lightning.alpha import PlateauAlpha
 
     for kwargs in ({"alpha_step": 0.0}, {"patience": -1}, {"patience": 1.5}, {"mode": "up"}, {"monitor": ""},
-                   {"min_delta": -1.0}):  # fmt: skip
+                   {"min_delta": -1.0}, {"before_rise": "v3"}):  # fmt: skip
         with pytest.raises(ValueError, match="PlateauAlpha"):
             PlateauAlpha(**kwargs)
     with pytest.raises(RuntimeError, match="warm_start_batches"):

@@ -80,7 +80,18 @@ def ddp_results(tiny_model_dir, tmp_path_factory):
     _, data = build(tiny_model_dir, num_rows=ROWS, batch_size=3)
     tau = separating_tau(tiny_model_dir, data)
     run_two_ranks("_ddp_worker.py", str(out), tiny_model_dir, repr(tau), timeout=180)
-    return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in ("alpha", "thresholded")}, data, tau
+    names = ("alpha", "thresholded", "plateau")
+    return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in names}, data, tau
+
+
+@pytest.mark.slow
+def test_ddp_plateau_alpha_decides_and_restores_the_same_on_every_rank(ddp_results):
+    ranks = ddp_results[0]["plateau"]["ranks"]
+    assert len(ranks) == 2
+    state = ranks[0]["controller"]
+    assert state["validations"] == 3 and state["rises"] == [2] and state["restored"] == [2]
+    assert ranks[1]["controller"] == state  # the same synced val/nll, the same decisions
+    assert ranks[1]["weights"] == ranks[0]["weights"]  # both ranks loaded the same best weights and trained on
 
 
 @pytest.mark.slow  # processes of their own: in `make test`, not in the fast loop

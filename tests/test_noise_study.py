@@ -95,6 +95,19 @@ def test_the_validated_plan_puts_early_stopped_nll_against_the_objectives_at_the
     assert all(len(r) == 4 for r in later) and {r[3] for r in later} == {0.0, 0.2, 0.4}
 
 
+def test_the_controllers_second_design_runs_on_the_dev_task_first_then_the_chosen_one_on_the_report_tasks():
+    args = NS.build_parser().parse_args(["--validate", "--objectives", *NS.VALIDATE_FIRST, *NS.VALIDATE_SECOND])
+    runs = [r for r in NS.plan(args) if r[1] != NS.BASE]
+    strong = [t for t in args.tasks if NS.NOISE_TASKS[t].self_phrased]
+    first = 3 * len(strong) * len(NS.VALIDATE_FIRST)
+    dev = runs[first: first + 3 * len(NS.VALIDATE_SECOND)]
+    assert {(t, k, s, n) for t, k, s, n in dev} == {
+        ("successor_self", k, s, 0.4) for k in NS.VALIDATE_SECOND for s in range(3)}
+    report = runs[first + len(dev): first + len(dev) + 3 * (len(strong) - 1) * len(NS.CHOSEN)]
+    assert {(k, n) for t, k, s, n in report} == {(k, 0.4) for k in NS.CHOSEN}
+    assert {t for t, *_ in report} == set(strong) - {"successor_self"}
+
+
 def test_a_rerun_is_claimed_only_for_a_finished_run_without_the_second_monitor(tmp_path):
     csv_path = str(tmp_path / "noise_study.csv")
     old, new, running = ("t", "nll", 0, 0.4), ("t", "nll", 1, 0.4), ("t", "nll", 2, 0.4)

@@ -105,6 +105,50 @@ def test_resume_from_before_a_validation_says_the_controller_missed_it(uninterru
              after_validation=False)  # fmt: skip
 
 
+RESTORE = ("--model.alpha_controller.init_args.restore_best", "true")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def restored(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("restore")
+    return root, _fit(tiny_model_dir, root, *RESTORE)
+
+
+def test_restore_best_takes_the_weights_back_to_the_best_validation_at_the_rise(restored):
+    root, _ = restored
+    ckpt = root / "ckpt"
+    state = _controller(ckpt / f"step={STEPS}.ckpt")
+    assert state["rises"] == [4] and state["restored"] == [4]
+    # The checkpoint written after step 4's validation holds step 2's weights (the only best so far), then
+    # training goes on from them: the steps after differ.
+    at_rise, best, later = _weights(ckpt / "step=4.ckpt"), _weights(ckpt / "step=2.ckpt"), _weights(ckpt / "step=6.ckpt")
+    assert at_rise.keys() == best.keys()
+    assert all(torch.equal(at_rise[k], best[k]) for k in best)
+    assert any(not torch.equal(later[k], best[k]) for k in best)
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_restore_best_resumes_exactly_from_before_the_rise(restored, tiny_model_dir, tmp_path):
+    root_a, _ = restored
+    _fit(tiny_model_dir, tmp_path, *RESTORE, "--ckpt_path", str(root_a / "ckpt" / "step=2.ckpt"))
+    a, b = _weights(root_a / "ckpt" / f"step={STEPS}.ckpt"), _weights(tmp_path / "ckpt" / f"step={STEPS}.ckpt")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert _controller(tmp_path / "ckpt" / f"step={STEPS}.ckpt")["restored"] == [4]
+
+
+def test_restore_best_without_a_checkpoint_of_its_monitor_says_what_to_add(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _fit(tiny_model_dir, tmp_path, *RESTORE, "--model.alpha_controller.init_args.monitor", "val/mean_p",
+             "--model.alpha_controller.init_args.mode", "max")  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "needs a ModelCheckpoint with monitor='val/mean_p', mode='max'" in capsys.readouterr().err
+
+
 def test_without_validation_it_runs_as_adaptive_alpha_and_warns(tiny_model_dir, tmp_path):
     with pytest.warns(UserWarning, match="validates 0 time"):
         run = _fit(tiny_model_dir, tmp_path, "--trainer.limit_val_batches", "0", after_validation=False)
