@@ -104,3 +104,20 @@ def test_the_report_names_every_option_with_intervals(sources, tmp_path):
     assert "0 of 3 reproduce" in text
     (nll,) = [line for line in table.splitlines() if line.startswith("| `t` (report), 40% | NLL |")]
     assert nll.split(" | ")[9].startswith("0.825 [") and nll.endswith("(1) | 4 | – |")  # 33/40 at its one seed, epoch 4
+
+
+def test_the_target_table_sets_each_controller_against_early_stopped_nll_v3_and_the_best_static_with_es(sources):
+    cells, _ = R.cells(sources)
+    cell = cells[("noise", "t", 0.4)]
+    # The best static option with early stopping: negprob's last (30) beats NLL's best by val/nll (25); NLL's best
+    # by val/mean_p (33) has one seed of three and waits.
+    assert R.best_static_selected(cell) == "negprob"
+    cell["negprob" + R.ES] = {s: np.asarray([1.0] * 35 + [0.0] * 5) for s in (0, 1, 2)}
+    assert R.best_static_selected(cell) == "negprob" + R.ES
+    table = R.target_table({("noise", "t", 0.4): cell}, resamples=200)
+    (line,) = [row for row in table.splitlines() if "PlateauAlpha" in row]
+    fields = line.split(" | ")
+    assert fields[2] == "3" and fields[3].startswith(f"{(30 - 25) / 40:+.3f} [")  # 29, 30, 31 against 25
+    assert fields[4].startswith(f"{(31 - 33) / 40:+.3f} [")  # over the one seed both have: seed 2
+    assert fields[5] == "–"  # v3 was not run in this cell
+    assert fields[6].startswith(f"{(30 - 35) / 40:+.3f} [") and "(−p, best by val/nll)" in fields[6]
