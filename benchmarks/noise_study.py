@@ -168,7 +168,9 @@ VALIDATE_THEN = ("alpha05", "asft", "linear")
 # The controller's second design, ahead of everything else still queued: its candidates on the dev task at the
 # noisiest rate, then the one the dev task chose (CHOSEN) on the report tasks.
 VALIDATE_SECOND = ("plateau_best", "plateau_p_best", "plateau_v3_best")
-CHOSEN: tuple[str, ...] = VALIDATE_SECOND  # until the dev runs are in: then the chosen one alone
+# Chosen on the dev task at 40 %, 3 seeds, by mean last-checkpoint accuracy (2026-12-07): plateau_v3_best 0.870,
+# plateau_best 0.817, plateau_p_best 0.813 (docs/benchmarks.md, issue 27).
+CHOSEN: tuple[str, ...] = ("plateau_v3_best",)
 
 
 # ----------------------------------------------------------------------------- data
