@@ -169,7 +169,7 @@ VALIDATE_THEN = ("alpha05", "asft", "linear")
 # noisiest rate, then the one the dev task chose (CHOSEN) on the report tasks.
 VALIDATE_SECOND = ("plateau_best", "plateau_p_best", "plateau_v3_best")
 # Chosen on the dev task at 40 %, 3 seeds, by mean last-checkpoint accuracy (2026-12-07): plateau_v3_best 0.870,
-# plateau_best 0.817, plateau_p_best 0.813 (docs/benchmarks.md, issue 27).
+# plateau_best 0.815, plateau_p_best 0.812 (docs/benchmarks.md, issue 27).
 CHOSEN: tuple[str, ...] = ("plateau_v3_best",)
 
 
