@@ -121,3 +121,14 @@ def test_the_target_table_sets_each_controller_against_early_stopped_nll_v3_and_
     assert fields[4].startswith(f"{(31 - 33) / 40:+.3f} [")  # over the one seed both have: seed 2
     assert fields[5] == "–"  # v3 was not run in this cell
     assert fields[6].startswith(f"{(30 - 35) / 40:+.3f} [") and "(−p, best by val/nll)" in fields[6]
+
+
+def test_like_for_like_regret_keeps_the_cells_an_option_ran_in_and_the_options_run_in_all_of_them(sources):
+    cells, _ = R.cells(sources)
+    cells[("noise", "v", 0.4)] = {"nll": cells[("noise", "t", 0.4)]["nll"]}  # a cell without the controller
+    everywhere = {r["option"]: r for r in R.regret(cells, resamples=200)}
+    assert everywhere["nll"]["cells"] == 3  # t, u (the early-stopping grid alone) and v
+    rows = {r["option"]: r for r in R.regret(cells, resamples=200, only="plateau")}
+    assert {r["cells"] for r in rows.values()} == {1} and "plateau" in rows
+    assert rows["nll"]["cell_list"] == [("noise", "t", 0.4)]
+    assert "alpha05" not in rows  # one seed of three: not run in every one of the controller's cells
