@@ -197,8 +197,8 @@ def format_report(report: dict[str, Any]) -> str:
     if report["zone"] == "model-strong":
         lines += [
             "if the labels may be noisy: keep -p's best checkpoint by validation (a ModelCheckpoint with monitor:",
-            "      val/nll and save_top_k: 1 beside the config's callbacks): at 40 % label noise it beat NLL with the",
-            "      same early stopping on 2 of 4 strong tasks and tied on 2 (README, 'Which objective when')",
+            "      val/mean_p, mode: max and save_top_k: 1 beside the config's callbacks): at 40 % label noise it beat",
+            "      NLL early-stopped on val/nll on 3 of 4 strong tasks and tied on the 4th (README, 'Which objective when')",
         ]
     lines += [
         "",

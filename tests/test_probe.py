@@ -59,7 +59,7 @@ def test_the_report_gives_the_noisy_label_recipe_at_the_strong_end_only():
                                     **figures, **probe.recommend(figures)})  # fmt: skip
 
     strong, weak = report(0.8), report(0.05)
-    assert "keep -p's best checkpoint by validation" in strong and "monitor:\n      val/nll" in strong
+    assert "keep -p's best checkpoint by validation" in strong and "monitor:\n      val/mean_p, mode: max" in strong
     assert "best checkpoint" not in weak and "recommended objective: NLL" in weak
 
 
