@@ -66,12 +66,6 @@ class PlateauFeed(L.Callback):
             return
         if controller.run_mode is None:
             controller.plan(planned_validations(trainer))
-        if controller.restore_best and controller.run_mode == "validation":
-            best_keeper(trainer, controller)  # fails now, not at the first rise
-            # A sharded strategy's checkpoint is not one state dict to load, and its loader restores the optimizer.
-            if is_sharded(trainer.strategy):
-                raise ConfigError(f"PlateauAlpha(restore_best=True) runs on one device or under DDP, not under"
-                                  f" {type(trainer.strategy).__name__}")  # fmt: skip
         elif controller.run_mode == "validation":
             # Lightning resumes a checkpoint written at a validation's training batch *after* that validation
             # (it fast-forwards the loop): the controller never sees it. Said, not silently different.
@@ -83,6 +77,12 @@ class PlateauFeed(L.Callback):
                     f" {due} validations, so alpha may rise one validation later than in an uninterrupted run. Save"
                     " checkpoints after validation (ModelCheckpoint with monitor=...) for an exact resume."
                 )
+        if controller.restore_best and controller.run_mode == "validation":
+            best_keeper(trainer, controller)  # fails now, not at the first rise
+            # A sharded strategy's checkpoint is not one state dict to load, and its loader restores the optimizer.
+            if is_sharded(trainer.strategy):
+                raise ConfigError(f"PlateauAlpha(restore_best=True) runs on one device or under DDP, not under"
+                                  f" {type(trainer.strategy).__name__}")  # fmt: skip
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         controller = getattr(pl_module, "alpha_controller", None)
