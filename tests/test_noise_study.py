@@ -93,6 +93,7 @@ def test_the_validated_plan_puts_early_stopped_nll_against_the_objectives_at_the
     assert runs[i: i + len(first)] == [(*r, NS.RERUN) for r in first]
     later = runs[i + len(first):]
     assert all(len(r) == 4 for r in later) and {r[3] for r in later} == {0.0, 0.2, 0.4}
+    assert not any(r[1] in NS.SUPERSEDED for r in later)  # the replaced design: in the first block only
 
 
 def test_the_controllers_second_design_runs_on_the_dev_task_first_then_the_chosen_one_on_the_report_tasks():
