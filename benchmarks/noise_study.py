@@ -108,6 +108,8 @@ NOISE_TASKS = {
 }
 
 ENTRIES = dict(CT.ENTRIES)
+# PlateauAlpha's first design, every setting named (the class's defaults are the design the dev task chose).
+FIRST_DESIGN = dict(monitor="val/nll", mode="min", restore_best=False, before_rise="nll")
 for _e in (
     CT.Entry("alpha05", "α = 0.5", lambda a: (AlphaFamily(0.5), None), 0.5),
     CT.Entry("eaft", "EAFT", lambda a: (EAFT(), None), None),
@@ -120,16 +122,17 @@ for _e in (
              lambda a: (AlphaFamily(0.0), AdaptiveAlpha(low=0.6, high=0.9, statistic="quantile", quantile=0.5)), None,
              False, True),
     # The validation-aware controller (its defaults: NLL until val/nll stops improving, then −p); needs --validate.
-    CT.Entry("plateau", "PlateauAlpha (val/nll, patience 0)", lambda a: (AlphaFamily(0.0), PlateauAlpha()), None,
-             False),
+    CT.Entry("plateau", "PlateauAlpha (val/nll, patience 0)", lambda a: (AlphaFamily(0.0), PlateauAlpha(**FIRST_DESIGN)),
+             None, False),
     # Its second design (issue 27): a rise also takes the weights back to the best validation's, which the first
     # design's late rise could not undo. Three candidates on the dev task: the signal (val/nll or val/mean_p) and
     # what α does before a rise (NLL, or v3's target).
     CT.Entry("plateau_best", "PlateauAlpha (val/nll, restore best)",
-             lambda a: (AlphaFamily(0.0), PlateauAlpha(restore_best=True)), None, False),
+             lambda a: (AlphaFamily(0.0), PlateauAlpha(**{**FIRST_DESIGN, "restore_best": True})), None, False),
     CT.Entry("plateau_p_best", "PlateauAlpha (val/mean_p, restore best)",
-             lambda a: (AlphaFamily(0.0), PlateauAlpha(monitor="val/mean_p", mode="max", restore_best=True)), None,
-             False),
+             lambda a: (AlphaFamily(0.0), PlateauAlpha(**{**FIRST_DESIGN, "monitor": "val/mean_p", "mode": "max",
+                                                          "restore_best": True})), None, False),  # fmt: skip
+    # The chosen one: PlateauAlpha's defaults since (each setting named, so the CSV's runs keep their meaning).
     CT.Entry("plateau_v3_best", "PlateauAlpha (v3 before, val/mean_p, restore best)",
              lambda a: (AlphaFamily(0.0), PlateauAlpha(monitor="val/mean_p", mode="max", restore_best=True,
                                                        before_rise="adaptive")), None, False),

@@ -212,8 +212,10 @@ def run_places(trainer: L.Trainer, export: str | None) -> dict[str, str | None]:
     if loggers and not isinstance(loggers[0], (TensorBoardLogger, CSVLogger)):
         log_dir = None
     places: dict[str, str | None] = {}
-    for k, callback in enumerate(trainer.checkpoint_callbacks):
-        places["checkpoints" if k == 0 else f"checkpoints {k + 1}"] = getattr(callback, "dirpath", None)
+    # One place per folder: checkpoint callbacks often share one (a periodic one and a best-keeper).
+    folders = dict.fromkeys(getattr(c, "dirpath", None) for c in trainer.checkpoint_callbacks)
+    for k, folder in enumerate(folders):
+        places["checkpoints" if k == 0 else f"checkpoints {k + 1}"] = folder
     return {**places, "export": export, "logs": log_dir}
 
 

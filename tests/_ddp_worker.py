@@ -50,7 +50,7 @@ def plateau(out: str, model_dir: str) -> None:
     ``<out>/plateau.pt``: every rank's controller state and a fingerprint of its weights."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    controller = {"class_path": "bnll_lightning.alpha.PlateauAlpha", "init_args": {"restore_best": True, "min_delta": 100}}
+    controller = {"class_path": "bnll_lightning.alpha.PlateauAlpha", "init_args": {"restore_best": True, "min_delta": 100, "monitor": "val/nll", "mode": "min", "before_rise": "nll"}}
     objective = {"class_path": "bnll_lightning.objectives.AlphaFamily", "init_args": {"alpha": 0.0}}
     cli = load_from_config(cli_args(out, model_dir, "plateau", objective, controller) + [
         "--trainer.max_steps", "3", "--trainer.val_check_interval", "2", "--data.num_val", "4"])

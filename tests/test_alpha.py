@@ -435,10 +435,14 @@ def test_signatures_typed_and_documented_for_jsonargparse():
 # ----------------------------------------------------------------------------- PlateauAlpha
 
 
+# The first design (NLL until val/nll misses, no restore): the decision rule on its own, on a "min" metric.
+FIRST = dict(monitor="val/nll", mode="min", restore_best=False, before_rise="nll")
+
+
 def _plateau(**kwargs):
     from bnll_lightning.alpha import PlateauAlpha
 
-    controller = PlateauAlpha(**kwargs)
+    controller = PlateauAlpha(**{**FIRST, **kwargs})
     assert controller.plan(10) == "validation"
     return controller
 
@@ -506,7 +510,7 @@ def test_plateau_alpha_state_round_trip_continues_identically():
     for v, p in [(3.0, 0.5), (3.5, 0.6), (2.0, 0.7), (2.5, 0.8)]:
         a.validate(v)
         a.update(p)
-    b = PlateauAlpha(patience=1, alpha_step=0.5)
+    b = PlateauAlpha(**FIRST, patience=1, alpha_step=0.5)
     b.load_state_dict(a.state_dict())
     assert b.state_dict() == a.state_dict()
     for v, p in [(2.6, 0.9), (2.7, 0.9), (1.0, 0.9), (1.1, 0.9), (1.2, 0.9)]:

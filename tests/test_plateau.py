@@ -32,6 +32,11 @@ def _fit(tiny_model_dir: str, root: Path, *extra: str, after_validation: bool = 
         "--model.optimizer.init_args.lr", "3e-2",
         # Nothing counts as an improvement after the first validation: α rises at the second (step 4).
         "--model.alpha_controller.init_args.min_delta", "100",
+        # The first design (the shipped config is the second: RESTORE and the tests of the shipped config).
+        "--model.alpha_controller.init_args.monitor", "val/nll",
+        "--model.alpha_controller.init_args.mode", "min",
+        "--model.alpha_controller.init_args.restore_best", "false",
+        "--model.alpha_controller.init_args.before_rise", "nll",
         "--trainer.max_steps", str(STEPS),
         "--trainer.val_check_interval", "2",
         "--trainer.enable_progress_bar", "false",
@@ -207,7 +212,7 @@ def test_plateau_alpha_is_fed_nothing_in_the_sanity_check(tmp_path):
     class Module(_Tiny):
         def __init__(self):
             super().__init__()
-            self.alpha_controller = PlateauAlpha()
+            self.alpha_controller = PlateauAlpha(monitor="val/nll", mode="min", restore_best=False)
 
         def validation_step(self, batch, batch_idx):
             self.log("val/nll", float(self.current_epoch))
@@ -221,3 +226,24 @@ def test_plateau_alpha_is_fed_nothing_in_the_sanity_check(tmp_path):
     controller = module.alpha_controller
     assert controller.validations == 3 and controller.best == 0.0  # epochs 0, 1, 2: the rise is at epoch 1
     assert controller.level == 1.0 and controller.rises == [0]  # this module never steps the controller
+
+
+def test_the_shipped_config_restores_from_the_checkpoint_it_adds(tiny_model_dir, tmp_path, capsys):
+    # configs/objectives/plateau.yaml on demo.yaml, as a user runs it: its ModelCheckpoint on val/mean_p is appended
+    # to the job's callbacks, and a rise (nothing improves by 100 after the first validation) restores from it.
+    main([
+        "fit", "--config", str(CONFIGS / "demo.yaml"), "--config", str(CONFIGS / "objectives" / "plateau.yaml"),
+        "--model.model", tiny_model_dir, "--model.export_dir", str(tmp_path / "export"),
+        "--model.alpha_controller.init_args.min_delta", "100",
+        "--trainer.max_steps", "6", "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--data.num_train", "12", "--data.num_val", "4", "--data.batch_size", "2",
+    ])  # fmt: skip
+    (checkpoints,) = (tmp_path / "runs").glob("*/version_*/checkpoints")
+    (best,) = checkpoints.glob("best-*.ckpt")  # the weights the rise restored, then (min_delta aside) later bests
+    assert "optimizer_states" not in torch.load(best, weights_only=False)
+    state = _controller(checkpoints / "last.ckpt")
+    assert state["run_mode"] == "validation" and state["rises"] == [4] and state["restored"] == [4]
+    # The disk report names the folder both checkpoint callbacks write to once.
+    out = capsys.readouterr().out
+    assert out.count(f"checkpoints  {checkpoints}") == 1 and "checkpoints 2" not in out
