@@ -8,6 +8,8 @@ BIN    := $(VENV)/bin
 # CPU build of torch from this kind of machine's local wheel; on a GPU machine: make TORCH=torch
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# pytest-xdist workers: the two cores of this kind of machine; each file's tests stay on one worker (its fixtures)
+WORKERS ?= 2
 
 .PHONY: install demo test test-fast clean
 
@@ -24,10 +26,10 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bnll_lightning fit --config configs/demo.yaml
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
 
 test-fast: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs
