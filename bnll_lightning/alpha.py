@@ -564,7 +564,9 @@ class PlateauAlpha(AdaptiveAlpha):
             patience: validations without improvement tolerated before α rises, >= 0 (as
                 ``ReduceLROnPlateau``). 0: the first validation that does not beat the best raises it;
                 a noisy split's metric turns within an epoch of the memorising.
-            min_delta: the smallest change of ``monitor`` that counts as an improvement, >= 0.
+            min_delta: the smallest change of ``monitor`` that counts as an improvement, >= 0. With
+                ``restore_best`` the weights restored are the ``ModelCheckpoint``'s best, which counts any
+                improvement: above 0, a rise may restore a validation this controller did not count as a best.
             monitor: the logged metric read at each validation (``val/mean_p``: the held-out targets' mean
                 p; ``val/nll``, their NLL, is what ``EarlyStopping`` users monitor by default).
             mode: ``"min"`` if a lower ``monitor`` is better, ``"max"`` if higher.
