@@ -157,12 +157,18 @@ def best_static(cell: Cell) -> str | None:
     return max(scores, key=scores.get)
 
 
+def _judged(cell: Cell, option: str) -> bool:
+    """Whether ``option`` has every seed of its cell's best static objective (a partly run option waits)."""
+    best = best_static(cell)
+    return option in cell and best is not None and len(cell[option]) == len(cell[best])
+
+
 def regret(all_cells: Mapping[tuple[str, str, float], Cell], resamples: int = 2000,
            only: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Per option: cells run, worst and mean Δ vs the cell's best static objective (paired), cells behind. With
     ``only``: on the cells that option ran in, and only the options run in every one of them (like for like)."""
     per: dict[str, list[tuple[tuple[str, str, float], tuple[float, float, float], np.ndarray]]] = {}
-    keys = [k for k, cell in sorted(all_cells.items()) if only is None or only in cell]
+    keys = [k for k, cell in sorted(all_cells.items()) if only is None or _judged(cell, only)]
     for key, cell in [(k, all_cells[k]) for k in keys]:
         best = best_static(cell)
         if best is None:

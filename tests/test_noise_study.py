@@ -302,3 +302,15 @@ def test_best_by_validation_picks_the_step_the_metric_says(tmp_path):
     assert os.listdir(tmp_path) == [os.path.basename(path)]  # top-1: one file, the best
     saved = torch.load(path, map_location="cpu", weights_only=False)
     assert saved["global_step"] == 6 and "optimizer_states" not in saved  # weights only
+
+
+def test_the_weak_end_of_the_first_group_and_the_chosen_controller_comes_before_the_rest_of_the_list():
+    objectives = [*NS.VALIDATE_FIRST, *NS.VALIDATE_SECOND, *NS.VALIDATE_THEN]  # --validate's default list
+    runs = [r for r in NS.plan(NS.build_parser().parse_args(["--validate", "--objectives", *objectives]))
+            if r[1] != NS.BASE and len(r) == 4]
+    weak = [i for i, r in enumerate(runs) if not NS.NOISE_TASKS[r[0]].self_phrased]
+    then = [i for i, r in enumerate(runs) if r[1] in NS.VALIDATE_THEN]
+    assert weak and then and NS.CHOSEN[0] in {runs[i][1] for i in weak}
+    first_weak = {runs[i][1] for i in weak if i < then[0]}
+    assert first_weak == {k for k in (*NS.VALIDATE_FIRST, *NS.CHOSEN) if k in NS.WEAK or k in NS.CHOSEN}
+    assert {runs[i][1] for i in weak if i > then[0]} == {k for k in NS.VALIDATE_THEN if k in (*NS.WEAK, "asft")}

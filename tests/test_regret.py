@@ -132,3 +132,12 @@ def test_like_for_like_regret_keeps_the_cells_an_option_ran_in_and_the_options_r
     assert {r["cells"] for r in rows.values()} == {1} and "plateau" in rows
     assert rows["nll"]["cell_list"] == [("noise", "t", 0.4)]
     assert "alpha05" not in rows  # one seed of three: not run in every one of the controller's cells
+
+
+def test_like_for_like_leaves_out_the_cells_the_chosen_option_has_only_partly_run(sources):
+    cells, _ = R.cells(sources)
+    cells[("noise", "v", 0.2)] = {"nll": cells[("noise", "t", 0.4)]["nll"],  # 3 seeds
+                                  "plateau": {0: cells[("noise", "t", 0.4)]["plateau"][0]}}  # 1 of them: waits
+    rows = {r["option"]: r for r in R.regret(cells, resamples=200, only="plateau")}
+    assert rows["plateau"]["cells"] == 1 and rows["plateau"]["cell_list"] == [("noise", "t", 0.4)]
+    assert rows["nll"]["cells"] == 1
