@@ -118,6 +118,11 @@ def test_the_target_table_sets_each_controller_against_early_stopped_nll_v3_and_
     (line,) = [row for row in table.splitlines() if "PlateauAlpha" in row]
     fields = line.split(" | ")
     assert fields[2] == "3" and fields[3].startswith(f"{(30 - 25) / 40:+.3f} [")  # 29, 30, 31 against 25
+    assert fields[-1] == "– |"  # the controller's best by val/mean_p: none in these runs
+    cell["plateau" + R.ESP] = {s: np.asarray([1.0] * 36 + [0.0] * 4) for s in (0, 1, 2)}
+    (line,) = [row for row in R.target_table({("noise", "t", 0.4): cell}, resamples=200).splitlines()
+               if "PlateauAlpha" in row]
+    assert line.split(" | ")[-1].startswith(f"{(36 - 35) / 40:+.3f} [")  # against negprob's best by val/nll
     assert fields[4].startswith(f"{(31 - 33) / 40:+.3f} [")  # over the one seed both have: seed 2
     assert fields[5] == "–"  # v3 was not run in this cell
     assert fields[6].startswith(f"{(30 - 35) / 40:+.3f} [") and "(−p, best by val/nll)" in fields[6]
