@@ -157,10 +157,9 @@ def best_static(cell: Cell) -> str | None:
     return max(scores, key=scores.get)
 
 
-def _judged(cell: Cell, option: str) -> bool:
-    """Whether ``option`` has every seed of its cell's best static objective (a partly run option waits)."""
-    best = best_static(cell)
-    return option in cell and best is not None and len(cell[option]) == len(cell[best])
+def _complete(cell: Cell, option: str, best: str | None) -> bool:
+    """Whether ``option`` has every seed of the cell's best static objective ``best`` (a partly run option waits)."""
+    return best is not None and option in cell and len(cell[option]) == len(cell[best])
 
 
 def regret(all_cells: Mapping[tuple[str, str, float], Cell], resamples: int = 2000,
@@ -168,7 +167,7 @@ def regret(all_cells: Mapping[tuple[str, str, float], Cell], resamples: int = 20
     """Per option: cells run, worst and mean Δ vs the cell's best static objective (paired), cells behind. With
     ``only``: on the cells that option ran in, and only the options run in every one of them (like for like)."""
     per: dict[str, list[tuple[tuple[str, str, float], tuple[float, float, float], np.ndarray]]] = {}
-    keys = [k for k, cell in sorted(all_cells.items()) if only is None or _judged(cell, only)]
+    keys = [k for k, cell in sorted(all_cells.items()) if only is None or _complete(cell, only, best_static(cell))]
     for key, cell in [(k, all_cells[k]) for k in keys]:
         best = best_static(cell)
         if best is None:
@@ -179,7 +178,7 @@ def regret(all_cells: Mapping[tuple[str, str, float], Cell], resamples: int = 20
                 per.setdefault(option, []).append((key, (0.0, 0.0, 0.0), d))
                 continue
             result = paired(cell, option, best, resamples)
-            if result is not None and len(cell[option]) == len(cell[best]):  # a partly run option waits
+            if result is not None and _complete(cell, option, best):
                 per.setdefault(option, []).append((key, *result))
     out = []
     for option, rows in per.items():
@@ -267,16 +266,16 @@ def target_table(all_cells: Mapping[tuple[str, str, float], Cell], resamples: in
         if "nll" + ES not in cell:
             continue
         best = best_static_selected(cell)
-        for k in [k for k in CONTROLLERS if k in cell]:
-            def diff(b: str | None, a: str = k) -> tuple[float, float, float] | None:
-                return (paired(cell, a, b, resamples) or (None,))[0] if a in cell and b in cell else None
+        def diff(b: str | None, a: str) -> tuple[float, float, float] | None:
+            return (paired(cell, a, b, resamples) or (None,))[0] if a in cell and b in cell else None
 
+        for k in [k for k in CONTROLLERS if k in cell]:
             # The same selection on both sides: the controller's best checkpoint by val/mean_p (the shipped overlay
             # keeps it) against the best static objective with early stopping.
-            lines.append(f"| `{task}` {noise:.0%} | {label(k)} | {len(cell[k])} | "
-                         f"{format_ci(diff('nll' + ES), signed=True)} | {format_ci(diff('nll' + ESP), signed=True)} | "
-                         f"{format_ci(diff(V3), signed=True)} | {format_ci(diff(best), signed=True)} ({label(best)}) | "
-                         f"{format_ci(diff(best, k + ESP), signed=True)} |")
+            nll_es, nll_esp, v3, to_best, best_p = (format_ci(diff(b, a), signed=True) for b, a in (
+                ("nll" + ES, k), ("nll" + ESP, k), (V3, k), (best, k), (best, k + ESP)))
+            lines.append(f"| `{task}` {noise:.0%} | {label(k)} | {len(cell[k])} | {nll_es} | {nll_esp} | {v3} | "
+                         f"{to_best} ({label(best)}) | {best_p} |")
     return "\n".join(lines)
 
 
