@@ -60,7 +60,7 @@ import torch
 
 from benchmarks import _common as C
 from bnll_lightning import study
-from bnll_lightning.alpha import AdaptiveAlpha, LinearAlpha
+from bnll_lightning.alpha import AdaptiveAlpha, LinearAlpha, PlateauAlpha
 from bnll_lightning.compare import bootstrap, format_ci, verdict
 from bnll_lightning.data import SFTDataModule
 from bnll_lightning.models import load_model, load_tokenizer
@@ -156,6 +156,12 @@ ENTRIES = {
         Entry("adaptive_learn", "AdaptiveAlpha v3 (median 0.9→0.99)",
               lambda a: (AlphaFamily(0.0), AdaptiveAlpha(statistic="quantile", quantile=0.5, low=0.9, high=0.99)),
               None, False, False),
+        # The validation-aware controller the noise study chose (issue 27; benchmarks/noise_study.py --validate). This
+        # harness has no validation split, so it runs as its fallback, v3: run here to measure, not assume, that
+        # a user without validation gets v3's results, and to judge it over every cell of both studies.
+        Entry("plateau_v3_best", "PlateauAlpha (v3 before, val/mean_p, restore best)",
+              lambda a: (AlphaFamily(0.0), PlateauAlpha(monitor="val/mean_p", mode="max", restore_best=True,
+                                                        before_rise="adaptive")), None, False),
     )
 }
 OBJECTIVE_KEYS = ("nll", "negprob", "alpha10", "thresholded", "dft", "adaptive", "adaptive_v1", "linear", "adaptive_learn")

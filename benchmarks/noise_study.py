@@ -107,7 +107,7 @@ NOISE_TASKS = {
     )
 }
 
-ENTRIES = dict(CT.ENTRIES)
+ENTRIES = dict(CT.ENTRIES)  # with the chosen controller, plateau_v3_best: PlateauAlpha's defaults since
 # PlateauAlpha's first design, every setting named (the class's defaults are the design the dev task chose).
 FIRST_DESIGN = dict(monitor="val/nll", mode="min", restore_best=False, before_rise="nll")
 for _e in (
@@ -132,10 +132,6 @@ for _e in (
     CT.Entry("plateau_p_best", "PlateauAlpha (val/mean_p, restore best)",
              lambda a: (AlphaFamily(0.0), PlateauAlpha(**{**FIRST_DESIGN, "monitor": "val/mean_p", "mode": "max",
                                                           "restore_best": True})), None, False),  # fmt: skip
-    # The chosen one: PlateauAlpha's defaults since (each setting named, so the CSV's runs keep their meaning).
-    CT.Entry("plateau_v3_best", "PlateauAlpha (v3 before, val/mean_p, restore best)",
-             lambda a: (AlphaFamily(0.0), PlateauAlpha(monitor="val/mean_p", mode="max", restore_best=True,
-                                                       before_rise="adaptive")), None, False),
 ):
     ENTRIES[_e.key] = _e
 # The noise grid's objectives. adaptive_median and adaptive_learn joined after the first dev runs had shown

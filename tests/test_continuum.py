@@ -92,6 +92,20 @@ def test_a_rerun_skips_finished_runs_and_an_interrupted_study_continues(quick, t
     assert len(list(csv.DictReader(open(work / "continuum.csv", encoding="utf-8")))) == len(again)
 
 
+@pytest.mark.slow
+def test_the_validation_aware_controller_without_validation_runs_as_v3(quick, tmp_path):
+    """This harness has no validation split: PlateauAlpha falls back to v3, run for run."""
+    out, _ = quick
+    (tmp_path / "continuum.csv").write_text((out / "continuum.csv").read_text())
+    proc = _study(tmp_path, "--objectives", "plateau_v3_best", "--tasks", "reverse3", "--seeds", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r["objective"]: r for r in continuum.read_csv(str(tmp_path / "continuum.csv"))
+            if r["task"] == "reverse3" and r["seed"] == 0}  # fmt: skip
+    plateau, v3 = runs["plateau_v3_best"], runs["adaptive_learn"]
+    assert plateau["items"] == v3["items"] and plateau["alphas"] == v3["alphas"]
+    assert plateau["train_mean_p_last"] == pytest.approx(v3["train_mean_p_last"], abs=1e-6)
+
+
 def test_no_evaluation_item_is_ever_trained_on():
     import argparse
 
