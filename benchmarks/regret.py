@@ -193,6 +193,32 @@ def regret(all_cells: Mapping[tuple[str, str, float], Cell], resamples: int = 20
     return sorted(out, key=lambda r: (-r["worst"][0], -r["mean"][0]))
 
 
+def head_to_head(all_cells: Mapping[tuple[str, str, float], Cell], a: str, b: str,
+                 resamples: int = 2000) -> dict[str, Any] | None:  # fmt: skip
+    """``a`` − ``b``, paired, on every cell both ran with the same seeds: the mean over cells (the cells' draws
+    averaged, as :func:`regret`), the lowest cell, and the cells with an interval above and below 0."""
+    rows = []
+    for key, cell in sorted(all_cells.items()):
+        if b in cell and _complete(cell, a, b) and (result := paired(cell, a, b, resamples)) is not None:
+            rows.append((key, *result))
+    if not rows:
+        return None
+    lowest = min(rows, key=lambda r: r[1][0])
+    return {"cells": len(rows), "mean": _ci(float(np.mean([r[1][0] for r in rows])),
+                                           np.mean(np.stack([r[2] for r in rows]), axis=0)),
+            "lowest": lowest[1], "lowest_cell": lowest[0],
+            "ahead": sum(r[1][1] > 0 for r in rows), "behind": sum(r[1][2] < 0 for r in rows)}  # fmt: skip
+
+
+def head_to_head_line(h: dict[str, Any] | None, a: str, b: str) -> str:
+    if h is None:
+        return f"{label(a)} − {label(b)}: no cell has both."
+    (study, task, noise) = h["lowest_cell"]
+    return (f"{label(a)} − {label(b)}, paired, over the {h['cells']} cells both ran: mean "
+            f"{format_ci(h['mean'], signed=True)}; lowest {format_ci(h['lowest'], signed=True)} ({study}: `{task}` "
+            f"{noise:.0%}); ahead with an interval above 0 in {h['ahead']}, behind with one below 0 in {h['behind']}.")
+
+
 def regret_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| option | cells | worst shortfall [95 % CI] | in cell | mean Δ over cells [95 % CI] | cells behind (CI < 0) |",
              "|---|---|---|---|---|---|"]  # fmt: skip
@@ -310,6 +336,7 @@ def main(argv: list[str] | None = None, sources: Mapping[str, Path] | None = Non
         f"Like for like: the same regret on the cells the chosen validation-aware controller ({label(CHOSEN)}) ran in,"
         " among the options run in every one of them:",
         regret_table(regret(all_cells, args.bootstrap, only=CHOSEN)),
+        head_to_head_line(head_to_head(all_cells, CHOSEN, V3, args.bootstrap), CHOSEN, V3),
     ]) + "\n"
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:

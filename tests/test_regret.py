@@ -146,3 +146,20 @@ def test_like_for_like_leaves_out_the_cells_the_chosen_option_has_only_partly_ru
     rows = {r["option"]: r for r in R.regret(cells, resamples=200, only="plateau")}
     assert rows["plateau"]["cells"] == 1 and rows["plateau"]["cell_list"] == [("noise", "t", 0.4)]
     assert rows["nll"]["cells"] == 1
+
+
+def test_head_to_head_pairs_the_two_options_on_the_cells_both_ran_with_every_seed(sources):
+    cells, _ = R.cells(sources)
+    t = cells[("noise", "t", 0.4)]
+    cells[("noise", "w", 0.0)] = {"nll": t["nll"], "negprob": {0: t["negprob"][0]}}  # one seed of three: left out
+    h = R.head_to_head(cells, "negprob", "nll", resamples=200)
+    both = [k for k, c in cells.items() if "negprob" in c and "nll" in c and len(c["negprob"]) == len(c["nll"])]
+    assert h["cells"] == len(both) and ("noise", "w", 0.0) not in both
+    diffs = [float(np.mean([cells[k]["negprob"][s].mean() - cells[k]["nll"][s].mean() for s in cells[k]["nll"]]))
+             for k in both]
+    assert h["mean"][0] == pytest.approx(np.mean(diffs)) and h["lowest"][0] == pytest.approx(min(diffs))
+    assert h["mean"][1] <= h["mean"][0] <= h["mean"][2]
+    assert h["ahead"] + h["behind"] <= h["cells"]
+    line = R.head_to_head_line(h, "negprob", "nll")
+    assert line.startswith(f"−p − NLL, paired, over the {len(both)} cells both ran: mean {h['mean'][0]:+.3f} [")
+    assert R.head_to_head(cells, "negprob", "no such option", resamples=200) is None
