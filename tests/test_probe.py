@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,9 @@ def test_the_report_gives_the_noisy_label_recipe_at_the_strong_end_only():
     strong, weak = report(0.8), report(0.05)
     assert "keep -p's best checkpoint by validation" in strong and "monitor:\n      val/mean_p, mode: max" in strong
     assert "best checkpoint" not in weak and "recommended objective: NLL" in weak
+    # Both zones name the validation-aware overlay, and it is a shipped file with that controller.
+    overlay = re.search(r"--config (\S+plateau\.yaml)", strong).group(1)
+    assert overlay in weak and "PlateauAlpha" in (CONFIGS.parent / overlay).read_text()
 
 
 def test_sample_is_seeded_disjoint_across_ranks_and_leaves_the_training_order_alone():
