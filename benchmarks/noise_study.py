@@ -513,9 +513,10 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, int | None, float | N
 
 
 def _validate_plan(args: argparse.Namespace, runs: list[tuple], strong: list[str], weak: list[str]) -> list[tuple]:
-    """--validate's order: per noise rate from the noisiest down, seed by seed, the strong tasks with the first
-    objectives (the dev task first: it chooses the controller's settings), then theirs at the weak + long
-    regime; then the rest of the list the same way."""
+    """--validate's order: the strong tasks at the noisiest rate, seed by seed, with the first objectives (the dev
+    task first: it chooses the controller's settings) and the controller's candidates; then per group (the first
+    objectives with the chosen controller, then the rest of the list) its weak + long regime, then its strong tasks
+    per noise rate from the noisiest down."""
     first = [k for k in VALIDATE_FIRST if k in args.objectives]
     second = [k for k in VALIDATE_SECOND if k in args.objectives]
     then = [k for k in args.objectives if k not in (*first, *second)]
@@ -527,13 +528,14 @@ def _validate_plan(args: argparse.Namespace, runs: list[tuple], strong: list[str
     # Then the runs of that block finished before the val/mean_p monitor, again (same seed, same run) to score it.
     runs += [(t, k, s, noises[0], RERUN) for s in range(args.seeds) for t in dev for k in first]
     chosen = [k for k in second if k in CHOSEN]
-    # The weak end of the first group and the chosen controller before the rest of the list: the default is the
-    # option with the lowest worst case, and the weak end is where a prior-leaning option can fall furthest.
+    # Per group (the first with the chosen controller, then the rest of the list), its weak end before its strong
+    # tasks at the other rates: the default is the option with the lowest worst case, and the weak end is where a
+    # prior-leaning option can fall furthest (α = 0.5 and ASFT there were queued by name since the noise study).
     for group in (first + chosen, then):
-        runs += [(t, k, s, n) for n in noises for s in range(args.seeds) for t in dev for k in group
-                 if n == noises[0] or k not in SUPERSEDED]  # fmt: skip
         runs += [(t, k, s, 0.0) for s in range(args.seeds) for t in weak for k in group
                  if k in (*WEAK, "asft", *chosen)]  # fmt: skip
+        runs += [(t, k, s, n) for n in noises for s in range(args.seeds) for t in dev for k in group
+                 if n == noises[0] or k not in SUPERSEDED]  # fmt: skip
     return list(dict.fromkeys(runs))
 
 

@@ -304,7 +304,7 @@ def test_best_by_validation_picks_the_step_the_metric_says(tmp_path):
     assert saved["global_step"] == 6 and "optimizer_states" not in saved  # weights only
 
 
-def test_the_weak_end_of_the_first_group_and_the_chosen_controller_comes_before_the_rest_of_the_list():
+def test_each_groups_weak_end_comes_before_its_strong_tasks_and_the_first_group_before_the_rest_of_the_list():
     objectives = [*NS.VALIDATE_FIRST, *NS.VALIDATE_SECOND, *NS.VALIDATE_THEN]  # --validate's default list
     runs = [r for r in NS.plan(NS.build_parser().parse_args(["--validate", "--objectives", *objectives]))
             if r[1] != NS.BASE and len(r) == 4]
@@ -313,4 +313,6 @@ def test_the_weak_end_of_the_first_group_and_the_chosen_controller_comes_before_
     assert weak and then and NS.CHOSEN[0] in {runs[i][1] for i in weak}
     first_weak = {runs[i][1] for i in weak if i < then[0]}
     assert first_weak == {k for k in (*NS.VALIDATE_FIRST, *NS.CHOSEN) if k in NS.WEAK or k in NS.CHOSEN}
-    assert {runs[i][1] for i in weak if i > then[0]} == {k for k in NS.VALIDATE_THEN if k in (*NS.WEAK, "asft")}
+    then_weak = [i for i in weak if i >= then[0]]
+    assert {runs[i][1] for i in then_weak} == {k for k in NS.VALIDATE_THEN if k in (*NS.WEAK, "asft")}
+    assert then_weak == then[: len(then_weak)]  # the rest's weak end (α = 0.5, ASFT) before its strong tasks
