@@ -157,6 +157,12 @@ def best_static(cell: Cell) -> str | None:
     return max(scores, key=scores.get)
 
 
+def _mean_over_cells(rows: Sequence[tuple[Any, tuple[float, float, float], np.ndarray]]) -> tuple[float, float, float]:
+    """The mean of (cell, interval, draws) rows' differences, its interval from their draws averaged (cells are
+    independent)."""
+    return _ci(float(np.mean([r[1][0] for r in rows])), np.mean(np.stack([r[2] for r in rows]), axis=0))
+
+
 def _complete(cell: Cell, option: str, best: str | None) -> bool:
     """Whether ``option`` has every seed of the cell's best static objective ``best`` (a partly run option waits)."""
     return best is not None and option in cell and len(cell[option]) == len(cell[best])
@@ -185,10 +191,8 @@ def regret(all_cells: Mapping[tuple[str, str, float], Cell], resamples: int = 20
         if only is not None and len(rows) < len(keys):
             continue
         worst = min(rows, key=lambda r: r[1][0])
-        mean = float(np.mean([r[1][0] for r in rows]))
-        mean_draws = np.mean(np.stack([r[2] for r in rows]), axis=0)
         out.append({"option": option, "cells": len(rows), "worst": worst[1], "worst_cell": worst[0],
-                    "mean": _ci(mean, mean_draws), "behind": sum(r[1][2] < 0 for r in rows),
+                    "mean": _mean_over_cells(rows), "behind": sum(r[1][2] < 0 for r in rows),
                     "cell_list": [r[0] for r in rows]})  # fmt: skip
     return sorted(out, key=lambda r: (-r["worst"][0], -r["mean"][0]))
 
@@ -196,7 +200,7 @@ def regret(all_cells: Mapping[tuple[str, str, float], Cell], resamples: int = 20
 def head_to_head(all_cells: Mapping[tuple[str, str, float], Cell], a: str, b: str,
                  resamples: int = 2000) -> dict[str, Any] | None:  # fmt: skip
     """``a`` − ``b``, paired, on every cell both ran with the same seeds: the mean over cells (the cells' draws
-    averaged, as :func:`regret`), the lowest cell, and the cells with an interval above and below 0."""
+    averaged), the lowest cell, and the cells with an interval above and below 0."""
     rows = []
     for key, cell in sorted(all_cells.items()):
         if b in cell and _complete(cell, a, b) and (result := paired(cell, a, b, resamples)) is not None:
@@ -204,9 +208,7 @@ def head_to_head(all_cells: Mapping[tuple[str, str, float], Cell], a: str, b: st
     if not rows:
         return None
     lowest = min(rows, key=lambda r: r[1][0])
-    return {"cells": len(rows), "mean": _ci(float(np.mean([r[1][0] for r in rows])),
-                                           np.mean(np.stack([r[2] for r in rows]), axis=0)),
-            "lowest": lowest[1], "lowest_cell": lowest[0],
+    return {"cells": len(rows), "mean": _mean_over_cells(rows), "lowest": lowest[1], "lowest_cell": lowest[0],
             "ahead": sum(r[1][1] > 0 for r in rows), "behind": sum(r[1][2] < 0 for r in rows)}  # fmt: skip
 
 
