@@ -64,7 +64,7 @@ from bnll_lightning.alpha import AdaptiveAlpha, LinearAlpha, PlateauAlpha
 from bnll_lightning.compare import bootstrap, format_ci, verdict
 from bnll_lightning.data import SFTDataModule
 from bnll_lightning.models import load_model, load_tokenizer
-from bnll_lightning.objectives import DFT, NLL, AlphaFamily, NegProb, ThresholdedNLL
+from bnll_lightning.objectives import ASFT, DFT, NLL, AlphaFamily, NegProb, ThresholdedNLL
 from bnll_lightning.probe import probe
 from bnll_lightning.study import AlphaTrace, StudyModule
 from bnll_lightning.tasks import TASKS
@@ -156,6 +156,10 @@ ENTRIES = {
         Entry("adaptive_learn", "AdaptiveAlpha v3 (median 0.9→0.99)",
               lambda a: (AlphaFamily(0.0), AdaptiveAlpha(statistic="quantile", quantile=0.5, low=0.9, high=0.99)),
               None, False, False),
+        # Static objectives the noise study added (α = 0.5; ASFT, the best static objective at its 20 % noise): here
+        # so that they are judged over the same cells as the controllers (benchmarks/regret.py).
+        Entry("alpha05", "α = 0.5", lambda a: (AlphaFamily(0.5), None), 0.5),
+        Entry("asft", "ASFT", lambda a: (ASFT(), None), None),
         # The validation-aware controller the noise study chose (issue 27; benchmarks/noise_study.py --validate). This
         # harness has no validation split, so it runs as its fallback, v3: run here to measure, not assume, that
         # a user without validation gets v3's results, and to judge it over every cell of both studies.

@@ -63,7 +63,7 @@ from bnll_lightning.alpha import AdaptiveAlpha, PlateauAlpha
 from bnll_lightning.data import SFTDataModule
 from bnll_lightning.models import load_model, load_tokenizer
 from bnll_lightning.modes import eval_mode
-from bnll_lightning.objectives import ASFT, EAFT, AlphaFamily, TokenAlpha
+from bnll_lightning.objectives import EAFT, AlphaFamily, TokenAlpha
 from bnll_lightning.probe import probe
 from bnll_lightning.self_targets import self_phrased
 from bnll_lightning.study import RunsCSV
@@ -107,13 +107,11 @@ NOISE_TASKS = {
     )
 }
 
-ENTRIES = dict(CT.ENTRIES)  # with the chosen controller, plateau_v3_best: PlateauAlpha's defaults since
+ENTRIES = dict(CT.ENTRIES)  # with α = 0.5, ASFT and the chosen controller (plateau_v3_best)
 # PlateauAlpha's first design, every setting named (the class's defaults are the design the dev task chose).
 FIRST_DESIGN = dict(monitor="val/nll", mode="min", restore_best=False, before_rise="nll")
 for _e in (
-    CT.Entry("alpha05", "α = 0.5", lambda a: (AlphaFamily(0.5), None), 0.5),
     CT.Entry("eaft", "EAFT", lambda a: (EAFT(), None), None),
-    CT.Entry("asft", "ASFT", lambda a: (ASFT(), None), None),
     # Per-token α (its defaults: −p on tokens with p >= 0.55, NLL below 0.1): a static objective.
     CT.Entry("token", "TokenAlpha", lambda a: (TokenAlpha(), None), None),
     # v2 on the median token p, which the noisy tail cannot pull down: a candidate on the dev task, tied with v3
