@@ -206,8 +206,8 @@ def format_report(report: dict[str, Any]) -> str:
         report["adaptive_yaml"],
         "with a validation split: --config configs/objectives/plateau.yaml (PlateauAlpha: the same alpha until",
         "      val/mean_p misses its best, then -p from the best weights; without validation it runs as the above):",
-        "      on the studies' 18 cells it ties this one's worst case and beats its mean (README, 'Which objective",
-        "      when')",
+        "      on the studies' 18 cells it ties this one's worst case and beats its mean",
+        "      (README, 'Which objective when')",
     ]
     return "\n".join(lines)
 
