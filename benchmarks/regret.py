@@ -338,6 +338,9 @@ def main(argv: list[str] | None = None, sources: Mapping[str, Path] | None = Non
         f"Like for like: the same regret on the cells the chosen validation-aware controller ({label(CHOSEN)}) ran in,"
         " among the options run in every one of them:",
         regret_table(regret(all_cells, args.bootstrap, only=CHOSEN)),
+        f"With validation: the same on the cells where {label(CHOSEN)} also has its best checkpoint by val/mean_p (the"
+        " early-stopping grid), where every option can be kept at its best checkpoint by either monitor:",
+        regret_table(regret(all_cells, args.bootstrap, only=CHOSEN + ESP)),
         head_to_head_line(head_to_head(all_cells, CHOSEN, V3, args.bootstrap), CHOSEN, V3),
     ]) + "\n"
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -163,3 +163,19 @@ def test_head_to_head_pairs_the_two_options_on_the_cells_both_ran_with_every_see
     line = R.head_to_head_line(h, "negprob", "nll")
     assert line.startswith(f"−p − NLL, paired, over the {len(both)} cells both ran: mean {h['mean'][0]:+.3f} [")
     assert R.head_to_head(cells, "negprob", "no such option", resamples=200) is None
+
+
+def test_the_report_has_the_regret_on_the_validated_cells_with_each_option_at_its_best(sources, monkeypatch):
+    es = R.read(sources["early_stop"])
+    for r in es:  # every early-stopping run of task t also kept its best checkpoint by val/mean_p
+        if r["task"] == "t":
+            r["best_p_items"], r["best_p_epoch"] = _items(27 if r["objective"] == "plateau" else 24), 3
+    _write(sources["early_stop"], es)
+    monkeypatch.setattr(R, "CHOSEN", "plateau")
+    text = R.main(["--out", str(sources["noise"].parent / "es.md"), "--bootstrap", "200"], sources=sources)
+    section = text.split("With validation: the same on the cells where")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    options = {line.split(" | ")[0][2:] for line in rows}
+    assert {R.label("plateau+ESp"), R.label("nll+ESp"), R.label("plateau"), R.label("nll")} <= options
+    assert all(line.split(" | ")[1] == "1" for line in rows)  # only t at 40 %: the one cell with the selection
+
