@@ -317,6 +317,7 @@ def test_each_groups_weak_end_comes_before_its_strong_tasks_and_the_first_group_
     assert {runs[i][1] for i in then_weak} == {k for k in NS.VALIDATE_THEN if k in (*NS.WEAK, "asft")}
     for group in ([k for k in NS.VALIDATE_THEN if k not in NS.THEN_LAST], NS.THEN_LAST):  # each group's weak end first
         mine = [i for i in then if runs[i][1] in group]
-        assert [i for i in mine if i in then_weak] == mine[: len([i for i in mine if i in then_weak])]
+        mine_weak = [i for i in mine if i in then_weak]
+        assert mine_weak == mine[: len(mine_weak)]
     last = [i for i in then if runs[i][1] in NS.THEN_LAST]
     assert last and max(i for i in then if runs[i][1] not in NS.THEN_LAST) < min(last)  # the ramp after the rest

@@ -178,4 +178,3 @@ def test_the_report_has_the_regret_on_the_validated_cells_with_each_option_at_it
     options = {line.split(" | ")[0][2:] for line in rows}
     assert {R.label("plateau+ESp"), R.label("nll+ESp"), R.label("plateau"), R.label("nll")} <= options
     assert all(line.split(" | ")[1] == "1" for line in rows)  # only t at 40 %: the one cell with the selection
-
