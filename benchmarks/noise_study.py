@@ -162,8 +162,8 @@ SECOND_MONITOR = ("val/mean_p", "max")
 # then the rest of the list.
 VALIDATE_FIRST = ("nll", "negprob", "adaptive_learn", "plateau")
 VALIDATE_THEN = ("alpha05", "asft", "linear")
-# Of those, last: the ramp, a controller the regret table already places far from the default (worst shortfall −0.222
-# at 40 %), after the static objectives that the default is measured against (2026-12-07).
+# Of those, last: the ramp, a controller the regret table already places far from the default, after the static
+# objectives that the default is measured against.
 THEN_LAST = ("linear",)
 # The controller's second design, ahead of everything else still queued: its candidates on the dev task at the
 # noisiest rate, then the one the dev task chose (CHOSEN) on the report tasks.
